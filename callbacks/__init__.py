@@ -1,0 +1,1 @@
+"""Lightning callbacks of lightning_veripo (installed as `lightning_veripo.callbacks`)."""
