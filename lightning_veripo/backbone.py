@@ -1,0 +1,448 @@
+"""The Video-LLM both training stages share: load, LoRA, generate rollouts, score completions, reference policy.
+
+`VideoLLM` wraps any transformers image-text-to-text model (Qwen2.5-VL first; Qwen2-VL, Qwen3-VL where
+transformers supports them) and its processor. It is an `nn.Module` so a LightningModule can own it, but it
+loads its weights lazily in `load()` (called from the LightningModule's `configure_model`, which is where
+sharded strategies want models built).
+
+Vision is encoded once per prompt: `encode_vision` runs the vision tower on a batch of prompts and returns the
+per-video / per-image features; `generate` and `sequence_logprobs` accept them and repeat the *features* (not
+the pixels) for the G completions of each prompt. With the vision tower frozen (the default) the features carry
+no gradient and one encoding serves generation, the old-policy pass, the reference pass and the loss pass.
+
+The reference policy costs no second copy under LoRA: it is the model with the adapter disabled.
+`merge_and_reset()` folds the adapter into the weights and starts a fresh one, so the reference becomes the
+current policy (what VerIPO does at every stage boundary). Full fine-tuning keeps a frozen copy instead.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import torch
+from torch import nn
+
+# Tokens a rollout must never contain: vision placeholders make the next forward pass fail ("video features
+# and video tokens do not match"), and a new chat turn would leak a fake user message into the completion.
+FORBIDDEN_GENERATION_TOKENS = (
+    "<|image_pad|>",
+    "<|video_pad|>",
+    "<|vision_pad|>",
+    "<|vision_start|>",
+    "<|vision_end|>",
+    "<|im_start|>",
+)
+# (modality, pixel key, grid key, extra per-item keys) as Qwen-VL processors name them.
+_MODALITIES = (
+    ("video", "pixel_values_videos", "video_grid_thw", ("second_per_grid_ts",)),
+    ("image", "pixel_values", "image_grid_thw", ()),
+)
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class LoRAConfig:
+    """peft LoRA settings. The default targets the language model's attention and MLP projections only."""
+
+    r: int = 16
+    alpha: int = 32
+    dropout: float = 0.0
+    target_modules: str | list[str] = (
+        r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
+    )
+
+
+class Completions(NamedTuple):
+    """G sampled completions per prompt, prompt-major: rows g*G .. g*G+G-1 belong to prompt g."""
+
+    ids: torch.Tensor  # [N*G, T] token ids, padded after the end
+    mask: torch.Tensor  # [N*G, T] 1 for completion tokens (the end-of-turn token included)
+    text: list[str]  # N*G decoded completions (end-of-turn and padding removed)
+    truncated: torch.Tensor  # [N*G] bool: reached max_new_tokens without an end-of-turn token
+
+
+class VideoLLM(nn.Module):
+    """A Video-LLM policy (+ its reference) loaded from a local directory or a hub name.
+
+    Args:
+        model_name_or_path: directory with `config.json` + weights + processor files, or a hub name
+            (resolved by transformers on a machine that can reach the hub).
+        dtype: "float32", "bfloat16" or "float16" for the weights.
+        attn_implementation: transformers attention backend ("sdpa", "eager", "flash_attention_2"); None = default.
+        gradient_checkpointing: recompute activations in the backward pass (turned off while generating).
+        freeze_vision: keep the vision tower frozen (lets one vision encoding serve every pass).
+        lora: LoRA settings, or None for full fine-tuning of the language model.
+        merge_adapters: adapter directories merged into the base weights at load, in order (earlier stages).
+        adapter_path: an adapter directory to continue training (instead of a fresh adapter).
+    """
+
+    def __init__(
+        self,
+        model_name_or_path: str,
+        dtype: str = "float32",
+        attn_implementation: str | None = "sdpa",
+        gradient_checkpointing: bool = False,
+        freeze_vision: bool = True,
+        lora: LoRAConfig | None = None,
+        merge_adapters: list[str] | None = None,
+        adapter_path: str | None = None,
+    ) -> None:
+        super().__init__()
+        if dtype not in _DTYPES:
+            raise ValueError(f"VideoLLM dtype={dtype!r} is not one of {sorted(_DTYPES)}")
+        self.model_name_or_path = str(model_name_or_path)
+        self.dtype_name = dtype
+        self.attn_implementation = attn_implementation
+        self.gradient_checkpointing = gradient_checkpointing
+        self.freeze_vision = freeze_vision
+        self.lora = lora
+        self.merge_adapters = list(merge_adapters or [])
+        self.adapter_path = adapter_path
+        self.model: nn.Module | None = None
+        self.processor: Any = None
+        self._reference: nn.Module | None = None  # frozen copy, full fine-tuning only
+
+    # ------------------------------------------------------------------ loading
+    @property
+    def is_loaded(self) -> bool:
+        return self.model is not None
+
+    def load(self) -> VideoLLM:
+        """Load weights and processor (idempotent): merge earlier adapters, freeze, attach LoRA."""
+        if self.model is not None:
+            return self
+        from transformers import AutoModelForImageTextToText, AutoProcessor
+
+        path = self.model_name_or_path
+        if not Path(path).exists() and "/" not in path:
+            raise FileNotFoundError(
+                f"VideoLLM: model_name_or_path={path!r} is neither a local directory nor a hub name "
+                "(owner/name). Build the offline tiny model with `veripo make-tiny-model DIR`."
+            )
+        kwargs: dict[str, Any] = {"dtype": _DTYPES[self.dtype_name]}
+        if self.attn_implementation:
+            kwargs["attn_implementation"] = self.attn_implementation
+        model = AutoModelForImageTextToText.from_pretrained(path, **kwargs)
+        self.processor = AutoProcessor.from_pretrained(path)
+        for adapter in self.merge_adapters:
+            from peft import PeftModel
+
+            model = PeftModel.from_pretrained(model, adapter).merge_and_unload()
+        model.requires_grad_(True)
+        if self.freeze_vision:
+            self._vision_tower(model).requires_grad_(False)
+        if self.lora is not None:
+            model = self._attach_adapter(model, self.adapter_path)
+        else:
+            self._reference = copy.deepcopy(model).requires_grad_(False).eval()
+        if self.gradient_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            if self.lora is not None:
+                model.enable_input_require_grads()
+        self.model = model
+        return self
+
+    def _attach_adapter(self, model: nn.Module, adapter_path: str | None) -> nn.Module:
+        from peft import LoraConfig, PeftModel, get_peft_model
+
+        if adapter_path:
+            return PeftModel.from_pretrained(model, adapter_path, is_trainable=True)
+        assert self.lora is not None
+        spec = LoraConfig(
+            r=self.lora.r,
+            lora_alpha=self.lora.alpha,
+            lora_dropout=self.lora.dropout,
+            target_modules=self.lora.target_modules,
+            bias="none",
+        )
+        return get_peft_model(model, spec)
+
+    @staticmethod
+    def _vision_tower(model: nn.Module) -> nn.Module:
+        inner = getattr(model, "model", model)
+        for name in ("visual", "vision_tower", "vision_model"):
+            if hasattr(inner, name):
+                return getattr(inner, name)
+        raise AttributeError(f"{type(model).__name__} has no vision tower attribute (visual/vision_tower)")
+
+    def _require(self) -> nn.Module:
+        if self.model is None:
+            raise RuntimeError("VideoLLM is not loaded: call .load() (LightningModules do it in configure_model)")
+        return self.model
+
+    @property
+    def hf_model(self) -> nn.Module:
+        """The underlying transformers model (inside the peft wrapper under LoRA)."""
+        model = self._require()
+        return model.get_base_model() if self.lora is not None else model
+
+    @property
+    def tokenizer(self) -> Any:
+        return self.processor.tokenizer
+
+    def token_ids(self, tokens: tuple[str, ...] | list[str]) -> list[int]:
+        """Ids of the given tokens that exist in this tokenizer's vocabulary."""
+        vocab = self.tokenizer.get_vocab()
+        return [vocab[t] for t in tokens if t in vocab]
+
+    @property
+    def end_token_ids(self) -> list[int]:
+        """Tokens that end a completion: end-of-turn and end-of-text."""
+        ids = self.token_ids(["<|im_end|>", "<|endoftext|>"])
+        eos = self.tokenizer.eos_token_id
+        return sorted(set(ids + ([eos] if eos is not None else [])))
+
+    @property
+    def pad_token_id(self) -> int:
+        pad = self.tokenizer.pad_token_id
+        return pad if pad is not None else self.end_token_ids[0]
+
+    def trainable_parameters(self) -> Iterator[nn.Parameter]:
+        return (p for p in self._require().parameters() if p.requires_grad)
+
+    # ------------------------------------------------------------------ reference policy and stage boundaries
+    @contextlib.contextmanager
+    def reference(self) -> Iterator[nn.Module]:
+        """Context in which the yielded module is the reference policy (adapter disabled, or the frozen copy)."""
+        model = self._require()
+        if self.lora is not None:
+            with model.disable_adapter():
+                yield model
+        else:
+            assert self._reference is not None
+            yield self._reference
+
+    def merge_and_reset(self) -> None:
+        """Fold the current adapter into the weights and start a fresh one (full FT: refresh the reference).
+
+        The policy's outputs are unchanged; the reference becomes the current policy.
+        """
+        model = self._require()
+        if self.lora is None:
+            self._reference = copy.deepcopy(model).requires_grad_(False).eval()
+            return
+        merged = model.merge_and_unload()
+        self.model = self._attach_adapter(merged, None)
+
+    def save_pretrained(self, out_dir: str | Path) -> Path:
+        """Write the trained weights so `from_pretrained` reads them back: the adapter only under LoRA
+        (peft format), else the whole model. The processor is saved beside them."""
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        self._require().save_pretrained(out)
+        self.processor.save_pretrained(out)
+        return out
+
+    # ------------------------------------------------------------------ vision
+    def encode_vision(self, batch: dict[str, Any], requires_grad: bool | None = None) -> dict[str, Any]:
+        """Run the vision tower once on a prompt batch; returns `mm_encoder_outputs` for the model's forward.
+
+        Gradient flows into the features only if the vision tower is trainable (or `requires_grad=True`).
+        """
+        base = self.hf_model
+        if requires_grad is None:
+            requires_grad = not self.freeze_vision
+        outputs: dict[str, Any] = {}
+        with torch.set_grad_enabled(requires_grad and torch.is_grad_enabled()):
+            for modality, pixel_key, grid_key, _ in _MODALITIES:
+                if batch.get(pixel_key) is None:
+                    continue
+                fn = getattr(base, f"get_{modality}_features")
+                outputs[modality] = fn(batch[pixel_key], batch[grid_key], return_dict=True)
+        return outputs
+
+    @staticmethod
+    def _features_per_row(input_ids: torch.Tensor, token_id: int, features: list[torch.Tensor]) -> list[list[int]]:
+        """Which feature items (videos/images) belong to each row, matched by placeholder-token counts."""
+        per_row: list[list[int]] = []
+        item = 0
+        for count in (input_ids == token_id).sum(-1).tolist():
+            mine: list[int] = []
+            while count > 0:
+                if item >= len(features):
+                    raise ValueError("more vision placeholder tokens in the prompts than encoded vision items")
+                count -= len(features[item])
+                mine.append(item)
+                item += 1
+            if count != 0:
+                raise ValueError("vision placeholder tokens do not line up with the encoded vision items")
+            per_row.append(mine)
+        return per_row
+
+    def _expand_prompt_inputs(
+        self, batch: dict[str, Any], num_samples: int, vision: dict[str, Any] | None
+    ) -> dict[str, Any]:
+        """Repeat a prompt batch G times (prompt-major). Vision features are repeated, never re-encoded,
+        when `vision` is given; otherwise the pixels are repeated (the straightforward path)."""
+        from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+        ids = batch["input_ids"]
+        out: dict[str, Any] = {
+            "input_ids": ids.repeat_interleave(num_samples, 0),
+            "attention_mask": batch["attention_mask"].repeat_interleave(num_samples, 0),
+        }
+        if batch.get("mm_token_type_ids") is not None:
+            out["mm_token_type_ids"] = batch["mm_token_type_ids"].repeat_interleave(num_samples, 0)
+        config = self.hf_model.config
+        mm: dict[str, Any] = {}
+        for modality, pixel_key, grid_key, extra_keys in _MODALITIES:
+            if batch.get(grid_key) is None:
+                continue
+            grid = batch[grid_key]
+            sizes = (grid.prod(-1)).tolist()
+            merge = int(getattr(self._vision_tower(self.hf_model), "spatial_merge_size", 2)) ** 2
+            token_counts = [torch.empty(s // merge) for s in sizes]
+            rows = self._features_per_row(ids, getattr(config, f"{modality}_token_id"), token_counts)
+            order = [i for items in rows for _ in range(num_samples) for i in items]
+            index = torch.tensor(order, dtype=torch.long, device=grid.device)
+            out[grid_key] = grid.index_select(0, index)
+            for key in extra_keys:
+                if batch.get(key) is not None:
+                    value = torch.as_tensor(batch[key], device=grid.device)
+                    out[key] = value.index_select(0, index)
+            if vision is not None and modality in vision:
+                feats = list(vision[modality].pooler_output)
+                mm[modality] = BaseModelOutputWithPooling(pooler_output=[feats[i] for i in order])
+            else:
+                chunks = torch.split(batch[pixel_key], sizes)
+                out[pixel_key] = torch.cat([chunks[i] for i in order])
+        if mm:
+            out["mm_encoder_outputs"] = mm
+        return out
+
+    # ------------------------------------------------------------------ generation
+    @torch.no_grad()
+    def generate(
+        self,
+        batch: dict[str, Any],
+        num_samples: int = 1,
+        max_new_tokens: int = 256,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        top_k: int = 0,
+        do_sample: bool = True,
+        repetition_penalty: float = 1.0,
+        vision: dict[str, Any] | None = None,
+        synced_gpus: bool = False,
+    ) -> Completions:
+        """Sample `num_samples` completions per prompt of a left-padded processor batch.
+
+        Vision placeholders and chat-control tokens are suppressed. Pass `vision=encode_vision(batch)` to reuse
+        features already computed for this batch.
+        """
+        model = self._require()
+        if vision is None:
+            vision = self.encode_vision(batch, requires_grad=False)
+        inputs = self._expand_prompt_inputs(batch, num_samples, vision)
+        prompt_len = inputs["input_ids"].shape[1]
+        was_training = model.training
+        checkpointing = getattr(self.hf_model, "is_gradient_checkpointing", False)
+        if checkpointing:
+            self.hf_model.gradient_checkpointing_disable()
+        model.eval()
+        try:
+            sampling: dict[str, Any] = {"do_sample": do_sample}
+            if do_sample:
+                sampling.update(temperature=temperature, top_p=top_p, top_k=top_k)
+            else:
+                sampling.update(temperature=None, top_p=None, top_k=None)
+            out = model.generate(
+                **inputs,
+                max_new_tokens=max_new_tokens,
+                suppress_tokens=self.token_ids(FORBIDDEN_GENERATION_TOKENS),
+                eos_token_id=self.end_token_ids,
+                pad_token_id=self.pad_token_id,
+                repetition_penalty=repetition_penalty,
+                synced_gpus=synced_gpus,
+                **sampling,
+            )
+        finally:
+            if checkpointing:
+                self.hf_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            model.train(was_training)
+        return self.completions_from_ids(out[:, prompt_len:], max_new_tokens)
+
+    def completions_from_ids(self, ids: torch.Tensor, max_new_tokens: int | None = None) -> Completions:
+        """Mask and decode raw generated ids: a completion ends at (and includes) its first end token."""
+        if ids.shape[1] == 0:
+            ids = ids.new_full((ids.shape[0], 1), self.pad_token_id)
+        is_end = torch.isin(ids, torch.tensor(self.end_token_ids, device=ids.device))
+        has_end = is_end.any(-1)
+        first_end = torch.where(has_end, is_end.int().argmax(-1), ids.shape[1])
+        positions = torch.arange(ids.shape[1], device=ids.device)
+        mask = (positions[None, :] <= first_end[:, None]).long() & (positions[None, :] < ids.shape[1])
+        mask = torch.where(has_end[:, None], mask, (positions[None, :] < ids.shape[1]).long())
+        ids = ids.masked_fill(mask == 0, self.pad_token_id)
+        text = [
+            self.tokenizer.decode(row[: int(n)].tolist(), skip_special_tokens=False)
+            for row, n in zip(ids, torch.where(has_end, first_end, ids.shape[1]))
+        ]
+        limit = max_new_tokens if max_new_tokens is not None else ids.shape[1]
+        truncated = ~has_end & (mask.sum(-1) >= limit)
+        return Completions(ids=ids, mask=mask, text=text, truncated=truncated)
+
+    def tokenize_completions(self, texts: list[str], add_end: bool = True) -> Completions:
+        """Token ids of given completion texts (e.g. preference pairs), right-padded, end-of-turn appended."""
+        end = self.tokenizer.convert_tokens_to_ids("<|im_end|>") if "<|im_end|>" in self.tokenizer.get_vocab() else None
+        rows = []
+        for t in texts:
+            ids = self.tokenizer(t, add_special_tokens=False)["input_ids"]
+            if add_end and end is not None:
+                ids = ids + [end]
+            rows.append(torch.tensor(ids or [self.pad_token_id], dtype=torch.long))
+        ids = nn.utils.rnn.pad_sequence(rows, batch_first=True, padding_value=self.pad_token_id)
+        lengths = torch.tensor([len(r) for r in rows])
+        mask = (torch.arange(ids.shape[1])[None, :] < lengths[:, None]).long()
+        return Completions(ids=ids, mask=mask, text=list(texts), truncated=torch.zeros(len(rows), dtype=torch.bool))
+
+    # ------------------------------------------------------------------ scoring
+    def sequence_logprobs(
+        self,
+        batch: dict[str, Any],
+        completion_ids: torch.Tensor,
+        completion_mask: torch.Tensor,
+        num_samples: int = 1,
+        reference: bool = False,
+        vision: dict[str, Any] | None = None,
+        share_vision: bool = True,
+        temperature: float = 1.0,
+    ) -> torch.Tensor:
+        """Per-token log-probs [N*G, T] (float32, 0 where masked) of completions given prompt + vision.
+
+        `batch` holds N prompts (left-padded); rows g*G..g*G+G-1 of the completions belong to prompt g.
+        `reference=True` scores with the reference policy, without gradient. With `share_vision` the vision
+        tower runs at most once per prompt (`vision` reuses features from `encode_vision`); without it the
+        pixels are repeated per completion and re-encoded, as peers do.
+        """
+        model = self._require()
+        if share_vision and vision is None:
+            vision = self.encode_vision(batch)
+        inputs = self._expand_prompt_inputs(batch, num_samples, vision if share_vision else None)
+        n_rows = inputs["input_ids"].shape[0]
+        if completion_ids.shape[0] != n_rows:
+            raise ValueError(
+                f"{completion_ids.shape[0]} completions for {batch['input_ids'].shape[0]} prompts x {num_samples} samples"
+            )
+        T = completion_ids.shape[1]
+        completion_ids = completion_ids.to(inputs["input_ids"].device)
+        completion_mask = completion_mask.to(inputs["attention_mask"].device)
+        inputs["input_ids"] = torch.cat([inputs["input_ids"], completion_ids], 1)
+        inputs["attention_mask"] = torch.cat([inputs["attention_mask"], completion_mask.long()], 1)
+        if "mm_token_type_ids" in inputs:
+            pad = inputs["mm_token_type_ids"].new_zeros(completion_ids.shape)
+            inputs["mm_token_type_ids"] = torch.cat([inputs["mm_token_type_ids"], pad], 1)
+        ctx = torch.no_grad() if reference else contextlib.nullcontext()
+        with ctx, self.reference() if reference else contextlib.nullcontext(model) as scorer:
+            logits = scorer(**inputs, use_cache=False, logits_to_keep=T + 1).logits[:, :-1]
+        return selective_log_softmax(logits.float() / temperature, completion_ids) * completion_mask
+
+
+def selective_log_softmax(logits: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """log_softmax(logits)[..., index] without materialising the whole log-softmax: [B, T, V] -> [B, T]."""
+    picked = torch.gather(logits, -1, index.unsqueeze(-1)).squeeze(-1)
+    return picked - torch.logsumexp(logits, dim=-1)

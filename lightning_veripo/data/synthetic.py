@@ -1,0 +1,107 @@
+"""A learnable synthetic video-QA task written as real .mp4 files and Video-R1-format JSON.
+
+Each clip shows coloured squares on a grey background; one of them moves. The questions can only be answered
+from the frames: the colour of the moving square (multiple choice), the direction it moves (multiple choice,
+needs more than one frame) and the number of squares (numerical). Chance accuracy is 25% / 25% / 33%.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import numpy as np
+
+COLOURS = {"red": (220, 30, 30), "green": (30, 200, 30), "blue": (30, 60, 230), "yellow": (230, 220, 30)}
+DIRECTIONS = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}
+TASKS = ("colour", "direction", "count")
+
+
+def _clip(rng: random.Random, size: int, num_frames: int, colour: str, direction: str, count: int) -> np.ndarray:
+    """Frames [F, size, size, 3]: `count` squares, the first of `colour` moving in `direction`."""
+    frames = np.full((num_frames, size, size, 3), 128, dtype=np.uint8)
+    side = size // 4
+    travel = size - side - 4
+    dx, dy = DIRECTIONS[direction]
+    start_x = 2 if dx > 0 else (size - side - 2 if dx < 0 else rng.randint(2, size - side - 2))
+    start_y = 2 if dy > 0 else (size - side - 2 if dy < 0 else rng.randint(2, size - side - 2))
+    others = [c for c in COLOURS if c != colour]
+    statics = []
+    for _ in range(count - 1):
+        statics.append((rng.randint(0, size - side // 2), rng.randint(0, size - side // 2), rng.choice(others)))
+    for f in range(num_frames):
+        t = f / max(num_frames - 1, 1)
+        for sx, sy, c in statics:
+            frames[f, sy : sy + side // 2, sx : sx + side // 2] = COLOURS[c]
+        x = int(start_x + dx * t * travel)
+        y = int(start_y + dy * t * travel)
+        frames[f, y : y + side, x : x + side] = COLOURS[colour]
+    return frames
+
+
+def write_mp4(path: str | Path, frames: np.ndarray, fps: int = 8) -> None:
+    """Encode RGB frames [F, H, W, 3] uint8 as an .mp4 file with PyAV."""
+    import av
+
+    with av.open(str(path), mode="w") as container:
+        stream = container.add_stream("mpeg4", rate=fps)
+        stream.width, stream.height = int(frames.shape[2]), int(frames.shape[1])
+        stream.pix_fmt = "yuv420p"
+        stream.bit_rate = 400_000
+        for frame in frames:
+            for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+
+
+def _record(task: str, pid: str, path: str, colour: str, direction: str, count: int) -> dict:
+    if task == "colour":
+        names = list(COLOURS)
+        return {"problem_id": pid, "problem": "What colour is the moving square?", "data_type": "video",
+                "problem_type": "multiple choice",
+                "options": [f"{chr(65 + i)}. {c}" for i, c in enumerate(names)],
+                "solution": f"<answer>{chr(65 + names.index(colour))}</answer>", "path": path}
+    if task == "direction":
+        names = list(DIRECTIONS)
+        return {"problem_id": pid, "problem": "Which direction does the square move?", "data_type": "video",
+                "problem_type": "multiple choice",
+                "options": [f"{chr(65 + i)}. {d}" for i, d in enumerate(names)],
+                "solution": f"<answer>{chr(65 + names.index(direction))}</answer>", "path": path}
+    if task == "count":
+        return {"problem_id": pid, "problem": "How many squares are in the video?", "data_type": "video",
+                "problem_type": "numerical", "options": [], "solution": f"<answer>{count}</answer>", "path": path}
+    raise ValueError(f"unknown synthetic task {task!r}; expected one of {TASKS}")
+
+
+def make_synthetic_data(
+    out_dir: str | Path,
+    num_train: int = 32,
+    num_val: int = 16,
+    seed: int = 0,
+    tasks: tuple[str, ...] | list[str] = ("colour",),
+    size: int = 56,
+    num_frames: int = 8,
+    fps: int = 8,
+) -> Path:
+    """Write `videos/*.mp4`, `train.json` and `val.json` (Video-R1 format, paths relative) to `out_dir`."""
+    unknown = [t for t in tasks if t not in TASKS]
+    if unknown:
+        raise ValueError(f"unknown synthetic task(s) {unknown}; expected a subset of {TASKS}")
+    out = Path(out_dir)
+    (out / "videos").mkdir(parents=True, exist_ok=True)
+    rng = random.Random(seed)
+    for split, n in (("train", num_train), ("val", num_val)):
+        records = []
+        for i in range(n):
+            task = tasks[i % len(tasks)]
+            colour, direction = rng.choice(list(COLOURS)), rng.choice(list(DIRECTIONS))
+            count = rng.randint(1, 3)
+            rel = f"videos/{split}_{i:05d}.mp4"
+            write_mp4(out / rel, _clip(rng, size, num_frames, colour, direction, count), fps)
+            records.append(_record(task, f"{split}-{task}-{i:05d}", rel, colour, direction, count))
+        tmp = out / f".{split}.json.tmp"
+        tmp.write_text(json.dumps(records, indent=1))
+        tmp.replace(out / f"{split}.json")
+    return out

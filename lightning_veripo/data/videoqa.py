@@ -1,0 +1,335 @@
+"""Video-R1-format video QA: read the records, sample frames with decord, build prompts and processor batches.
+
+A record file is a JSON list (or JSONL) of objects with `problem_id`, `problem`, `data_type` (video|image),
+`problem_type` (multiple choice|numerical|OCR|free-form|regression), `options`, `solution`
+(`<answer>…</answer>`) and `path` (relative paths resolve against `root`). Bad records raise an error that names
+the file and the record, unless `skip_invalid=True`, which skips them with one warning that counts them.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from lightning_veripo.records import DATA_TYPES, PROBLEM_TYPES, VideoQARecord
+
+REQUIRED_FIELDS = ("problem_id", "problem", "data_type", "problem_type", "solution")
+
+ANSWER_HINTS = {
+    "multiple choice": "Give only the option letter inside <answer> </answer>.",
+    "numerical": "Give only the number inside <answer> </answer>.",
+    "OCR": "Give only the transcribed text inside <answer> </answer>.",
+    "free-form": "Give your answer in a short phrase inside <answer> </answer>.",
+    "regression": "Give only the number inside <answer> </answer>.",
+}
+
+
+class VideoQAError(ValueError):
+    """A record or its media cannot be used; the message names the file and the record."""
+
+
+@dataclass
+class FrameSampling:
+    """How frames are taken from a video (qwen-vl-utils conventions by default).
+
+    Either a fixed `num_frames`, or `fps` frames per second clamped to [min_frames, max_frames]. The count is
+    rounded down to a multiple of 2 (Qwen's temporal patch). Each frame is resized by the processor to lie
+    within [min_pixels, max_pixels] pixels.
+    """
+
+    num_frames: int | None = None
+    fps: float = 2.0
+    min_frames: int = 4
+    max_frames: int = 64
+    min_pixels: int = 128 * 28 * 28
+    max_pixels: int = 256 * 28 * 28
+
+    def frame_indices(self, total_frames: int, video_fps: float) -> list[int]:
+        """Evenly spaced frame indices for a video of `total_frames` frames at `video_fps`."""
+        if self.num_frames is not None:
+            n = self.num_frames
+        else:
+            n = int(total_frames / max(video_fps, 1e-6) * self.fps)
+            n = min(max(n, self.min_frames), self.max_frames)
+        n = max(2, n - n % 2)
+        return np.linspace(0, total_frames - 1, n).round().astype(int).tolist()
+
+
+def read_records(path: str | Path) -> list[dict[str, Any]]:
+    """Raw records from a JSON list or a JSONL file; errors name the file and the line."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"video-QA file {path} does not exist")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise VideoQAError(f"{path}: not UTF-8 text ({e})") from e
+    if path.suffix == ".jsonl" or not text.lstrip().startswith("["):
+        rows = []
+        for lineno, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                raise VideoQAError(f"{path}:{lineno}: invalid JSON line ({e.msg})") from e
+        return rows
+    try:
+        rows = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise VideoQAError(f"{path}: invalid JSON at line {e.lineno} ({e.msg})") from e
+    if not isinstance(rows, list):
+        raise VideoQAError(f"{path}: expected a JSON list of records, got {type(rows).__name__}")
+    return rows
+
+
+def validate_record(raw: Any, index: int, source: Path, root: Path) -> VideoQARecord:
+    """One raw record -> VideoQARecord with a resolved media path, or VideoQAError naming what is wrong."""
+    where = f"{source} record #{index}"
+    if not isinstance(raw, dict):
+        raise VideoQAError(f"{where}: expected an object, got {type(raw).__name__}")
+    where = f"{source} record #{index} (problem_id={raw.get('problem_id')!r})"
+    missing = [f for f in REQUIRED_FIELDS if f not in raw]
+    if missing:
+        raise VideoQAError(f"{where}: missing field(s) {missing}")
+    if raw["problem_type"] not in PROBLEM_TYPES:
+        raise VideoQAError(f"{where}: unknown problem_type {raw['problem_type']!r}; expected one of {PROBLEM_TYPES}")
+    if raw["data_type"] not in DATA_TYPES:
+        raise VideoQAError(f"{where}: unknown data_type {raw['data_type']!r}; expected one of {DATA_TYPES}")
+    if raw["problem_type"] == "multiple choice" and not raw.get("options"):
+        raise VideoQAError(f"{where}: a multiple-choice record needs a non-empty 'options' list")
+    if not raw.get("path"):
+        raise VideoQAError(f"{where}: data_type {raw['data_type']!r} needs a 'path'")
+    media = Path(raw["path"])
+    media = media if media.is_absolute() else root / media
+    if not media.is_file():
+        raise VideoQAError(f"{where}: {raw['data_type']} file {media} does not exist")
+    record = dict(raw, path=str(media))
+    return VideoQARecord.from_dict(record)
+
+
+def load_video(path: str, sampling: FrameSampling) -> tuple[np.ndarray, dict[str, Any]]:
+    """Decode sampled frames [F, H, W, 3] uint8 with decord, plus the metadata the processor needs."""
+    import decord
+
+    try:
+        reader = decord.VideoReader(path, num_threads=1)
+        total = len(reader)
+        if total == 0:
+            raise VideoQAError(f"{path}: video has no frames")
+        fps = float(reader.get_avg_fps()) or 1.0
+        indices = sampling.frame_indices(total, fps)
+        frames = reader.get_batch(indices).asnumpy()
+    except VideoQAError:
+        raise
+    except Exception as e:  # decord raises its own DECORDError / RuntimeError on corrupt files
+        raise VideoQAError(f"{path}: cannot decode video ({type(e).__name__}: {e})") from e
+    meta = {"total_num_frames": total, "fps": fps, "frames_indices": indices,
+            "width": int(frames.shape[2]), "height": int(frames.shape[1])}
+    return frames, meta
+
+
+def load_image(path: str) -> Any:
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            return im.convert("RGB")
+    except Exception as e:
+        raise VideoQAError(f"{path}: cannot read image ({type(e).__name__}: {e})") from e
+
+
+def build_prompt(record: VideoQARecord) -> str:
+    """The user-turn text: question, options, and the <think>/<answer> instruction (no system prompt)."""
+    lines = [record.problem.strip()]
+    if record.options:
+        lines.append("Options:\n" + "\n".join(record.options))
+    lines.append(
+        "Think about the question step by step inside <think> </think> tags, then give the final answer "
+        "inside <answer> </answer> tags. " + ANSWER_HINTS[record.problem_type]
+    )
+    return "\n".join(lines)
+
+
+def build_messages(record: VideoQARecord) -> list[dict[str, Any]]:
+    """Chat messages for one record: one user turn with the visual first, then the prompt text."""
+    return [{"role": "user", "content": [{"type": record.data_type}, {"type": "text", "text": build_prompt(record)}]}]
+
+
+class VideoQADataset(Dataset):
+    """Validated Video-R1-format records; media is decoded lazily, one record at a time."""
+
+    def __init__(
+        self,
+        path: str | Path,
+        root: str | Path | None = None,
+        sampling: FrameSampling | None = None,
+        skip_invalid: bool = False,
+        exclude_ids: set[str] | None = None,
+    ) -> None:
+        self.path = Path(path)
+        self.root = Path(root) if root is not None else self.path.parent
+        self.sampling = sampling or FrameSampling()
+        self.records: list[VideoQARecord] = []
+        problems: list[str] = []
+        seen: set[str] = set()
+        for i, raw in enumerate(read_records(self.path)):
+            try:
+                rec = validate_record(raw, i, self.path, self.root)
+                if rec.problem_id in seen:
+                    raise VideoQAError(f"{self.path} record #{i}: duplicate problem_id {rec.problem_id!r}")
+            except VideoQAError as e:
+                if not skip_invalid:
+                    raise
+                problems.append(str(e))
+                continue
+            seen.add(rec.problem_id)
+            if exclude_ids and rec.problem_id in exclude_ids:
+                continue
+            self.records.append(rec)
+        if problems:
+            warnings.warn(
+                f"{self.path}: skipped {len(problems)} invalid record(s) of {len(problems) + len(seen)} "
+                f"(skip_invalid=True); first: {problems[0]}",
+                stacklevel=2,
+            )
+        self.skipped = problems
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        record = self.records[index]
+        try:
+            if record.data_type == "video":
+                frames, meta = load_video(record.path, self.sampling)
+                return {"record": record, "video": frames, "video_metadata": meta}
+            return {"record": record, "image": load_image(record.path)}
+        except VideoQAError as e:
+            raise VideoQAError(f"{self.path} problem_id={record.problem_id!r}: {e}") from e
+
+
+class VideoQACollator:
+    """Samples -> one left-padded processor batch (+ the records, prompts and sampling settings)."""
+
+    def __init__(self, processor: Any, sampling: FrameSampling) -> None:
+        self.processor = processor
+        self.sampling = sampling
+
+    def __call__(self, samples: list[dict[str, Any]]) -> dict[str, Any]:
+        from transformers.video_utils import VideoMetadata
+
+        records = [s["record"] for s in samples]
+        texts = [
+            self.processor.apply_chat_template(build_messages(r), add_generation_prompt=True, tokenize=False)
+            for r in records
+        ]
+        videos = [s["video"] for s in samples if "video" in s]
+        images = [s["image"] for s in samples if "image" in s]
+        kwargs: dict[str, Any] = {}
+        size = {"shortest_edge": self.sampling.min_pixels, "longest_edge": self.sampling.max_pixels}
+        if videos:
+            kwargs.update(
+                videos=videos,
+                video_metadata=[VideoMetadata(**s["video_metadata"]) for s in samples if "video" in s],
+                do_sample_frames=False,
+                videos_kwargs={"size": size, "cap_pixels_per_frame": True},
+            )
+        if images:
+            kwargs.update(images=images, images_kwargs={"size": size})
+        batch = self.processor(text=texts, padding=True, padding_side="left", return_tensors="pt", **kwargs)
+        out = dict(batch)
+        if "second_per_grid_ts" in out:
+            out["second_per_grid_ts"] = torch.as_tensor(out["second_per_grid_ts"], dtype=torch.float32)
+        out["records"] = records
+        out["prompts"] = texts
+        out["sampling"] = [
+            {"frames_indices": s["video_metadata"]["frames_indices"], "fps": s["video_metadata"]["fps"]}
+            if "video" in s else {}
+            for s in samples
+        ]
+        return out
+
+
+class VideoQADataModule(L.LightningDataModule):
+    """Train/val/test Video-R1-format files as a LightningDataModule.
+
+    The processor comes from the LightningModule's backbone (`module.backbone.processor`) when the module is
+    attached to a trainer, or from `processor_path`.
+    """
+
+    def __init__(
+        self,
+        train_path: str | None = None,
+        val_path: str | None = None,
+        test_path: str | None = None,
+        root: str | None = None,
+        sampling: FrameSampling | None = None,
+        batch_size: int = 1,
+        val_batch_size: int | None = None,
+        num_workers: int = 0,
+        skip_invalid: bool = False,
+        exclude_ids_file: str | None = None,
+        processor_path: str | None = None,
+        shuffle: bool = True,
+    ) -> None:
+        super().__init__()
+        self.train_path, self.val_path, self.test_path = train_path, val_path, test_path
+        self.root = root
+        self.sampling = sampling or FrameSampling()
+        self.batch_size = batch_size
+        self.val_batch_size = val_batch_size or batch_size
+        self.num_workers = num_workers
+        self.skip_invalid = skip_invalid
+        self.exclude_ids_file = exclude_ids_file
+        self.processor_path = processor_path
+        self.shuffle = shuffle
+        self.datasets: dict[str, VideoQADataset] = {}
+
+    def _dataset(self, split: str) -> VideoQADataset:
+        if split not in self.datasets:
+            path = {"train": self.train_path, "val": self.val_path, "test": self.test_path}[split]
+            if path is None:
+                raise ValueError(f"VideoQADataModule: no {split}_path configured")
+            exclude = None
+            if split == "train" and self.exclude_ids_file:
+                exclude = set(json.loads(Path(self.exclude_ids_file).read_text()))
+            self.datasets[split] = VideoQADataset(path, self.root, self.sampling, self.skip_invalid, exclude)
+        return self.datasets[split]
+
+    def processor(self) -> Any:
+        if self.processor_path is not None:
+            from transformers import AutoProcessor
+
+            return AutoProcessor.from_pretrained(self.processor_path)
+        module = self.trainer.lightning_module if self.trainer is not None else None
+        backbone = getattr(module, "backbone", None)
+        if backbone is None or backbone.processor is None:
+            raise RuntimeError("VideoQADataModule needs processor_path, or a LightningModule with a loaded backbone")
+        return backbone.processor
+
+    def _loader(self, split: str, batch_size: int, shuffle: bool) -> DataLoader:
+        return DataLoader(
+            self._dataset(split),
+            batch_size=batch_size,
+            shuffle=shuffle,
+            num_workers=self.num_workers,
+            collate_fn=VideoQACollator(self.processor(), self.sampling),
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", self.batch_size, self.shuffle)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val", self.val_batch_size, False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test", self.val_batch_size, False)

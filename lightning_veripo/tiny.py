@@ -1,0 +1,204 @@
+"""Build a tiny, random-weight Video-LLM of the real Qwen2.5-VL architecture, offline, into a directory.
+
+Tests and the embedded demo cannot download checkpoints, so they use this: the real model class
+(`Qwen2_5_VLForConditionalGeneration`), the real processor classes, and a byte-level BPE tokenizer trained
+in-process that carries the Qwen special tokens plus `<think>`/`</think>`/`<answer>`/`</answer>`. The
+result is saved with `save_pretrained` and loads back through the same Auto classes as a real checkpoint.
+A second builder makes a tiny random causal LM (Qwen2 architecture) with the same tokenizer, used as an
+offline stand-in for the verifier's small judge LLM.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+QWEN_SPECIAL_TOKENS = [
+    "<|endoftext|>",
+    "<|im_start|>",
+    "<|im_end|>",
+    "<|object_ref_start|>",
+    "<|object_ref_end|>",
+    "<|box_start|>",
+    "<|box_end|>",
+    "<|quad_start|>",
+    "<|quad_end|>",
+    "<|vision_start|>",
+    "<|vision_end|>",
+    "<|vision_pad|>",
+    "<|image_pad|>",
+    "<|video_pad|>",
+]
+REASONING_TOKENS = ["<think>", "</think>", "<answer>", "</answer>"]
+
+# The Qwen2.5-VL chat template, reduced to what a video-QA conversation uses (system, user turns with
+# text / image / video parts, assistant turns). Vision parts expand to the processor's placeholders.
+CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if loop.first and message['role'] != 'system' %}"
+    "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"
+    "<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}"
+    "{% else %}{% for content in message['content'] %}"
+    "{% if content['type'] == 'image' or 'image' in content %}<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif content['type'] == 'video' or 'video' in content %}<|vision_start|><|video_pad|><|vision_end|>"
+    "{% elif 'text' in content %}{{ content['text'] }}{% endif %}"
+    "{% endfor %}{% endif %}<|im_end|>\n"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+_CORPUS = [
+    "<think>The square is red.</think><answer>A</answer>",
+    "<think>The square moves to the left, so the answer is B.</think><answer>B</answer>",
+    "<think>I count 3 objects. Wait, there are 2 objects.</think><answer>2</answer>",
+    "What colour is the moving square? Options: A. red B. green C. blue D. yellow",
+    "Which direction does the square move? left right up down",
+    "How many objects are in the video? Output the thinking process in <think> </think> and the final "
+    "answer in <answer> </answer> tags.",
+    "Please think about this question as if you were a human pondering deeply. Let me think, hmm, wait, "
+    "so the answer is the option that matches what I saw in the frames.",
+    "0 1 2 3 4 5 6 7 8 9 10 A B C D E F . , ? ! : ( )",
+]
+
+
+def build_tokenizer(vocab_size: int = 512):
+    """A byte-level BPE tokenizer trained here on a few sentences, with the Qwen special tokens."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    special = QWEN_SPECIAL_TOKENS + REASONING_TOKENS
+    core = Tokenizer(models.BPE())
+    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    core.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=special,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    core.train_from_iterator(_CORPUS * 4, trainer=trainer)
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=core,
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        additional_special_tokens=special[1:],
+        model_max_length=8192,
+    )
+    tok.chat_template = CHAT_TEMPLATE
+    return tok
+
+
+def _seed_everything(seed: int) -> None:
+    torch.manual_seed(seed)
+
+
+def make_tiny_model(
+    out_dir: str | Path,
+    seed: int = 0,
+    hidden_size: int = 64,
+    num_layers: int = 2,
+    vision_depth: int = 1,
+    vocab_size: int = 512,
+) -> Path:
+    """Write a tiny random Qwen2.5-VL (model, tokenizer, processor) to `out_dir`; deterministic per seed.
+
+    Loadable with `AutoModelForImageTextToText.from_pretrained(out_dir)` and `AutoProcessor.from_pretrained`.
+    """
+    from transformers import (
+        Qwen2_5_VLConfig,
+        Qwen2_5_VLForConditionalGeneration,
+        Qwen2_5_VLProcessor,
+        Qwen2VLImageProcessor,
+        Qwen2VLVideoProcessor,
+    )
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tok = build_tokenizer(vocab_size)
+    ids = {t: tok.convert_tokens_to_ids(t) for t in QWEN_SPECIAL_TOKENS}
+    special_ids = {
+        "bos_token_id": ids["<|endoftext|>"],
+        "eos_token_id": ids["<|im_end|>"],
+        "pad_token_id": ids["<|endoftext|>"],
+    }
+    head_dim = hidden_size // 4
+    config = Qwen2_5_VLConfig(
+        text_config=dict(
+            vocab_size=len(tok),
+            hidden_size=hidden_size,
+            intermediate_size=hidden_size * 2,
+            num_hidden_layers=num_layers,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=8192,
+            rope_scaling={"type": "mrope", "mrope_section": [head_dim // 8, head_dim // 8, head_dim // 4]},
+            tie_word_embeddings=False,
+            **special_ids,
+        ),
+        vision_config=dict(
+            depth=vision_depth,
+            hidden_size=32,
+            intermediate_size=64,
+            num_heads=2,
+            out_hidden_size=hidden_size,
+            patch_size=14,
+            spatial_merge_size=2,
+            temporal_patch_size=2,
+            window_size=56,
+            fullatt_block_indexes=[vision_depth - 1],
+        ),
+        image_token_id=ids["<|image_pad|>"],
+        video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"],
+        vision_end_token_id=ids["<|vision_end|>"],
+        **special_ids,
+    )
+    _seed_everything(seed)
+    model = Qwen2_5_VLForConditionalGeneration(config).eval()
+    model.generation_config.eos_token_id = special_ids["eos_token_id"]
+    model.generation_config.pad_token_id = special_ids["pad_token_id"]
+    model.generation_config.bos_token_id = special_ids["bos_token_id"]
+    model.save_pretrained(out)
+
+    # Small frames keep the demo fast: 56x56..112x112 pixels per frame -> 4..16 patches of 28x28.
+    pixels = {"shortest_edge": 56 * 56, "longest_edge": 112 * 112}
+    processor = Qwen2_5_VLProcessor(
+        image_processor=Qwen2VLImageProcessor(size=pixels),
+        video_processor=Qwen2VLVideoProcessor(size=pixels, cap_pixels_per_frame=True),
+        tokenizer=tok,
+        chat_template=CHAT_TEMPLATE,
+    )
+    processor.save_pretrained(out)
+    return out
+
+
+def make_tiny_causal_lm(out_dir: str | Path, seed: int = 0, hidden_size: int = 64, num_layers: int = 2) -> Path:
+    """Write a tiny random text-only causal LM (Qwen2 architecture) + tokenizer, e.g. as an offline judge."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tok = build_tokenizer()
+    eos = tok.convert_tokens_to_ids("<|im_end|>")
+    pad = tok.convert_tokens_to_ids("<|endoftext|>")
+    config = Qwen2Config(
+        vocab_size=len(tok),
+        hidden_size=hidden_size,
+        intermediate_size=hidden_size * 2,
+        num_hidden_layers=num_layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=4096,
+        bos_token_id=pad,
+        eos_token_id=eos,
+        pad_token_id=pad,
+    )
+    _seed_everything(seed)
+    model = Qwen2ForCausalLM(config).eval()
+    model.generation_config.eos_token_id = eos
+    model.generation_config.pad_token_id = pad
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
