@@ -79,6 +79,8 @@ class VideoLLM(nn.Module):
         lora: LoRA settings, or None for full fine-tuning of the language model.
         merge_adapters: adapter directories merged into the base weights at load, in order (earlier stages).
         adapter_path: an adapter directory to continue training (instead of a fresh adapter).
+        make_tiny_if_missing: if `model_name_or_path` does not exist, build the offline tiny random model
+            there (the embedded demo; never set this for a real checkpoint).
     """
 
     def __init__(
@@ -91,6 +93,7 @@ class VideoLLM(nn.Module):
         lora: LoRAConfig | None = None,
         merge_adapters: list[str] | None = None,
         adapter_path: str | None = None,
+        make_tiny_if_missing: bool = False,
     ) -> None:
         super().__init__()
         if dtype not in _DTYPES:
@@ -103,6 +106,7 @@ class VideoLLM(nn.Module):
         self.lora = lora
         self.merge_adapters = list(merge_adapters or [])
         self.adapter_path = adapter_path
+        self.make_tiny_if_missing = make_tiny_if_missing
         self.model: nn.Module | None = None
         self.processor: Any = None
         self._reference: nn.Module | None = None  # frozen copy, full fine-tuning only
@@ -119,7 +123,11 @@ class VideoLLM(nn.Module):
         from transformers import AutoModelForImageTextToText, AutoProcessor
 
         path = self.model_name_or_path
-        if not Path(path).exists() and "/" not in path:
+        if self.make_tiny_if_missing and not (Path(path) / "config.json").exists():
+            from lightning_veripo.tiny import make_tiny_model
+
+            make_tiny_model(path)
+        if not Path(path).exists() and (Path(path).is_absolute() or path.count("/") != 1):
             raise FileNotFoundError(
                 f"VideoLLM: model_name_or_path={path!r} is neither a local directory nor a hub name "
                 "(owner/name). Build the offline tiny model with `veripo make-tiny-model DIR`."
@@ -256,21 +264,27 @@ class VideoLLM(nn.Module):
                 outputs[modality] = fn(batch[pixel_key], batch[grid_key], return_dict=True)
         return outputs
 
-    @staticmethod
-    def _features_per_row(input_ids: torch.Tensor, token_id: int, features: list[torch.Tensor]) -> list[list[int]]:
-        """Which feature items (videos/images) belong to each row, matched by placeholder-token counts."""
+    def vision_items_per_row(self, batch: dict[str, Any], modality: str) -> list[list[int]]:
+        """Which vision items (videos or images, in batch order) each prompt row owns, matched by the count
+        of placeholder tokens in the row against each item's token count."""
+        grid_key = {"video": "video_grid_thw", "image": "image_grid_thw"}[modality]
+        if batch.get(grid_key) is None:
+            return [[] for _ in range(batch["input_ids"].shape[0])]
+        merge = int(getattr(self._vision_tower(self.hf_model), "spatial_merge_size", 2)) ** 2
+        item_tokens = (batch[grid_key].prod(-1) // merge).tolist()
+        token_id = getattr(self.hf_model.config, f"{modality}_token_id")
         per_row: list[list[int]] = []
         item = 0
-        for count in (input_ids == token_id).sum(-1).tolist():
+        for count in (batch["input_ids"] == token_id).sum(-1).tolist():
             mine: list[int] = []
             while count > 0:
-                if item >= len(features):
-                    raise ValueError("more vision placeholder tokens in the prompts than encoded vision items")
-                count -= len(features[item])
+                if item >= len(item_tokens):
+                    raise ValueError(f"more {modality} placeholder tokens in the prompts than {modality} inputs")
+                count -= item_tokens[item]
                 mine.append(item)
                 item += 1
             if count != 0:
-                raise ValueError("vision placeholder tokens do not line up with the encoded vision items")
+                raise ValueError(f"{modality} placeholder tokens do not line up with the {modality} inputs")
             per_row.append(mine)
         return per_row
 
@@ -288,16 +302,13 @@ class VideoLLM(nn.Module):
         }
         if batch.get("mm_token_type_ids") is not None:
             out["mm_token_type_ids"] = batch["mm_token_type_ids"].repeat_interleave(num_samples, 0)
-        config = self.hf_model.config
         mm: dict[str, Any] = {}
         for modality, pixel_key, grid_key, extra_keys in _MODALITIES:
             if batch.get(grid_key) is None:
                 continue
             grid = batch[grid_key]
-            sizes = (grid.prod(-1)).tolist()
-            merge = int(getattr(self._vision_tower(self.hf_model), "spatial_merge_size", 2)) ** 2
-            token_counts = [torch.empty(s // merge) for s in sizes]
-            rows = self._features_per_row(ids, getattr(config, f"{modality}_token_id"), token_counts)
+            sizes = grid.prod(-1).tolist()
+            rows = self.vision_items_per_row(batch, modality)
             order = [i for items in rows for _ in range(num_samples) for i in items]
             index = torch.tensor(order, dtype=torch.long, device=grid.device)
             out[grid_key] = grid.index_select(0, index)

@@ -37,6 +37,16 @@ class VideoQAError(ValueError):
 
 
 @dataclass
+class SyntheticSpec:
+    """Write the synthetic task (lightning_veripo.data.synthetic) beside `train_path` if it is missing."""
+
+    num_train: int = 32
+    num_val: int = 16
+    tasks: list[str] | None = None
+    seed: int = 0
+
+
+@dataclass
 class FrameSampling:
     """How frames are taken from a video (qwen-vl-utils conventions by default).
 
@@ -280,8 +290,10 @@ class VideoQADataModule(L.LightningDataModule):
         exclude_ids_file: str | None = None,
         processor_path: str | None = None,
         shuffle: bool = True,
+        synthetic: SyntheticSpec | None = None,
     ) -> None:
         super().__init__()
+        self.synthetic = synthetic
         self.train_path, self.val_path, self.test_path = train_path, val_path, test_path
         self.root = root
         self.sampling = sampling or FrameSampling()
@@ -293,6 +305,15 @@ class VideoQADataModule(L.LightningDataModule):
         self.processor_path = processor_path
         self.shuffle = shuffle
         self.datasets: dict[str, VideoQADataset] = {}
+
+    def prepare_data(self) -> None:
+        if self.synthetic is None or self.train_path is None or Path(self.train_path).exists():
+            return
+        from lightning_veripo.data.synthetic import make_synthetic_data
+
+        spec = self.synthetic
+        make_synthetic_data(Path(self.train_path).parent, spec.num_train, spec.num_val, spec.seed,
+                            tuple(spec.tasks or ("colour",)))
 
     def _dataset(self, split: str) -> VideoQADataset:
         if split not in self.datasets:

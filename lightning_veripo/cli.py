@@ -1,0 +1,59 @@
+"""The `veripo` command: LightningCLI fit / validate / test, plus the offline builders.
+
+    veripo fit --config configs/demo_grpo.yaml          # any LightningModule of this package, any YAML
+    veripo make-tiny-model DIR [--seed 0]               # tiny random Qwen2.5-VL, offline
+    veripo make-synthetic-data DIR --num_train N --num_val M [--seed 0]
+"""
+
+from __future__ import annotations
+
+import sys
+
+from lightning.pytorch.cli import LightningCLI
+
+from lightning_veripo.module import VideoLLMModule
+
+
+class VeripoCLI(LightningCLI):
+    """LightningCLI with this package's modules and data modules chosen by `class_path` in the YAML."""
+
+    def __init__(self, args: list[str] | dict | None = None, run: bool = True, **kwargs) -> None:
+        import lightning as L
+
+        super().__init__(
+            model_class=VideoLLMModule,
+            datamodule_class=L.LightningDataModule,
+            subclass_mode_model=True,
+            subclass_mode_data=True,
+            save_config_kwargs={"overwrite": True},
+            args=args,
+            run=run,
+            **kwargs,
+        )
+
+
+def _builder(argv: list[str]) -> int | None:
+    from jsonargparse import auto_cli
+
+    from lightning_veripo.data.synthetic import make_synthetic_data
+    from lightning_veripo.tiny import make_tiny_model
+
+    builders = {"make-tiny-model": make_tiny_model, "make-synthetic-data": make_synthetic_data}
+    if not argv or argv[0] not in builders:
+        return None
+    out = auto_cli(builders[argv[0]], args=argv[1:])
+    print(f"wrote {out}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    code = _builder(args)
+    if code is not None:
+        return code
+    VeripoCLI(args=argv)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

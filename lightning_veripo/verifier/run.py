@@ -1,0 +1,233 @@
+"""Run the Rollout-Aware Verifier: judge a GRPO fit's rollouts, build preference pairs, write them for DPO.
+
+A plain, idempotent function, so it runs the same from `VerifierCallback` at the end of a GRPO fit, from the
+loop driver, or by hand on saved rollouts (`python -m lightning_veripo.verifier.run --help`). The same
+rollouts, judge and config give byte-identical files except the timing fields (`latency_s` in
+verdicts.jsonl, `wall_time_s` and `judge_time_s` in stats.json). Files in `out_dir`, each written atomically:
+
+- `rollouts.jsonl`  one `Rollout.to_dict()` per line, sorted by (problem_id, step, sample_index);
+- `verdicts.jsonl`  `{"problem_id", "step", "sample_index", **Verdict.to_dict()}`, one per rollout, same order;
+- `pairs.jsonl`     one `PreferencePair.to_dict()` per line;
+- `stats.json`      the summary from `verifier_stats`; written last, so its presence means the run completed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import tempfile
+import time
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+from tqdm.auto import tqdm
+
+from lightning_veripo.records import Rollout
+from lightning_veripo.verifier.judges import Judge, JudgeItem, JudgeUnavailableError, RuleJudge, Verdict
+from lightning_veripo.verifier.pairs import PairConfig, PairStats, PreferencePair, build_pairs, is_correct
+
+ROLLOUTS_FILE = "rollouts.jsonl"
+VERDICTS_FILE = "verdicts.jsonl"
+PAIRS_FILE = "pairs.jsonl"
+STATS_FILE = "stats.json"
+
+
+def judge_rollouts(
+    rollouts: Sequence[Rollout], judge: Judge, batch_size: int = 64, progress: bool = True
+) -> list[Verdict]:
+    """One verdict per rollout, in order. A batch whose judge raises (or miscounts) becomes unjudged verdicts
+    carrying the error, so one bad batch cannot sink the verifier; `JudgeUnavailableError` still raises."""
+    verdicts: list[Verdict] = []
+    name = getattr(judge, "name", type(judge).__name__)
+    with tqdm(total=len(rollouts), desc="verifier: judging", unit="rollout", disable=not progress) as bar:
+        for start in range(0, len(rollouts), batch_size):
+            items = [JudgeItem.from_rollout(r) for r in rollouts[start : start + batch_size]]
+            try:
+                batch = judge.judge(items)
+                if len(batch) != len(items):
+                    raise RuntimeError(f"{name} returned {len(batch)} verdicts for {len(items)} rollouts")
+            except JudgeUnavailableError:
+                raise
+            except Exception as err:
+                why = f"judge error: {type(err).__name__}: {err}"
+                batch = [
+                    Verdict(consistent=None, truncated=i.truncated, rationale=why, judge=name) for i in items
+                ]
+            verdicts.extend(batch)
+            bar.update(len(items))
+    return verdicts
+
+
+def verifier_stats(
+    rollouts: Sequence[Rollout], verdicts: Sequence[Verdict], pair_stats: PairStats, config: PairConfig
+) -> dict[str, Any]:
+    """The run's summary: rates over rollouts (consistency rates over judged ones; None when there are none),
+    pair counts by reason, skipped questions by reason, and the always-solved question ids."""
+    n, judged = len(rollouts), [v for v in verdicts if v.judged]
+    consistent = sum(v.consistent is True for v in judged)
+
+    def rate(count: int, total: int) -> float | None:
+        return count / total if total else None
+
+    return {
+        "num_rollouts": n,
+        "num_questions": pair_stats.num_questions,
+        "judged": len(judged),
+        "unjudged": n - len(judged),
+        "consistent_rate": rate(consistent, len(judged)),
+        "inconsistent_rate": rate(len(judged) - consistent, len(judged)),
+        "repetitive_rate": rate(sum(v.repetitive for v in verdicts), n),
+        "truncated_rate": rate(sum(v.truncated for v in verdicts), n),
+        "accuracy": rate(sum(r.accuracy for r in rollouts), n),
+        "acc_cons_rate": rate(
+            sum(
+                is_correct(r, config) and v.consistent is True
+                for r, v in zip(rollouts, verdicts, strict=True)
+            ),
+            n,
+        ),
+        "pairs": pair_stats.num_pairs,
+        "pairs_by_reason": pair_stats.pairs_by_reason,
+        "questions_with_pairs": pair_stats.questions_with_pairs,
+        "questions_skipped": pair_stats.questions_skipped,
+        "skipped_problem_ids": pair_stats.skipped_problem_ids,
+        "always_solved": pair_stats.always_solved,
+    }
+
+
+def run_verifier(
+    rollouts: Sequence[Rollout],
+    judge: Judge | None,
+    pair_config: PairConfig | None,
+    out_dir: str | Path,
+    *,
+    judge_batch_size: int = 64,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Judge every rollout, build the preference pairs, write the four files to `out_dir`; return the stats.
+
+    `judge=None` means `RuleJudge()`, `pair_config=None` means `PairConfig()`.
+    """
+    t0 = time.perf_counter()
+    judge = judge if judge is not None else RuleJudge()
+    config = pair_config if pair_config is not None else PairConfig()
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    ordered = sorted(rollouts, key=lambda r: (r.record.problem_id, r.step, r.sample_index))
+
+    t_judge = time.perf_counter()
+    verdicts = judge_rollouts(ordered, judge, judge_batch_size, progress)
+    judge_time = time.perf_counter() - t_judge
+    pairs, pair_stats = build_pairs(ordered, verdicts, config)
+
+    write_jsonl_atomic(out / ROLLOUTS_FILE, (r.to_dict() for r in ordered))
+    keys = (
+        {"problem_id": r.record.problem_id, "step": r.step, "sample_index": r.sample_index} for r in ordered
+    )
+    write_jsonl_atomic(
+        out / VERDICTS_FILE, ({**k, **v.to_dict()} for k, v in zip(keys, verdicts, strict=True))
+    )
+    write_jsonl_atomic(out / PAIRS_FILE, (p.to_dict() for p in pairs))
+    stats = verifier_stats(ordered, verdicts, pair_stats, config)
+    stats["judge"] = getattr(judge, "name", type(judge).__name__)
+    stats["judge_time_s"] = judge_time
+    stats["wall_time_s"] = time.perf_counter() - t0
+    write_text_atomic(out / STATS_FILE, json.dumps(stats, indent=2, ensure_ascii=False) + "\n")
+    return stats
+
+
+def run_verifier_from_files(
+    rollouts_path: str | Path,
+    out_dir: str | Path,
+    judge: Judge | None = None,
+    pair_config: PairConfig | None = None,
+    judge_batch_size: int = 64,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """`run_verifier` on a saved rollouts.jsonl (e.g. to re-judge a finished GRPO fit with another judge)."""
+    return run_verifier(
+        read_rollouts(rollouts_path),
+        judge,
+        pair_config,
+        out_dir,
+        judge_batch_size=judge_batch_size,
+        progress=progress,
+    )
+
+
+def _read_jsonl(path: str | Path) -> Iterable[tuple[int, dict[str, Any]]]:
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if line.strip():
+                try:
+                    yield lineno, json.loads(line)
+                except json.JSONDecodeError as err:
+                    raise ValueError(
+                        f"{path}:{lineno}: not a JSON line ({err}); was the file cut short?"
+                    ) from err
+
+
+def read_rollouts(path: str | Path) -> list[Rollout]:
+    """Rollouts from a rollouts.jsonl; a bad line raises with its file and line number."""
+    out = []
+    for lineno, d in _read_jsonl(path):
+        try:
+            out.append(Rollout.from_dict(d))
+        except (KeyError, TypeError) as err:
+            raise ValueError(
+                f"{path}:{lineno}: not a Rollout record ({err!r}); expected Rollout.to_dict()"
+            ) from err
+    return out
+
+
+def read_verdicts(path: str | Path) -> list[dict[str, Any]]:
+    """The lines of a verdicts.jsonl: the rollout key (problem_id, step, sample_index) plus the verdict fields."""
+    return [d for _, d in _read_jsonl(path)]
+
+
+def read_pairs(path: str | Path) -> list[PreferencePair]:
+    """Preference pairs from a pairs.jsonl; a bad line raises with its file and line number."""
+    out = []
+    for lineno, d in _read_jsonl(path):
+        try:
+            out.append(PreferencePair.from_dict(d))
+        except (KeyError, TypeError) as err:
+            raise ValueError(f"{path}:{lineno}: not a preference pair ({err!r})") from err
+    return out
+
+
+def write_text_atomic(path: str | Path, text: str) -> None:
+    """Write via a temp file in the same directory, fsync, then os.replace: readers (and a run killed half
+    way) see the old file or the new one, never a torn one."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)  # mkstemp makes 0600; these files are for reading by people and other jobs
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def write_jsonl_atomic(path: str | Path, rows: Iterable[dict[str, Any]]) -> None:
+    write_text_atomic(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
+
+
+def main(args: list[str] | None = None) -> dict[str, Any]:
+    """Command line: `python -m lightning_veripo.verifier.run --rollouts_path R --out_dir D [--judge ...]`."""
+    from jsonargparse import auto_cli
+
+    stats = auto_cli(run_verifier_from_files, args=args)
+    print(json.dumps(stats, indent=2))
+    return stats
+
+
+if __name__ == "__main__":
+    main()
