@@ -1,6 +1,7 @@
 """The `veripo` command: LightningCLI fit / validate / test, plus the offline builders.
 
     veripo fit --config configs/demo_grpo.yaml          # any LightningModule of this package, any YAML
+    veripo iterate --config configs/demo.yaml            # the VerIPO loop: GRPO -> verifier -> DPO, repeated
     veripo make-tiny-model DIR [--seed 0]               # tiny random Qwen2.5-VL, offline
     veripo make-synthetic-data DIR --num_train N --num_val M [--seed 0]
 """
@@ -32,23 +33,26 @@ class VeripoCLI(LightningCLI):
         )
 
 
-def _builder(argv: list[str]) -> int | None:
+def _command(argv: list[str]) -> int | None:
+    """The commands that are plain functions (jsonargparse reads their typed signatures); None for fit & co."""
     from jsonargparse import auto_cli
 
     from lightning_veripo.data.synthetic import make_synthetic_data
+    from lightning_veripo.loop import iterate
     from lightning_veripo.tiny import make_tiny_model
 
-    builders = {"make-tiny-model": make_tiny_model, "make-synthetic-data": make_synthetic_data}
-    if not argv or argv[0] not in builders:
+    commands = {"make-tiny-model": make_tiny_model, "make-synthetic-data": make_synthetic_data, "iterate": iterate}
+    if not argv or argv[0] not in commands:
         return None
-    out = auto_cli(builders[argv[0]], args=argv[1:])
-    print(f"wrote {out}")
+    out = auto_cli(commands[argv[0]], args=argv[1:])
+    if argv[0] != "iterate":
+        print(f"wrote {out}")
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
-    code = _builder(args)
+    code = _command(args)
     if code is not None:
         return code
     VeripoCLI(args=argv)

@@ -1,0 +1,228 @@
+"""The VerIPO loop (the paper's Figure 1): GRPO fit -> Rollout-Aware Verifier -> DPO fit, repeated.
+
+    [sft warm start]  [reasoning-activation GRPO]
+    for k in 1..iterations:
+        iter_k/grpo      GRPO fit (VerifierCallback attached) from the current policy
+        iter_k/verifier  rollouts.jsonl, verdicts.jsonl, pairs.jsonl, stats.json
+        iter_k/dpo       DPO fit on pairs.jsonl, reference = the GRPO policy
+        next GRPO data drops `discard_solved_fraction` of the questions that were always solved
+
+Each stage is a LightningCLI fit of its own YAML (any `veripo fit` config), given the current policy by
+overriding the backbone: the base model plus the adapters of the finished stages, merged in order, and a fresh
+LoRA adapter (so "adapter disabled" is exactly the stage's starting policy: the reference of GRPO's KL and of
+DPO). Weights pass between stages as adapter directories. `state.json` records the finished stages; running the
+same command again skips them, and resumes an interrupted fit from its `last.ckpt`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from lightning.pytorch.callbacks import ModelCheckpoint
+
+from lightning_veripo.data.videoqa import FrameSampling
+from lightning_veripo.verifier.judges import Judge, RuleJudge
+from lightning_veripo.verifier.pairs import PairConfig
+
+
+@dataclass
+class Stage:
+    """One fit of the loop: a `veripo fit` YAML plus extra command-line overrides."""
+
+    config: str
+    args: list[str] = field(default_factory=list)
+
+
+def _write_json_atomic(path: Path, data: Any) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w") as f:
+        json.dump(data, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+class LoopState:
+    """`state.json`: the stages finished so far, in order, with the adapter each left behind."""
+
+    def __init__(self, work_dir: Path) -> None:
+        self.path = work_dir / "state.json"
+        self.data: dict[str, Any] = json.loads(self.path.read_text()) if self.path.exists() else {"finished": []}
+
+    def finished(self, stage: str) -> bool:
+        return any(s["stage"] == stage for s in self.data["finished"])
+
+    def adapters(self) -> list[str]:
+        return [s["adapter"] for s in self.data["finished"] if s.get("adapter")]
+
+    def mark(self, stage: str, adapter: str | None, **info: Any) -> None:
+        self.data["finished"].append({"stage": stage, "adapter": adapter, **info})
+        _write_json_atomic(self.path, self.data)
+
+
+def run_stage(
+    name: str,
+    stage: Stage,
+    stage_dir: Path,
+    base_model: str,
+    adapters: list[str],
+    tensorboard_dir: Path,
+    extra_args: list[str] | None = None,
+    callbacks: list[Any] | None = None,
+) -> Any:
+    """One LightningCLI fit from the current policy; resumes from `stage_dir/checkpoints/last.ckpt` if present.
+
+    Returns the fitted LightningModule (its backbone holds the new policy)."""
+    from lightning_veripo.cli import VeripoCLI
+
+    stage_dir.mkdir(parents=True, exist_ok=True)
+    backbone = "--model.init_args.backbone.init_args."
+    args = [
+        "--config", stage.config,
+        f"{backbone}model_name_or_path={base_model}",
+        f"{backbone}merge_adapters={json.dumps(adapters)}",
+        f"--trainer.default_root_dir={stage_dir}",
+        "--trainer.logger=lightning.pytorch.loggers.TensorBoardLogger",
+        f"--trainer.logger.init_args.save_dir={tensorboard_dir}",
+        f"--trainer.logger.init_args.name={name}",
+        "--trainer.logger.init_args.version=0",
+        "--trainer.enable_checkpointing=true",
+        *stage.args,
+        *(extra_args or []),
+    ]  # fmt: skip
+    cli = VeripoCLI(args=args, run=False)
+    ckpt_dir = stage_dir / "checkpoints"
+    cli.trainer.callbacks.append(ModelCheckpoint(dirpath=ckpt_dir, save_last=True, every_n_train_steps=1))
+    cli.trainer.callbacks.extend(callbacks or [])
+    last = ckpt_dir / "last.ckpt"
+    cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=str(last) if last.exists() else None)
+    return cli.model
+
+
+def iterate(
+    base_model: str,
+    grpo: Stage,
+    dpo: Stage,
+    val_path: str,
+    work_dir: str = "work/veripo",
+    iterations: int = 1,
+    sft: Stage | None = None,
+    activation: Stage | None = None,
+    discard_solved_fraction: float = 0.8,
+    grpo_only: bool = False,
+    judge: Judge | None = None,
+    pair_config: PairConfig | None = None,
+    eval_sampling: FrameSampling | None = None,
+    eval_max_new_tokens: int = 256,
+    eval_batch_size: int = 8,
+    make_tiny_if_missing: bool = False,
+    seed: int = 0,
+) -> list[dict[str, Any]]:
+    """Run the VerIPO loop into `work_dir`; returns the per-stage evaluation rows (also in metrics.jsonl).
+
+    Args:
+        base_model: the starting checkpoint directory (or hub name).
+        grpo / dpo: the stage configs (`veripo fit` YAMLs) and overrides.
+        val_path: Video-R1-format file evaluated after every stage.
+        iterations: GRPO -> verifier -> DPO rounds.
+        sft: an optional supervised warm start before everything (the demo's tiny model needs one).
+        activation: an optional reasoning-activation GRPO fit on simpler data before the loop.
+        discard_solved_fraction: share of the always-solved questions dropped from the next GRPO fit (paper: 80%).
+        grpo_only: the baseline: GRPO fits only (no verifier, no DPO), for the same number of iterations.
+        judge / pair_config: the Rollout-Aware Verifier's judge (default: rules) and pair rules.
+        eval_*: evaluation decoding (greedy) settings.
+        make_tiny_if_missing: build the offline tiny model at `base_model` if it does not exist (the demo).
+    """
+    from lightning_veripo.backbone import VideoLLM
+    from lightning_veripo.callbacks.verifier import VerifierCallback
+    from lightning_veripo.evaluate import evaluate
+
+    work = Path(work_dir)
+    work.mkdir(parents=True, exist_ok=True)
+    if make_tiny_if_missing:
+        VideoLLM(base_model, make_tiny_if_missing=True).load()
+    state = LoopState(work)
+    tensorboard = work / "tensorboard"
+    sampling = eval_sampling or FrameSampling()
+    rows: list[dict[str, Any]] = [json.loads(x) for x in _read_lines(work / "metrics.jsonl")]
+
+    def finish(name: str, module: Any, seconds: float, **info: Any) -> None:
+        adapter = str(module.backbone.save_pretrained(work / name / "adapter"))
+        metrics = evaluate(module.backbone, val_path, sampling, eval_max_new_tokens, eval_batch_size, judge)
+        row = {"stage": name, "index": len(rows), "wall_s": round(seconds, 3), **metrics}
+        rows.append(row)
+        _log_eval(tensorboard, row)
+        _write_lines_atomic(work / "metrics.jsonl", [json.dumps(r) for r in rows])
+        state.mark(name, adapter, **info)
+
+    def fit(name: str, stage: Stage, extra: list[str] | None = None, callbacks: list[Any] | None = None) -> None:
+        if state.finished(name):
+            return
+        start = time.perf_counter()
+        module = run_stage(name, stage, work / name, base_model, state.adapters(), tensorboard, extra, callbacks)
+        finish(name, module, time.perf_counter() - start)
+
+    if sft is not None:
+        fit("sft", sft)
+    if activation is not None:
+        fit("activation", activation)
+    exclude: Path | None = None
+    for k in range(1, iterations + 1):
+        it = f"iter_{k}"
+        extra = [f"--data.init_args.exclude_ids_file={exclude}"] if exclude is not None else []
+        verifier_dir = work / it / "verifier"
+        callbacks = [] if grpo_only else [VerifierCallback(judge=judge or RuleJudge(), pair_config=pair_config or PairConfig(), out_dir=str(verifier_dir))]
+        fit(f"{it}/grpo", grpo, extra, callbacks)
+        if not grpo_only:
+            pairs = verifier_dir / "pairs.jsonl"
+            if not state.finished(f"{it}/dpo"):
+                if not _read_lines(pairs):
+                    state.mark(f"{it}/dpo", None, skipped="the verifier built no preference pairs")
+                else:
+                    fit(f"{it}/dpo", dpo, [f"--data.init_args.pairs_path={pairs}"])
+            exclude = _discard_solved(verifier_dir / "stats.json", work / it / "exclude_ids.json",
+                                      discard_solved_fraction, seed + k)
+    _print_summary(rows)
+    return rows
+
+
+def _discard_solved(stats_path: Path, out: Path, fraction: float, seed: int) -> Path | None:
+    """Pick `fraction` of the always-solved question ids (seeded) for the next GRPO fit to skip."""
+    if not stats_path.exists():
+        return None
+    solved = sorted(json.loads(stats_path.read_text()).get("always_solved", []))
+    drop = random.Random(seed).sample(solved, int(len(solved) * fraction))
+    _write_json_atomic(out, sorted(drop))
+    return out
+
+
+def _read_lines(path: Path) -> list[str]:
+    return [x for x in path.read_text().splitlines() if x.strip()] if path.exists() else []
+
+
+def _write_lines_atomic(path: Path, lines: list[str]) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text("".join(line + "\n" for line in lines))
+    os.replace(tmp, path)
+
+
+def _log_eval(tensorboard: Path, row: dict[str, Any]) -> None:
+    from torch.utils.tensorboard import SummaryWriter
+
+    with SummaryWriter(str(tensorboard / "loop")) as writer:
+        for key, value in row.items():
+            if isinstance(value, (int, float)) and key != "index":
+                writer.add_scalar(f"eval/{key}", value, row["index"])
+
+
+def _print_summary(rows: list[dict[str, Any]]) -> None:
+    keys = ["accuracy", "format_rate", "reasoning_tokens", "inconsistency_rate", "acc_cons", "wall_s"]
+    print("\n" + " | ".join(["stage".ljust(14)] + [k[:12].rjust(12) for k in keys]))
+    for row in rows:
+        print(" | ".join([row["stage"].ljust(14)] + [f"{row.get(k, float('nan')):12.3f}" for k in keys]))
