@@ -98,6 +98,11 @@ class VideoLLM(nn.Module):
         super().__init__()
         if dtype not in _DTYPES:
             raise ValueError(f"VideoLLM dtype={dtype!r} is not one of {sorted(_DTYPES)}")
+        if adapter_path is not None and lora is None:
+            raise ValueError(
+                f"VideoLLM adapter_path={adapter_path!r} continues a LoRA adapter and needs `lora` settings; to "
+                "fold a finished adapter into the weights for full fine-tuning, pass it in merge_adapters"
+            )
         self.model_name_or_path = str(model_name_or_path)
         self.dtype_name = dtype
         self.attn_implementation = attn_implementation

@@ -130,6 +130,7 @@ class DPOModule(VideoLLMModule):
         self.save_hyperparameters(ignore=["backbone"])
         self.ref_cache: dict[str, torch.Tensor] | None = None  # pair key -> [4] (see PairLogps)
         self.ref_logps_computed = 0  # pairs whose reference log-probs this module computed for the cache
+        self._ref_cache_path: Path | None = None
         self._step_start = 0.0
 
     def _validate_args(self) -> None:
@@ -286,14 +287,18 @@ class DPOModule(VideoLLMModule):
             )
         path = ref_cache_path(dataset.path)
         identity = self.reference_identity(dataset)
-        if self.ref_cache is None:
-            self.ref_cache = load_ref_cache(path, identity)
+        if self.ref_cache is None or self._ref_cache_path != path:
+            self.ref_cache, self._ref_cache_path = load_ref_cache(path, identity), path
         todo = [i for i, key in enumerate(dataset.keys) if key not in self.ref_cache]
         if not todo:
             return
         world, rank = self.trainer.world_size, self.trainer.global_rank
+        mine = todo[rank::world]
+        mine += todo[
+            : -(-len(todo) // world) - len(mine)
+        ]  # equal shards: sharded models need every rank to step
         shard = DataLoader(
-            Subset(dataset, todo[rank::world]),
+            Subset(dataset, mine),
             batch_size=loader.batch_size or 1,
             collate_fn=loader.collate_fn,
             num_workers=loader.num_workers,
@@ -315,7 +320,7 @@ class DPOModule(VideoLLMModule):
             torch.distributed.all_gather_object(parts, computed)
             computed = {k: v for part in parts for k, v in part.items()}
         self.ref_cache.update(computed)
-        self.ref_logps_computed += len(computed)
+        self.ref_logps_computed += len(computed)  # distinct pairs, whatever the padding of the shards
         if self.trainer.is_global_zero:
             save_ref_cache(path, identity, {k: self.ref_cache[k] for k in dataset.keys})
         self.trainer.strategy.barrier("dpo_ref_cache")

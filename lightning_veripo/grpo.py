@@ -162,7 +162,7 @@ class GRPOModule(VideoLLMModule):
     # ------------------------------------------------------------------ the algorithm
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any]:
         records: list[VideoQARecord] = batch["records"]
-        G = self.num_generations
+        step = self.global_step  # the optimiser step below advances global_step; rollouts keep this one
         t0 = time.perf_counter()
         with self._naming_failures(records, "generation"):
             vision = self.backbone.encode_vision(batch, requires_grad=False) if self.share_vision else None
@@ -178,8 +178,8 @@ class GRPOModule(VideoLLMModule):
         t_optimise = time.perf_counter() - t0 - t_generate - t_score
 
         self._log_step(completions, scores, advantages, keep, stats, loss, (t_generate, t_score, t_optimise))
-        rollouts = self._rollouts(batch, completions, scores, advantages)
-        self._log_rollout_panel(rollouts)
+        rollouts = self._rollouts(batch, completions, scores, advantages, step)
+        self._log_rollout_panel(rollouts, step)
         return {"loss": loss.detach(), "rollouts": rollouts}
 
     def _sample(self, batch: dict[str, Any], vision: dict[str, Any] | None) -> Completions:
@@ -217,7 +217,7 @@ class GRPOModule(VideoLLMModule):
         total = total.to(device)
         accuracy = components.get("accuracy")
         if accuracy is None:
-            accuracy = torch.tensor([accuracy_reward(t, r) for t, r in zip(completions.text, expanded)], device=device)
+            accuracy = torch.tensor([accuracy_reward(t, r) for t, r in zip(completions.text, expanded, strict=True)], device=device)
         lengths = completions.mask.sum(-1).float()
         if self.overlong_buffer > 0:
             start = self.max_new_tokens - self.overlong_buffer
@@ -250,7 +250,7 @@ class GRPOModule(VideoLLMModule):
             completions = self._sample(batch, shuffled)
         expanded = [r for r in records for _ in range(G)]
         shuffled_acc = torch.tensor(
-            [accuracy_reward(t, r) for t, r in zip(completions.text, expanded)], device=accuracy.device
+            [accuracy_reward(t, r) for t, r in zip(completions.text, expanded, strict=True)], device=accuracy.device
         ).view(-1, G).mean(1, keepdim=True)
         ordered = accuracy.view(-1, G)
         helped = (ordered.mean(1, keepdim=True) >= self.temporal_mu * shuffled_acc).float()
@@ -295,7 +295,7 @@ class GRPOModule(VideoLLMModule):
             if self.mask_truncated_completions:
                 mask = mask * (~completions.truncated[rows]).long()[:, None]
             adv = advantages[rows]
-            with self._naming_failures([r for r, k in zip(records, keep.tolist()) if k], "log-prob pass"):
+            with self._naming_failures([r for r, k in zip(records, keep.tolist(), strict=True) if k], "log-prob pass"):
                 old = ref = None
                 if self.num_iterations > 1:
                     old = self._logps(sub_batch, ids, mask, sub_vision, reference=False, grad=False)
@@ -354,7 +354,7 @@ class GRPOModule(VideoLLMModule):
 
     # ------------------------------------------------------------------ records and logging
     def _rollouts(
-        self, batch: dict[str, Any], completions: Completions, scores: Scores, advantages: torch.Tensor
+        self, batch: dict[str, Any], completions: Completions, scores: Scores, advantages: torch.Tensor, step: int
     ) -> list[Rollout]:
         G = self.num_generations
         group_acc = scores.accuracy.view(-1, G).mean(1)
@@ -373,7 +373,7 @@ class GRPOModule(VideoLLMModule):
                 advantage=float(advantages[i]),
                 group_mean_accuracy=float(group_acc[p]),
                 truncated=bool(completions.truncated[i]),
-                step=int(self.global_step),
+                step=step,
                 sample_index=i % G,
                 prompt=batch["prompts"][p] if "prompts" in batch else "",
                 sampling={**sampling, **(batch["sampling"][p] if "sampling" in batch else {})},
@@ -411,16 +411,16 @@ class GRPOModule(VideoLLMModule):
         self.log("acc", scores.accuracy.mean(), prog_bar=True, logger=False, batch_size=bs)
         self.log("train/accuracy", scores.accuracy.mean(), batch_size=bs)
 
-    def _log_rollout_panel(self, rollouts: list[Rollout]) -> None:
+    def _log_rollout_panel(self, rollouts: list[Rollout], step: int) -> None:
         every = self.log_rollouts_every_n_steps
         writer = getattr(self.logger, "experiment", None) if self.logger is not None else None
-        if not every or writer is None or not hasattr(writer, "add_text") or self.global_step % every:
+        if not every or writer is None or not hasattr(writer, "add_text") or step % every:
             return
         rows = ["| problem | reward | advantage | completion |", "|---|---|---|---|"]
         for r in rollouts[: min(4, len(rollouts))]:
             text = r.completion.replace("|", "\\|").replace("\n", " ")[:300]
             rows.append(f"| {r.record.problem_id} | {r.reward:.2f} | {r.advantage:+.2f} | {text} |")
-        writer.add_text("train/rollouts", "\n".join(rows), self.global_step)
+        writer.add_text("train/rollouts", "\n".join(rows), step)
 
     # ------------------------------------------------------------------ evaluation
     def _evaluate(self, batch: dict[str, Any], metrics: ReasoningMetrics) -> None:
@@ -452,14 +452,14 @@ def update_reasoning_metrics(
     metrics: ReasoningMetrics, texts: list[str], records: list[VideoQARecord], tokenizer: Any, judge: Judge
 ) -> None:
     """Score completions for evaluation: accuracy, reasoning tokens, format, judged consistency."""
-    accuracy = torch.tensor([accuracy_reward(t, r) for t, r in zip(texts, records)])
+    accuracy = torch.tensor([accuracy_reward(t, r) for t, r in zip(texts, records, strict=True)])
     think = [extract_think(t) or "" for t in texts]
     think_tokens = torch.tensor([len(tokenizer(t, add_special_tokens=False)["input_ids"]) for t in think])
     well_formed = torch.tensor([float(is_well_formed(t)) for t in texts])
     items = [
         JudgeItem(problem_id=r.problem_id, question=r.problem, options=r.options, reasoning=extract_think(t),
                   answer=extract_answer(t), completion=t, problem_type=r.problem_type)
-        for t, r in zip(texts, records)
+        for t, r in zip(texts, records, strict=True)
     ]  # fmt: skip
     verdicts = judge.judge(items)
     metrics.update([r.problem_type for r in records], accuracy, think_tokens, well_formed,
@@ -504,7 +504,7 @@ def shuffle_video_features(video: Any, grid_thw: torch.Tensor, seed: int) -> Any
 
     gen = torch.Generator().manual_seed(seed)
     shuffled = []
-    for feats, (t, h, w) in zip(video.pooler_output, grid_thw.tolist()):
+    for feats, (t, _, _) in zip(video.pooler_output, grid_thw.tolist(), strict=True):
         if t < 2:
             shuffled.append(feats)
             continue

@@ -153,11 +153,6 @@ def test_count_answer_is_the_number_of_squares_in_the_video(synthetic_dir):
         assert _counted_squares(labels) == int(_answer(record)), record["problem_id"]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="synthetic._clip places static squares independently at random, so two can overlap and the "
-    "'count' label is not what the frames show (~1 in 10 clips with 3 squares)",
-)
 def test_count_answer_is_readable_from_the_frames_for_every_clip(tmp_path):
     out = make_synthetic_data(tmp_path, num_train=60, num_val=0, seed=0, tasks=["count"])
 

@@ -4,6 +4,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -276,28 +278,63 @@ def test_callback_out_dir_can_be_set_and_missing_rollouts_are_warned_about(tmp_p
     assert json.loads((tmp_path / "here" / "stats.json").read_text())["num_rollouts"] == 0
 
 
-class RankRolloutModule(RolloutModule):
-    """Each rank returns its own questions, so the files show whose rollouts reached the verifier."""
+DDP_SCRIPT = """
+import sys
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+from torch.utils.data import DataLoader
+from lightning_veripo.callbacks.verifier import VerifierCallback
+from lightning_veripo.records import Rollout, VideoQARecord
 
-    def training_step(self, batch: torch.Tensor, batch_idx: int) -> dict:
-        loss = self.layer(batch).pow(2).mean()
-        return {"loss": loss, "rollouts": group_rollouts(f"rank{self.global_rank}", self.global_step)}
+class RankRollouts(pl.LightningModule):
+    def __init__(self):
+        super().__init__()
+        self.layer = torch.nn.Linear(2, 1)
+
+    def training_step(self, batch, batch_idx):
+        record = VideoQARecord(f"rank{self.global_rank}", "Which?", "video", "multiple choice", "<answer>B</answer>")
+        rollouts = [
+            Rollout(record, f"<think>so the answer is {a}</think><answer>{a}</answer>", [],
+                    {"accuracy": float(a == "B")}, 0.0, 0.0, 0.5, False, self.global_step, i)
+            for i, a in enumerate("BC")
+        ]
+        return {"loss": self.layer(batch).pow(2).mean(), "rollouts": rollouts}
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.01)
+
+    def train_dataloader(self):
+        return DataLoader(torch.randn(16, 2), batch_size=2)
+
+root, max_steps, ckpt = sys.argv[1], int(sys.argv[2]), (sys.argv[3] if len(sys.argv) > 3 else None)
+every_step = ModelCheckpoint(dirpath=f"{root}/ckpt", every_n_train_steps=1, save_top_k=-1, filename="{step}")
+trainer = pl.Trainer(
+    default_root_dir=root, max_steps=max_steps, accelerator="cpu", devices=2, strategy="ddp", logger=False,
+    enable_progress_bar=False, enable_model_summary=False, callbacks=[VerifierCallback(progress=False), every_step],
+)
+trainer.fit(RankRollouts(), ckpt_path=ckpt)
+"""
 
 
 @pytest.mark.slow
 def test_under_ddp_every_rank_rollouts_reach_the_verifier_and_survive_a_resume(tmp_path):
-    ckpts = tmp_path / "ckpt"
-    ddp = dict(devices=2, strategy="ddp_spawn", enable_checkpointing=True)
+    # A script in its own process: Lightning's DDP launcher re-runs the script once per extra rank (gloo on CPU).
+    script = tmp_path / "fit_ddp.py"
+    script.write_text(DDP_SCRIPT)
 
-    def fit(max_steps: int, ckpt_path: Path | None = None) -> None:
-        every_step = ModelCheckpoint(dirpath=ckpts, every_n_train_steps=1, save_top_k=-1, filename="{step}")
-        callbacks = [VerifierCallback(progress=False), every_step]
-        trainer(tmp_path, max_steps, callbacks=callbacks, **ddp).fit(RankRolloutModule(), ckpt_path=ckpt_path)
+    def fit(*args: str) -> None:
+        done = subprocess.run(
+            [sys.executable, str(script), str(tmp_path), *args], capture_output=True, text=True, timeout=300
+        )
+        assert done.returncode == 0, done.stderr[-3000:]
 
-    fit(1)
-    fit(2, ckpts / "step=1.ckpt")  # rank 1's step-0 rollouts live only in the checkpoint now
+    fit("1")
+    fit(
+        "2", str(tmp_path / "ckpt" / "step=1.ckpt")
+    )  # rank 1's step-0 rollouts live only in the checkpoint now
     rollouts = read_rollouts(tmp_path / "verifier" / "rollouts.jsonl")
     assert sorted({(r.record.problem_id, r.step) for r in rollouts}) == [
         ("rank0", 0), ("rank0", 1), ("rank1", 0), ("rank1", 1)
     ]  # fmt: skip
-    assert len(rollouts) == 16
+    assert len(rollouts) == 8

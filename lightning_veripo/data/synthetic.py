@@ -27,13 +27,24 @@ def _clip(rng: random.Random, size: int, num_frames: int, colour: str, direction
     start_x = 2 if dx > 0 else (size - side - 2 if dx < 0 else rng.randint(2, size - side - 2))
     start_y = 2 if dy > 0 else (size - side - 2 if dy < 0 else rng.randint(2, size - side - 2))
     others = [c for c in COLOURS if c != colour]
+    # the moving square sweeps a band; static squares go where they overlap neither it nor each other,
+    # so the count a viewer sees is the count in the label
+    end_x, end_y = start_x + dx * travel, start_y + dy * travel
+    band = (min(start_x, end_x) - 1, min(start_y, end_y) - 1, max(start_x, end_x) + side + 1,
+            max(start_y, end_y) + side + 1)
+    small = side // 2
+    boxes: list[tuple[int, int, int, int]] = [band]
     statics = []
-    for _ in range(count - 1):
-        statics.append((rng.randint(0, size - side // 2), rng.randint(0, size - side // 2), rng.choice(others)))
+    while len(statics) < count - 1:
+        sx, sy = rng.randint(0, size - small), rng.randint(0, size - small)
+        box = (sx - 1, sy - 1, sx + small + 1, sy + small + 1)
+        if all(box[2] <= b[0] or b[2] <= box[0] or box[3] <= b[1] or b[3] <= box[1] for b in boxes):
+            boxes.append(box)
+            statics.append((sx, sy, rng.choice(others)))
     for f in range(num_frames):
         t = f / max(num_frames - 1, 1)
         for sx, sy, c in statics:
-            frames[f, sy : sy + side // 2, sx : sx + side // 2] = COLOURS[c]
+            frames[f, sy : sy + small, sx : sx + small] = COLOURS[c]
         x = int(start_x + dx * t * travel)
         y = int(start_y + dy * t * travel)
         frames[f, y : y + side, x : x + side] = COLOURS[colour]
