@@ -348,7 +348,7 @@ class GRPOModule(VideoLLMModule):
             return None
 
         def __exit__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> bool:
-            if exc is not None and isinstance(exc, (RuntimeError, ValueError)):
+            if isinstance(exc, Exception):  # IndexError / TypeError from a bad batch too; not KeyboardInterrupt
                 raise RuntimeError(f"GRPO {self.what} failed for problem_id(s) {self.ids}: {exc}") from exc
             return False
 

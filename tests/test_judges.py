@@ -77,6 +77,11 @@ def test_rule_judge_takes_the_last_conclusion_after_a_self_correction():
     assert judge_one(item(think, "A")).consistent is False
 
 
+def test_rule_judge_ignores_a_loose_remark_naming_several_options():
+    think = "The square is green, so the answer is B. So I also checked options A and C."
+    assert judge_one(item(think, "B")).consistent is True
+
+
 def test_rule_judge_maps_an_option_text_conclusion_to_its_letter():
     assert judge_one(item("The square never changes. Therefore it is green.", "(B)")).consistent is True
     assert (

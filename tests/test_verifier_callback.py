@@ -307,32 +307,30 @@ class RankRollouts(pl.LightningModule):
     def train_dataloader(self):
         return DataLoader(torch.randn(16, 2), batch_size=2)
 
-root, max_steps, ckpt = sys.argv[1], int(sys.argv[2]), (sys.argv[3] if len(sys.argv) > 3 else None)
-every_step = ModelCheckpoint(dirpath=f"{root}/ckpt", every_n_train_steps=1, save_top_k=-1, filename="{step}")
-trainer = pl.Trainer(
-    default_root_dir=root, max_steps=max_steps, accelerator="cpu", devices=2, strategy="ddp", logger=False,
-    enable_progress_bar=False, enable_model_summary=False, callbacks=[VerifierCallback(progress=False), every_step],
-)
-trainer.fit(RankRollouts(), ckpt_path=ckpt)
+def fit(max_steps, ckpt_path=None):
+    every_step = ModelCheckpoint(dirpath=f"{root}/ckpt", every_n_train_steps=1, save_top_k=-1, filename="{step}")
+    trainer = pl.Trainer(
+        default_root_dir=root, max_steps=max_steps, accelerator="cpu", devices=2, strategy="ddp", logger=False,
+        enable_progress_bar=False, enable_model_summary=False, callbacks=[VerifierCallback(progress=False), every_step],
+    )
+    trainer.fit(RankRollouts(), ckpt_path=ckpt_path)
+
+root = sys.argv[1]
+fit(1)
+fit(2, f"{root}/ckpt/step=1.ckpt")  # rank 1's step-0 rollouts live only in the checkpoint now
 """
 
 
 @pytest.mark.slow
 def test_under_ddp_every_rank_rollouts_reach_the_verifier_and_survive_a_resume(tmp_path):
-    # A script in its own process: Lightning's DDP launcher re-runs the script once per extra rank (gloo on CPU).
+    # A fit, then a resumed fit, in a script: Lightning's DDP launcher re-runs it as rank 1 (gloo on CPU).
     script = tmp_path / "fit_ddp.py"
     script.write_text(DDP_SCRIPT)
 
-    def fit(*args: str) -> None:
-        done = subprocess.run(
-            [sys.executable, str(script), str(tmp_path), *args], capture_output=True, text=True, timeout=300
-        )
-        assert done.returncode == 0, done.stderr[-3000:]
-
-    fit("1")
-    fit(
-        "2", str(tmp_path / "ckpt" / "step=1.ckpt")
-    )  # rank 1's step-0 rollouts live only in the checkpoint now
+    done = subprocess.run(
+        [sys.executable, str(script), str(tmp_path)], capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
     rollouts = read_rollouts(tmp_path / "verifier" / "rollouts.jsonl")
     assert sorted({(r.record.problem_id, r.step) for r in rollouts}) == [
         ("rank0", 0), ("rank0", 1), ("rank1", 0), ("rank1", 1)

@@ -171,9 +171,9 @@ _STRONG = (
 _ADVERB = r"\b(?:so|therefore|thus|hence|consequently)\b"
 _COPULA = r"\b(?:is|are|was|were|equals|makes|gives)\b|="
 _CUES = {
-    "choice": re.compile(f"{_STRONG}|{_ADVERB}", re.I),
-    "number": re.compile(f"{_STRONG}|{_ADVERB}|{_COPULA}", re.I),
-    "text": re.compile(_STRONG, re.I),
+    "choice": re.compile(f"(?P<strong>{_STRONG})|{_ADVERB}", re.I),
+    "number": re.compile(f"(?P<strong>{_STRONG})|{_ADVERB}|{_COPULA}", re.I),
+    "text": re.compile(f"(?P<strong>{_STRONG})", re.I),
 }
 _SENTENCE_END = re.compile(r"(?<!\d)\.|\.(?!\d)|[!?;\n]")
 _OPTION_LABEL = re.compile(r"^\s*\(?([A-Z])\s*[.):]\s*(.*)$", re.S)
@@ -200,19 +200,20 @@ def _options_by_letter(options: tuple[str, ...]) -> dict[str, str]:
     return out
 
 
-def _choice_in(text: str, options: dict[str, str]) -> str | None:
-    """The option a phrase names: its first standalone option letter, else the one option whose text it contains."""
+def _choice_in(text: str, options: dict[str, str], strong: bool = True) -> str | None:
+    """The option a phrase names: its first standalone option letter, else the one option whose text it contains.
+    After a weak cue ("so I compared A and C") a phrase naming several letters names none."""
     letters = option_letters(text, "".join(options) or "ABCDEFGHIJ")
     if letters:
-        return letters[0]
+        return letters[0] if strong or len(set(letters)) == 1 else None
     padded = f" {_normalise(text)} "
     named = [k for k, v in options.items() if v and f" {v} " in padded]
     return named[0] if len(named) == 1 else None
 
 
-def _value(text: str, kind: str, options: dict[str, str]) -> str | float | None:
+def _value(text: str, kind: str, options: dict[str, str], strong: bool = True) -> str | float | None:
     if kind == "choice":
-        return _choice_in(text, options)
+        return _choice_in(text, options, strong)
     if kind == "number":
         return parse_number(text)
     return _normalise(text) or None
@@ -224,7 +225,9 @@ def reasoning_conclusion(reasoning: str, kind: str, options: dict[str, str]) -> 
     for cue in reversed(list(_CUES[kind].finditer(reasoning))):
         rest = reasoning[cue.end() :]
         end = _SENTENCE_END.search(rest)
-        value = _value(rest[: end.start() if end else len(rest)][:120], kind, options)
+        value = _value(
+            rest[: end.start() if end else len(rest)][:120], kind, options, bool(cue.group("strong"))
+        )
         if value is not None:
             return value
     return None
