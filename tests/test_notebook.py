@@ -30,8 +30,11 @@ def run_notebook(cwd: Path, **env: str) -> Any:
     """Execute the notebook (plus a last cell naming the kernel's interpreter) in `cwd`; return it executed."""
     kernels = cwd / "jupyter" / "kernels" / "python3"
     kernels.mkdir(parents=True, exist_ok=True)
-    spec = {"argv": [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
-            "display_name": "Python 3 (test)", "language": "python"}
+    spec = {
+        "argv": [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
+        "display_name": "Python 3 (test)",
+        "language": "python",
+    }
     (kernels / "kernel.json").write_text(json.dumps(spec))
     nb = nbformat.read(NOTEBOOK, as_version=4)
     nb.cells.append(nbformat.v4.new_code_cell(PROBE))
@@ -71,7 +74,9 @@ def check_common(nb: Any) -> None:
     assert not [o for o in outputs(nb) if o.output_type == "error"]
     assert f"KERNEL_EXECUTABLE={sys.executable}" in stdout(nb), "the notebook ran in another interpreter"
     tables = html(nb)
-    assert any("<th>reward</th>" in t and "<th>consistent</th>" in t and "<th>advantage</th>" in t for t in tables)
+    assert any(
+        "<th>reward</th>" in t and "<th>consistent</th>" in t and "<th>advantage</th>" in t for t in tables
+    )
     assert any("<th>reason</th>" in t and "<th>pairs</th>" in t for t in tables)  # reason counts
     assert any("<th>chosen</th>" in t and "<th>rejected</th>" in t for t in tables)  # a few pairs
     assert any("<th>decoding</th>" in t for t in tables), "section 1b did not generate from the policy"
@@ -108,7 +113,13 @@ def test_notebook_reads_a_work_dir_without_tensorboard(built: tuple[Any, Path], 
     shutil.rmtree(work / "tensorboard")
     rows = [
         {"stage": "sft", "index": 0, "accuracy": 0.25, "reasoning_tokens": 9.0, "inconsistency_rate": 0.4},
-        {"stage": "iter_1/grpo", "index": 1, "accuracy": 0.5, "reasoning_tokens": 12.0, "inconsistency_rate": 0.2},
+        {
+            "stage": "iter_1/grpo",
+            "index": 1,
+            "accuracy": 0.5,
+            "reasoning_tokens": 12.0,
+            "inconsistency_rate": 0.2,
+        },
     ]
     (work / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
 
