@@ -6,17 +6,23 @@ change LoRA weights, merge adapters and take optimizer steps.
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-from typing import Any
+import os
 
-import pytest
-import torch
+# OpenMP reads this when torch loads it, so it must be set before `import torch`. Busy-waiting worker threads
+# make the tiny models' many small ops ~10x slower (CPU and wall time) on a shared, busy CI machine.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-from lightning_veripo.backbone import LoRAConfig, VideoLLM
-from lightning_veripo.data.synthetic import make_synthetic_data
-from lightning_veripo.data.videoqa import FrameSampling, VideoQACollator, VideoQADataset
-from lightning_veripo.tiny import make_tiny_model
+import importlib.util  # noqa: E402
+from pathlib import Path  # noqa: E402
+from typing import Any  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from lightning_veripo.backbone import LoRAConfig, VideoLLM  # noqa: E402
+from lightning_veripo.data.synthetic import make_synthetic_data  # noqa: E402
+from lightning_veripo.data.videoqa import FrameSampling, VideoQACollator, VideoQADataset  # noqa: E402
+from lightning_veripo.tiny import make_tiny_model  # noqa: E402
 
 # The tiny models are far too small to profit from many threads; oversubscription only slows CI down.
 torch.set_num_threads(2)
