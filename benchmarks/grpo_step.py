@@ -5,8 +5,8 @@ same G, max_new_tokens, prompts per step, beta, loss_type ("dapo"), temperature,
 CPU. Each (implementation, frame count) runs in its own subprocess, so the peak RSS (`resource.getrusage`
 high-water mark) of one configuration never mixes with another's.
 
-    python benchmarks/grpo_step.py                 # frames 4 8 16, 2 warmup + 4 timed steps each (~6-8 min)
-    python benchmarks/grpo_step.py --quick         # frames 4 8, 1 warmup + 2 timed steps (~2-3 min)
+    python benchmarks/grpo_step.py                 # frames 4 8 16 32, 2 warmup + 4 timed steps each (~5 min)
+    python benchmarks/grpo_step.py --quick         # frames 4 16, 1 warmup + 2 timed steps (~2 min)
     python benchmarks/grpo_step.py --out results.json --frames 8 32 --steps 6
 
 What each side is given (see benchmarks/RESULTS.md for the discussion):
@@ -161,7 +161,6 @@ def _records(data_dir: Path, n: int) -> list[Any]:
 def run_ours(a: argparse.Namespace) -> dict[str, Any]:
     _setup_process(a.threads)
     import lightning as L
-    import torch
 
     from lightning_veripo.backbone import LoRAConfig, VideoLLM
     from lightning_veripo.data.videoqa import FrameSampling, VideoQADataModule
@@ -170,7 +169,12 @@ def run_ours(a: argparse.Namespace) -> dict[str, Any]:
     L.seed_everything(a.seed, verbose=False)
     counter = VisionCounter()
     timings = Timings(counter)
-    info: dict[str, Any] = {"completion_lengths": [], "prompt_lengths": []}
+    info: dict[str, Any] = {
+        "completion_lengths": [],
+        "prompt_lengths": [],
+        "scored_lengths": [],
+        "phases": [],
+    }
 
     class StepTimer(L.Callback):
         def on_train_start(self, trainer: L.Trainer, module: GRPOModule) -> None:
@@ -180,10 +184,17 @@ def run_ours(a: argparse.Namespace) -> dict[str, Any]:
             info["prompt_lengths"].append(int(batch["input_ids"].shape[1]))
             timings.begin()
 
-        def on_train_batch_end(self, trainer: L.Trainer, module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
+        def on_train_batch_end(
+            self, trainer: L.Trainer, module: Any, outputs: Any, batch: Any, batch_idx: int
+        ) -> None:
             timings.end()
             lengths = [len(r.completion_ids) for r in outputs["rollouts"]]
             info["completion_lengths"].append(sum(lengths) / len(lengths))
+            info["scored_lengths"].append(info["prompt_lengths"][-1] + max(lengths))
+            m = trainer.callback_metrics
+            info["phases"].append(
+                {k: float(m[f"train/time_{k}_s"]) for k in ("generate", "score", "optimise")}
+            )
 
     backbone = VideoLLM(str(a.model_dir), dtype="float32", lora=LoRAConfig(r=a.lora_r, alpha=2 * a.lora_r))
     module = GRPOModule(
@@ -226,7 +237,8 @@ def run_ours(a: argparse.Namespace) -> dict[str, Any]:
         a.warmup,
         {
             "mean_completion_tokens": statistics.mean(info["completion_lengths"][a.warmup :]),
-            "prompt_tokens_padded": info["prompt_lengths"][-1],
+            "scored_sequence_tokens_padded": info["scored_lengths"][-1],
+            "phase_s": info["phases"][a.warmup :],  # GRPOModule's own generate / score / optimise timers
             "vision_input": f"video: {a.num_frames} frames of {a.size}x{a.size} per prompt",
         },
     )
@@ -279,7 +291,9 @@ def run_trl(a: argparse.Namespace) -> dict[str, Any]:
 
     reward_funcs = [make_reward(n, f) for n, f in zip(reward_set.names, reward_set.functions, strict=True)]
 
-    model = AutoModelForImageTextToText.from_pretrained(str(a.model_dir), dtype=torch.float32, attn_implementation="sdpa")
+    model = AutoModelForImageTextToText.from_pretrained(
+        str(a.model_dir), dtype=torch.float32, attn_implementation="sdpa"
+    )
     processor = AutoProcessor.from_pretrained(str(a.model_dir), padding_side="left")
     processor.image_processor.size = {"shortest_edge": size, "longest_edge": size}  # = ours' min/max pixels
     lora = LoRAConfig(r=a.lora_r, alpha=2 * a.lora_r)
@@ -333,7 +347,9 @@ def run_trl(a: argparse.Namespace) -> dict[str, Any]:
 
         def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
             timings.end()
-            mean_length = self.trainer._metrics["train"].get("completions/mean_length") if self.trainer else None
+            mean_length = (
+                self.trainer._metrics["train"].get("completions/mean_length") if self.trainer else None
+            )
             if mean_length:
                 completion_lengths.append(float(mean_length[-1]))
 
@@ -410,7 +426,9 @@ def prepare(work: Path, max_frames: int, n_records: int, size: int, seed: int) -
     return model_dir, data_dir
 
 
-def _worker_cmd(a: argparse.Namespace, impl: str, frames: int, model_dir: Path, data_dir: Path, out: Path) -> list[str]:
+def _worker_cmd(
+    a: argparse.Namespace, impl: str, frames: int, model_dir: Path, data_dir: Path, out: Path
+) -> list[str]:
     return [sys.executable, str(Path(__file__).resolve()), "--worker", impl, "--num-frames", str(frames),
             "--model-dir", str(model_dir), "--data-dir", str(data_dir), "--worker-out", str(out),
             "--warmup", str(a.warmup), "--steps", str(a.steps), "--G", str(a.G),
@@ -424,30 +442,38 @@ def _fmt(x: float | None, spec: str) -> str:
 
 
 def table(results: list[dict[str, Any]]) -> str:
-    head = ("| frames | impl | step median (s) | iter median (s) | vision calls / step | vision patches / step "
-            "| peak RSS (MiB) | peak - RSS before train (MiB) |")
-    lines = [head, "|" + "---|" * 8]
+    head = (
+        "| frames | impl | step median (s) | step CPU median (s) | iter median (s) | vision calls / step "
+        "| vision patches / step | LM tokens / row | peak RSS (MiB) | peak - RSS before train (MiB) | load avg |"
+    )
+    lines = [head, "|" + "---|" * 11]
     for r in results:
         for impl in ("ours", "trl"):
             m = r[impl]
+            load = statistics.mean(m["loadavg_1min_at_step_start"])
             lines.append(
-                f"| {r['frames']} | {impl} | {m['step_median_s']:.2f} | {_fmt(m['iter_median_s'], '.2f')} "
-                f"| {m['vision_calls_per_step']} | {m['vision_patches_per_step']} | {m['peak_rss_mib']:.0f} "
-                f"| {m['peak_minus_before_train_mib']:.0f} |"
+                f"| {r['frames']} | {impl} | {m['step_median_s']:.2f} | {m['cpu_median_s']:.2f} "
+                f"| {_fmt(m['iter_median_s'], '.2f')} | {m['vision_calls_per_step']} | {m['vision_patches_per_step']} "
+                f"| {m['scored_sequence_tokens_padded']} | {m['peak_rss_mib']:.0f} "
+                f"| {m['peak_minus_before_train_mib']:.0f} | {load:.1f} |"
             )
-    lines += ["", "| frames | step time TRL / ours | iter time TRL / ours | peak RSS TRL / ours "
-              "| peak - before-train TRL / ours |", "|---|---|---|---|---|"]  # fmt: skip
+    lines += ["", "| frames | step time TRL / ours | step CPU TRL / ours | iter time TRL / ours | peak RSS TRL / ours "
+              "| peak - before-train TRL / ours |", "|---|---|---|---|---|---|"]  # fmt: skip
     for r in results:
         x = r["ratios_trl_over_ours"]
-        lines.append(f"| {r['frames']} | {x['step_time']:.2f}x | {_fmt(x['iter_time'], '.2f')}x "
+        lines.append(f"| {r['frames']} | {x['step_time']:.2f}x | {x['step_cpu']:.2f}x | {_fmt(x['iter_time'], '.2f')}x "
                      f"| {x['peak_rss']:.2f}x | {x['peak_minus_before_train']:.2f}x |")  # fmt: skip
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--frames", type=int, nargs="+", default=None, help="frame counts to sweep (default 4 8 16)")
-    p.add_argument("--quick", action="store_true", help="frames 4 8, 1 warmup + 2 timed steps")
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter
+    )
+    p.add_argument(
+        "--frames", type=int, nargs="+", default=None, help="frame counts to sweep (default 4 8 16 32)"
+    )
+    p.add_argument("--quick", action="store_true", help="frames 4 16, 1 warmup + 2 timed steps")
     p.add_argument("--warmup", type=int, default=None, help="untimed steps first (default 2; quick 1)")
     p.add_argument("--steps", type=int, default=None, help="timed steps (default 4; quick 2)")
     p.add_argument("--G", type=int, default=8, help="rollouts per prompt")
@@ -459,9 +485,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--size", type=int, default=112, help="frame side in pixels (multiple of 28)")
     p.add_argument("--threads", type=int, default=2, help="torch threads per run")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--trl-frames", choices=("matched", "all"), default="matched",
-                   help="matched: TRL gets F/2 stills (= our F-frame video's patches/tokens); all: F stills")
-    p.add_argument("--workdir", type=Path, default=None, help="where the tiny model and clips go (default: a temp dir)")
+    p.add_argument(
+        "--trl-frames",
+        choices=("matched", "all"),
+        default="matched",
+        help="matched: TRL gets F/2 stills (= our F-frame video's patches/tokens); all: F stills",
+    )
+    p.add_argument(
+        "--workdir", type=Path, default=None, help="where the tiny model and clips go (default: a temp dir)"
+    )
     p.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"JSON results (default {DEFAULT_OUT})")
     # worker-only
     p.add_argument("--worker", choices=("ours", "trl"), help=argparse.SUPPRESS)
@@ -480,7 +512,15 @@ def main(argv: list[str] | None = None) -> int:
         a.worker_out.write_text(json.dumps(result))
         return 0
 
-    frames = a.frames or ([4, 8] if a.quick else [4, 8, 16])
+    frames = a.frames or ([4, 16] if a.quick else [4, 8, 16, 32])
+    load = os.getloadavg()[0]
+    if load > (os.cpu_count() or 1):
+        print(
+            f"warning: 1-min load average {load:.1f} > {os.cpu_count()} CPUs: other processes compete for the cores; "
+            f"with --threads > 1 every intra-op barrier waits for a descheduled thread and the timings measure "
+            f"the load, not the code (use --threads 1 on a busy machine)",
+            file=sys.stderr,
+        )
     if any(f < 2 or f % 2 or (a.trl_frames == "matched" and f % 4 and f != 2) for f in frames):
         p.error("--frames must be even (and multiples of 4 with --trl-frames matched, except 2)")
     started = time.time()
@@ -494,25 +534,35 @@ def main(argv: list[str] | None = None) -> int:
             for impl in ("ours", "trl"):
                 out = Path(tmp) / f"{impl}-{f}.json"
                 t0 = time.time()
-                proc = subprocess.run(_worker_cmd(a, impl, f, model_dir, data_dir, out), capture_output=True, text=True)
+                proc = subprocess.run(
+                    _worker_cmd(a, impl, f, model_dir, data_dir, out), capture_output=True, text=True
+                )
                 if proc.returncode != 0:
                     sys.stderr.write(proc.stdout[-4000:] + proc.stderr[-8000:])
                     raise SystemExit(f"{impl} with {f} frames failed (exit {proc.returncode})")
                 row[impl] = json.loads(out.read_text())
                 row[impl]["process_wall_s"] = time.time() - t0
                 m = row[impl]
-                print(f"[{f:>2} frames] {impl:4s}: step {m['step_median_s']:.2f}s  "
-                      f"peak RSS {m['peak_rss_mib']:.0f} MiB  ({m['process_wall_s']:.0f}s)", flush=True)
+                print(
+                    f"[{f:>2} frames] {impl:4s}: step {m['step_median_s']:.2f}s  "
+                    f"peak RSS {m['peak_rss_mib']:.0f} MiB  ({m['process_wall_s']:.0f}s)",
+                    flush=True,
+                )
             o, t = row["ours"], row["trl"]
             row["ratios_trl_over_ours"] = {
                 "step_time": t["step_median_s"] / o["step_median_s"],
-                "iter_time": (t["iter_median_s"] / o["iter_median_s"]) if o["iter_median_s"] and t["iter_median_s"] else None,
+                "step_cpu": t["cpu_median_s"] / o["cpu_median_s"],
+                "iter_time": (t["iter_median_s"] / o["iter_median_s"])
+                if o["iter_median_s"] and t["iter_median_s"]
+                else None,
                 "peak_rss": t["peak_rss_mib"] / o["peak_rss_mib"],
-                "peak_minus_before_train": t["peak_minus_before_train_mib"] / max(o["peak_minus_before_train_mib"], 1e-9),
+                "peak_minus_before_train": t["peak_minus_before_train_mib"]
+                / max(o["peak_minus_before_train_mib"], 1e-9),
             }
             results.append(row)
     settings = {k: getattr(a, k) for k in ("G", "max_new_tokens", "prompts", "beta", "lr", "lora_r", "size",
                                            "threads", "seed", "warmup", "steps", "trl_frames")}  # fmt: skip
+    settings["loadavg_1min_at_start"] = load
     settings.update(loss_type="dapo", temperature=1.0, lora="LoRA on the LM projections, vision tower frozen",
                     dtype="float32", gradient_checkpointing=False, frames=frames)  # fmt: skip
     report = {"benchmark": "grpo_step", "command": " ".join([Path(sys.executable).name, *sys.argv]),
