@@ -5,9 +5,9 @@ same G, max_new_tokens, prompts per step, beta, loss_type ("dapo"), temperature,
 CPU. Each (implementation, frame count) runs in its own subprocess, so the peak RSS (`resource.getrusage`
 high-water mark) of one configuration never mixes with another's.
 
-    python benchmarks/grpo_step.py                 # frames 4 8 16 32, 2 warmup + 4 timed steps each (~5 min)
-    python benchmarks/grpo_step.py --quick         # frames 4 16, 1 warmup + 2 timed steps (~2 min)
-    python benchmarks/grpo_step.py --out results.json --frames 8 32 --steps 6
+    python benchmarks/grpo_step.py          # frames 4 8 16 32, 2 runs x (2 warmup + 6 timed steps) (~5 min)
+    python benchmarks/grpo_step.py --quick  # frames 4 16, 1 run x (1 warmup + 2 timed steps) (~1 min)
+    python benchmarks/grpo_step.py --out results.json --frames 8 32 64 --threads 1
 
 What each side is given (see benchmarks/RESULTS.md for the discussion):
 
@@ -24,7 +24,8 @@ What each side is given (see benchmarks/RESULTS.md for the discussion):
 Timings: "step" is training_step + optimizer step, measured by callbacks (Lightning on_train_batch_start/end,
 transformers on_step_begin/end); "iter" is the time between consecutive step ends, which adds data loading
 (ours: decord decode + processor in the collator; TRL: reading the pre-decoded frames from the dataset).
-Medians over the timed steps, after warmup steps.
+Medians over the timed steps of all runs of a configuration (each configuration runs `--repeats` times, the
+order of ours/TRL alternating), after the warmup steps of each run. Peaks: the largest over the runs.
 """
 
 from __future__ import annotations
@@ -49,7 +50,9 @@ DEFAULT_OUT = REPO / "benchmarks" / "results" / "grpo_step.json"
 # ----------------------------------------------------------------------------- shared helpers (worker side)
 
 
-def _setup_process(threads: int) -> None:
+def _setup_process(threads: int, omp_wait_policy: str) -> None:
+    if omp_wait_policy != "inherit":  # read by OpenMP when torch loads it: set before `import torch`
+        os.environ["OMP_WAIT_POLICY"] = omp_wait_policy
     for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
         os.environ[var] = str(threads)
     for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE"):
@@ -134,6 +137,7 @@ def _summary(t: Timings, warmup: int, extra: dict[str, Any]) -> dict[str, Any]:
         "steps_timed": len(step),
         "step_s": step,
         "step_median_s": statistics.median(step),
+        "step_min_s": min(step),
         "cpu_s": t.cpu[warmup:],
         "cpu_median_s": statistics.median(t.cpu[warmup:]),
         "loadavg_1min_at_step_start": t.load,
@@ -159,7 +163,7 @@ def _records(data_dir: Path, n: int) -> list[Any]:
 
 
 def run_ours(a: argparse.Namespace) -> dict[str, Any]:
-    _setup_process(a.threads)
+    _setup_process(a.threads, a.omp_wait_policy)
     import lightning as L
 
     from lightning_veripo.backbone import LoRAConfig, VideoLLM
@@ -248,7 +252,7 @@ def run_ours(a: argparse.Namespace) -> dict[str, Any]:
 
 
 def run_trl(a: argparse.Namespace) -> dict[str, Any]:
-    _setup_process(a.threads)
+    _setup_process(a.threads, a.omp_wait_policy)
     import numpy as np
     import torch
     from datasets import Dataset
@@ -389,6 +393,34 @@ def run_trl(a: argparse.Namespace) -> dict[str, Any]:
 # ----------------------------------------------------------------------------- driver
 
 
+def _pool(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """One configuration's repeated runs: step times pooled, peaks the largest, per-run details kept."""
+    step = [x for r in runs for x in r["step_s"]]
+    cpu = [x for r in runs for x in r["cpu_s"]]
+    it = [x for r in runs for x in r["iter_s"]]
+    first = runs[0]
+    return {
+        "step_median_s": statistics.median(step),
+        "step_min_s": min(step),
+        "cpu_median_s": statistics.median(cpu),
+        "iter_median_s": statistics.median(it) if it else None,
+        "peak_rss_mib": max(r["peak_rss_mib"] for r in runs),
+        "peak_minus_before_train_mib": max(r["peak_minus_before_train_mib"] for r in runs),
+        "loadavg_1min_at_step_start": [x for r in runs for x in r["loadavg_1min_at_step_start"]],
+        **{
+            k: first[k]
+            for k in (
+                "vision_calls_per_step",
+                "vision_patches_per_step",
+                "scored_sequence_tokens_padded",
+                "mean_completion_tokens",
+                "vision_input",
+            )
+        },
+        "runs": runs,
+    }
+
+
 def _versions() -> dict[str, str]:
     import lightning
     import peft
@@ -434,7 +466,7 @@ def _worker_cmd(
             "--warmup", str(a.warmup), "--steps", str(a.steps), "--G", str(a.G),
             "--max-new-tokens", str(a.max_new_tokens), "--prompts", str(a.prompts), "--beta", str(a.beta),
             "--lr", str(a.lr), "--size", str(a.size), "--threads", str(a.threads), "--seed", str(a.seed),
-            "--lora-r", str(a.lora_r), "--trl-frames", a.trl_frames]  # fmt: skip
+            "--lora-r", str(a.lora_r), "--trl-frames", a.trl_frames, "--omp-wait-policy", a.omp_wait_policy]  # fmt: skip
 
 
 def _fmt(x: float | None, spec: str) -> str:
@@ -443,25 +475,25 @@ def _fmt(x: float | None, spec: str) -> str:
 
 def table(results: list[dict[str, Any]]) -> str:
     head = (
-        "| frames | impl | step median (s) | step CPU median (s) | iter median (s) | vision calls / step "
+        "| frames | impl | step median (s) | step min (s) | step CPU median (s) | iter median (s) | vision calls / step "
         "| vision patches / step | LM tokens / row | peak RSS (MiB) | peak - RSS before train (MiB) | load avg |"
     )
-    lines = [head, "|" + "---|" * 11]
+    lines = [head, "|" + "---|" * 12]
     for r in results:
         for impl in ("ours", "trl"):
             m = r[impl]
             load = statistics.mean(m["loadavg_1min_at_step_start"])
             lines.append(
-                f"| {r['frames']} | {impl} | {m['step_median_s']:.2f} | {m['cpu_median_s']:.2f} "
+                f"| {r['frames']} | {impl} | {m['step_median_s']:.2f} | {m['step_min_s']:.2f} | {m['cpu_median_s']:.2f} "
                 f"| {_fmt(m['iter_median_s'], '.2f')} | {m['vision_calls_per_step']} | {m['vision_patches_per_step']} "
                 f"| {m['scored_sequence_tokens_padded']} | {m['peak_rss_mib']:.0f} "
                 f"| {m['peak_minus_before_train_mib']:.0f} | {load:.1f} |"
             )
-    lines += ["", "| frames | step time TRL / ours | step CPU TRL / ours | iter time TRL / ours | peak RSS TRL / ours "
-              "| peak - before-train TRL / ours |", "|---|---|---|---|---|---|"]  # fmt: skip
+    lines += ["", "| frames | step time TRL / ours | step min TRL / ours | step CPU TRL / ours | iter time TRL / ours | peak RSS TRL / ours "
+              "| peak - before-train TRL / ours |", "|---|---|---|---|---|---|---|"]  # fmt: skip
     for r in results:
         x = r["ratios_trl_over_ours"]
-        lines.append(f"| {r['frames']} | {x['step_time']:.2f}x | {x['step_cpu']:.2f}x | {_fmt(x['iter_time'], '.2f')}x "
+        lines.append(f"| {r['frames']} | {x['step_time']:.2f}x | {x['step_min']:.2f}x | {x['step_cpu']:.2f}x | {_fmt(x['iter_time'], '.2f')}x "
                      f"| {x['peak_rss']:.2f}x | {x['peak_minus_before_train']:.2f}x |")  # fmt: skip
     return "\n".join(lines)
 
@@ -475,7 +507,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--quick", action="store_true", help="frames 4 16, 1 warmup + 2 timed steps")
     p.add_argument("--warmup", type=int, default=None, help="untimed steps first (default 2; quick 1)")
-    p.add_argument("--steps", type=int, default=None, help="timed steps (default 4; quick 2)")
+    p.add_argument("--steps", type=int, default=None, help="timed steps per run (default 6; quick 2)")
     p.add_argument("--G", type=int, default=8, help="rollouts per prompt")
     p.add_argument("--max-new-tokens", type=int, default=32)
     p.add_argument("--prompts", type=int, default=2, help="prompts per step")
@@ -486,10 +518,23 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=2, help="torch threads per run")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
+        "--omp-wait-policy",
+        choices=("PASSIVE", "ACTIVE", "inherit"),
+        default="PASSIVE",
+        help="OMP_WAIT_POLICY of the runs (PASSIVE, as tests/conftest.py: idle OpenMP threads sleep instead of "
+        "spinning, which keeps 2-thread timings sane on a busy machine; inherit = leave the environment's)",
+    )
+    p.add_argument(
         "--trl-frames",
         choices=("matched", "all"),
         default="matched",
         help="matched: TRL gets F/2 stills (= our F-frame video's patches/tokens); all: F stills",
+    )
+    p.add_argument(
+        "--repeats",
+        type=int,
+        default=None,
+        help="runs per configuration, alternating ours/TRL order (default 2; quick 1)",
     )
     p.add_argument(
         "--workdir", type=Path, default=None, help="where the tiny model and clips go (default: a temp dir)"
@@ -503,7 +548,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--worker-out", type=Path, help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     a.warmup = a.warmup if a.warmup is not None else (1 if a.quick else 2)
-    a.steps = a.steps if a.steps is not None else (2 if a.quick else 4)
+    a.steps = a.steps if a.steps is not None else (2 if a.quick else 6)
+    a.repeats = a.repeats if a.repeats is not None else (1 if a.quick else 2)
     if a.size % 28:
         p.error("--size must be a multiple of 28 (Qwen2.5-VL patch 14 x merge 2)")
 
@@ -518,7 +564,7 @@ def main(argv: list[str] | None = None) -> int:
         print(
             f"warning: 1-min load average {load:.1f} > {os.cpu_count()} CPUs: other processes compete for the cores; "
             f"with --threads > 1 every intra-op barrier waits for a descheduled thread and the timings measure "
-            f"the load, not the code (use --threads 1 on a busy machine)",
+            f"the load, not the code (compare with --threads 1)",
             file=sys.stderr,
         )
     if any(f < 2 or f % 2 or (a.trl_frames == "matched" and f % 4 and f != 2) for f in frames):
@@ -531,26 +577,32 @@ def main(argv: list[str] | None = None) -> int:
         results = []
         for f in frames:
             row: dict[str, Any] = {"frames": f}
+            runs: dict[str, list[dict[str, Any]]] = {"ours": [], "trl": []}
+            for rep in range(a.repeats):
+                for impl in ("ours", "trl") if rep % 2 == 0 else ("trl", "ours"):  # ABBA: no drift bias
+                    out = Path(tmp) / f"{impl}-{f}-{rep}.json"
+                    t0 = time.time()
+                    proc = subprocess.run(
+                        _worker_cmd(a, impl, f, model_dir, data_dir, out), capture_output=True, text=True
+                    )
+                    if proc.returncode != 0:
+                        sys.stderr.write(proc.stdout[-4000:] + proc.stderr[-8000:])
+                        raise SystemExit(f"{impl} with {f} frames failed (exit {proc.returncode})")
+                    m = json.loads(out.read_text())
+                    m["process_wall_s"] = time.time() - t0
+                    runs[impl].append(m)
+                    print(
+                        f"[{f:>2} frames, run {rep + 1}/{a.repeats}] {impl:4s}: step median {m['step_median_s']:.2f}s "
+                        f"peak RSS {m['peak_rss_mib']:.0f} MiB  load {statistics.mean(m['loadavg_1min_at_step_start']):.1f}"
+                        f"  ({m['process_wall_s']:.0f}s)",
+                        flush=True,
+                    )
             for impl in ("ours", "trl"):
-                out = Path(tmp) / f"{impl}-{f}.json"
-                t0 = time.time()
-                proc = subprocess.run(
-                    _worker_cmd(a, impl, f, model_dir, data_dir, out), capture_output=True, text=True
-                )
-                if proc.returncode != 0:
-                    sys.stderr.write(proc.stdout[-4000:] + proc.stderr[-8000:])
-                    raise SystemExit(f"{impl} with {f} frames failed (exit {proc.returncode})")
-                row[impl] = json.loads(out.read_text())
-                row[impl]["process_wall_s"] = time.time() - t0
-                m = row[impl]
-                print(
-                    f"[{f:>2} frames] {impl:4s}: step {m['step_median_s']:.2f}s  "
-                    f"peak RSS {m['peak_rss_mib']:.0f} MiB  ({m['process_wall_s']:.0f}s)",
-                    flush=True,
-                )
+                row[impl] = _pool(runs[impl])
             o, t = row["ours"], row["trl"]
             row["ratios_trl_over_ours"] = {
                 "step_time": t["step_median_s"] / o["step_median_s"],
+                "step_min": t["step_min_s"] / o["step_min_s"],
                 "step_cpu": t["cpu_median_s"] / o["cpu_median_s"],
                 "iter_time": (t["iter_median_s"] / o["iter_median_s"])
                 if o["iter_median_s"] and t["iter_median_s"]
@@ -561,7 +613,7 @@ def main(argv: list[str] | None = None) -> int:
             }
             results.append(row)
     settings = {k: getattr(a, k) for k in ("G", "max_new_tokens", "prompts", "beta", "lr", "lora_r", "size",
-                                           "threads", "seed", "warmup", "steps", "trl_frames")}  # fmt: skip
+                                           "threads", "omp_wait_policy", "seed", "warmup", "steps", "repeats", "trl_frames")}  # fmt: skip
     settings["loadavg_1min_at_start"] = load
     settings.update(loss_type="dapo", temperature=1.0, lora="LoRA on the LM projections, vision tower frozen",
                     dtype="float32", gradient_checkpointing=False, frames=frames)  # fmt: skip

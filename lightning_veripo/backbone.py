@@ -396,7 +396,7 @@ class VideoLLM(nn.Module):
         ids = ids.masked_fill(mask == 0, self.pad_token_id)
         text = [
             self.tokenizer.decode(row[: int(n)].tolist(), skip_special_tokens=False)
-            for row, n in zip(ids, torch.where(has_end, first_end, ids.shape[1]))
+            for row, n in zip(ids, torch.where(has_end, first_end, ids.shape[1]), strict=True)
         ]
         limit = max_new_tokens if max_new_tokens is not None else ids.shape[1]
         truncated = ~has_end & (mask.sum(-1) >= limit)

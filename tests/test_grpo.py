@@ -45,12 +45,11 @@ def _datamodule(synthetic_dir: Path, sampling: FrameSampling, shuffle: bool = Fa
     )  # fmt: skip
 
 
-def _fit(module: GRPOModule, datamodule: VideoQADataModule, max_steps: int, **trainer_kwargs: Any) -> RecordSteps:
+def _fit(module: GRPOModule, datamodule: VideoQADataModule, max_steps: int) -> RecordSteps:
     record = RecordSteps()
     trainer = L.Trainer(
         accelerator="cpu", max_steps=max_steps, logger=False, enable_checkpointing=False,
         enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0, callbacks=[record],
-        **trainer_kwargs,
     )  # fmt: skip
     trainer.fit(module, datamodule=datamodule)
     assert trainer.global_step == max_steps
@@ -72,20 +71,22 @@ def _trainable(backbone: VideoLLM) -> dict[str, torch.Tensor]:
 
 def test_grpo_raises_a_trivially_learnable_reward(tiny_model_dir: Path, synthetic_dir: Path,
                                                  frame_sampling: FrameSampling) -> None:  # fmt: skip
-    """Reward 1 for emitting the `<answer>` token: a random policy does it in ~4% of 8-token completions.
+    """Reward 1 for emitting the `<answer>` token: a random policy does it in ~2% of 8-token completions.
 
-    The adapter also covers lm_head, so the token's logit is directly learnable (the LoRA scale alpha/r = 8
-    makes 24 steps at lr 1e-2 enough; the projections alone move a random model's logits too little).
+    The adapter also covers lm_head, so the token's logit is directly learnable (the attention and MLP
+    projections alone move a random model's logits too little). With G = 16 and lr 5e-3 at LoRA scale
+    alpha/r = 8 the reward reaches ~1.0 within 36 steps for each of seeds 0-11 (tried while tuning); with
+    G = 8 or lr 1e-2 some seeds collapse onto other tokens before the reward takes off.
     """
     L.seed_everything(0)
     lora = LoRAConfig(r=4, alpha=32, target_modules=(
         r".*(language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)|lm_head)"))
     backbone = VideoLLM(str(tiny_model_dir), lora=lora)
-    module = _grpo(backbone, "contains_answer_tag", num_generations=8, max_new_tokens=8)
-    record = _fit(module, _datamodule(synthetic_dir, frame_sampling, shuffle=True), max_steps=24)
+    module = _grpo(backbone, "contains_answer_tag", num_generations=16, max_new_tokens=8, lr=5e-3)
+    record = _fit(module, _datamodule(synthetic_dir, frame_sampling, shuffle=True), max_steps=36)
 
     rewards = [sum(r.reward for r in out["rollouts"]) / len(out["rollouts"]) for out in record.outputs]
-    first, last = sum(rewards[:5]) / 5, sum(rewards[-5:]) / 5
+    first, last = sum(rewards[:6]) / 6, sum(rewards[-6:]) / 6
     assert first < 0.2, rewards
     assert last > first + 0.5, rewards
 

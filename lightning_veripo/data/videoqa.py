@@ -349,7 +349,9 @@ class VideoQADataModule(L.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         return self._loader("train", self.batch_size, self.shuffle)
 
-    def val_dataloader(self) -> DataLoader:
+    def val_dataloader(self) -> DataLoader | list:
+        if self.val_path is None:  # no validation set: Lightning skips the validation loop
+            return []
         return self._loader("val", self.val_batch_size, False)
 
     def test_dataloader(self) -> DataLoader:
