@@ -307,7 +307,8 @@ class RewardSet:
         """Unweighted components {name: float32 [N]} and the weighted total [N] for N (completion, record) pairs.
 
         A reward that raises becomes a RuntimeError naming the reward and the record; a reward that returns
-        NaN or inf a ValueError: a bad value must never reach the advantages silently.
+        NaN or inf, or a value (or weighted total) beyond float32's range, a ValueError: a bad value must
+        never reach the advantages silently.
         """
         if len(completions) != len(records):
             raise ValueError(f"{len(completions)} completions but {len(records)} records; they must pair up")
@@ -317,6 +318,13 @@ class RewardSet:
             values = [_call(name, fn, c, r) for c, r in zip(completions, records, strict=True)]
             components[name] = torch.tensor(values, dtype=torch.float32)
             total += weight * components[name]
+            bad = (~torch.isfinite(components[name]) | ~torch.isfinite(total)).nonzero().flatten().tolist()
+            if bad:
+                i = bad[0]
+                raise ValueError(
+                    f"reward {name!r} returned {values[i]!r} (weight {weight}) for "
+                    f"problem_id={records[i].problem_id!r}: the value or the weighted total overflows float32"
+                )
         return components, total
 
 

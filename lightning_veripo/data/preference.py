@@ -32,6 +32,7 @@ from lightning_veripo.data.videoqa import (
     VideoQAError,
     load_image,
     load_video,
+    order,
 )
 from lightning_veripo.records import DATA_TYPES
 from lightning_veripo.verifier.pairs import PreferencePair
@@ -265,10 +266,11 @@ class PreferenceDataModule(L.LightningDataModule):
         return backbone.processor
 
     def _loader(self, split: str, batch_size: int, shuffle: bool) -> DataLoader:
+        dataset = self.dataset(split)
         return DataLoader(
-            self.dataset(split),
+            dataset,
             batch_size=batch_size,
-            shuffle=shuffle,
+            **order(dataset, shuffle, self.trainer),
             num_workers=self.num_workers,
             collate_fn=PreferenceCollator(self.processor(), self.sampling),
         )

@@ -8,8 +8,10 @@ needs more than one frame) and the number of squares (numerical). Chance accurac
 from __future__ import annotations
 
 import json
+import numbers
 import random
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -86,6 +88,52 @@ def _record(task: str, pid: str, path: str, colour: str, direction: str, count: 
     raise ValueError(f"unknown synthetic task {task!r}; expected one of {TASKS}")
 
 
+# Squares are size // 4 (moving) and size // 8 (static, count task) pixels wide: below 32 pixels the static
+# ones are under 4 pixels and the mpeg4 encoding (2x2 colour subsampling) blurs them past counting.
+MIN_SIZE = 32
+
+
+def _check_arguments(num_train: int, num_val: int, tasks: Any, size: int, num_frames: int, fps: int) -> None:
+    """ValueError naming the first argument out of its allowed range."""
+    if isinstance(tasks, str) or not tasks:
+        raise ValueError(f"make_synthetic_data: tasks={tasks!r} must be a non-empty list of tasks {TASKS}")
+    unknown = [t for t in tasks if t not in TASKS]
+    if unknown:
+        raise ValueError(f"unknown synthetic task(s) {unknown}; expected a subset of {TASKS}")
+    limits = (
+        ("num_train", num_train, 1, "the training split needs at least one record"),
+        ("num_val", num_val, 0, "0 writes an empty val.json"),
+        ("size", size, MIN_SIZE, f"clips are size x size pixels; smaller squares blur away below {MIN_SIZE}"),
+        ("num_frames", num_frames, 2, "the square must move, and Qwen-VL encodes frames in pairs"),
+        ("fps", fps, 1, "frames per second of the written .mp4"),
+    )
+    for name, value, low, why in limits:
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low:
+            raise ValueError(f"make_synthetic_data: {name}={value!r} must be an integer >= {low} ({why})")
+
+
+def _check_decodable(path: Path, num_frames: int, size: int) -> None:
+    """Read the clip back with decord, as VideoQADataset will: some frame sizes (e.g. 48 or 72 pixels) come
+    back with a wrong channel count from decord's mpeg4 decoding, which would fail only later, in training."""
+    try:
+        import decord
+    except ImportError:  # nothing to check against; the data loader will report it
+        return
+    expected = (num_frames, size, size, 3)
+    try:
+        reader = decord.VideoReader(str(path), num_threads=1)
+        shape = tuple(reader.get_batch(list(range(len(reader)))).asnumpy().shape)
+        got = f"frames of shape {shape}"
+    except Exception as e:  # decord raises its own DECORDError
+        shape, got = None, type(e).__name__
+    if shape != expected:
+        path.unlink(missing_ok=True)
+        raise ValueError(
+            f"make_synthetic_data: size={size} writes clips that decord cannot read back ({got}, expected "
+            f"frames of shape {expected}); choose another size, e.g. 56 (the default) or 64"
+        )
+
+
 def make_synthetic_data(
     out_dir: str | Path,
     num_train: int = 32,
@@ -96,10 +144,13 @@ def make_synthetic_data(
     num_frames: int = 8,
     fps: int = 8,
 ) -> Path:
-    """Write `videos/*.mp4`, `train.json` and `val.json` (Video-R1 format, paths relative) to `out_dir`."""
-    unknown = [t for t in tasks if t not in TASKS]
-    if unknown:
-        raise ValueError(f"unknown synthetic task(s) {unknown}; expected a subset of {TASKS}")
+    """Write `videos/*.mp4`, `train.json` and `val.json` (Video-R1 format, paths relative) to `out_dir`.
+
+    Raises ValueError, before writing anything, for arguments outside their range: `num_train` >= 1,
+    `num_val` >= 0, `size` >= MIN_SIZE pixels, `num_frames` >= 2, `fps` >= 1 and a non-empty `tasks`
+    subset of TASKS; and, after the first clip, if decord (which the data loader uses) cannot read it back.
+    """
+    _check_arguments(num_train, num_val, tasks, size, num_frames, fps)
     out = Path(out_dir)
     (out / "videos").mkdir(parents=True, exist_ok=True)
     rng = random.Random(seed)
@@ -111,6 +162,8 @@ def make_synthetic_data(
             count = rng.randint(1, 3)
             rel = f"videos/{split}_{i:05d}.mp4"
             write_mp4(out / rel, _clip(rng, size, num_frames, colour, direction, count), fps)
+            if split == "train" and i == 0:
+                _check_decodable(out / rel, num_frames, size)
             records.append(_record(task, f"{split}-{task}-{i:05d}", rel, colour, direction, count))
         tmp = out / f".{split}.json.tmp"
         tmp.write_text(json.dumps(records, indent=1))

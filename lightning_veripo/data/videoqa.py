@@ -4,11 +4,19 @@ A record file is a JSON list (or JSONL) of objects with `problem_id`, `problem`,
 `problem_type` (multiple choice|numerical|OCR|free-form|regression), `options`, `solution`
 (`<answer>…</answer>`) and `path` (relative paths resolve against `root`). Bad records raise an error that names
 the file and the record, unless `skip_invalid=True`, which skips them with one warning that counts them.
+
+What counts as bad, and when it is found:
+- at load: a JSONL line that is not JSON (skipped under `skip_invalid`), a whole file that is not JSON, empty
+  or not UTF-8 (always an error), a missing field or media file, text that is not valid Unicode (a lone
+  surrogate escape such as "\\ud800"), a problem_id seen before in the file (the error names both records);
+- when a sample is read: media that cannot be opened (permissions) or decoded (truncated, garbage, empty);
+- when a batch is built: a prompt longer than `max_prompt_tokens` (see `VideoQACollator`).
 """
 
 from __future__ import annotations
 
 import json
+import re
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -52,7 +60,8 @@ class FrameSampling:
 
     Either a fixed `num_frames`, or `fps` frames per second clamped to [min_frames, max_frames]. The count is
     rounded down to a multiple of 2 (Qwen's temporal patch). Each frame is resized by the processor to lie
-    within [min_pixels, max_pixels] pixels.
+    within [min_pixels, max_pixels] pixels. A video with fewer frames than that count still gives the count:
+    the evenly spaced indices repeat frames (a 1-frame clip gives the same frame `n` times).
     """
 
     num_frames: int | None = None
@@ -73,24 +82,34 @@ class FrameSampling:
         return np.linspace(0, total_frames - 1, n).round().astype(int).tolist()
 
 
-def read_records(path: str | Path) -> list[dict[str, Any]]:
-    """Raw records from a JSON list or a JSONL file; errors name the file and the line."""
+def read_records(path: str | Path, bad_lines: list[str] | None = None) -> list[dict[str, Any]]:
+    """Raw records from a JSON list or a JSONL file; errors name the file and the line.
+
+    With a `bad_lines` list, a JSONL line that is not JSON is described there and skipped instead of raising
+    (the lines around it are kept); a JSON list that does not parse, or an empty file, always raises.
+    """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"video-QA file {path} does not exist")
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")  # a byte-order mark (some editors write one) is dropped
     except UnicodeDecodeError as e:
         raise VideoQAError(f"{path}: not UTF-8 text ({e})") from e
+    if not text.strip():
+        raise VideoQAError(f"{path}: the file is empty; expected a JSON list or JSONL of records")
     if path.suffix == ".jsonl" or not text.lstrip().startswith("["):
         rows = []
-        for lineno, line in enumerate(text.splitlines(), 1):
+        # Only CR / LF end a line: JSON text may hold U+2028, U+0085 or \x1c raw, which splitlines() splits at.
+        for lineno, line in enumerate(re.split(r"\r\n?|\n", text), 1):
             if not line.strip():
                 continue
             try:
                 rows.append(json.loads(line))
             except json.JSONDecodeError as e:
-                raise VideoQAError(f"{path}:{lineno}: invalid JSON line ({e.msg})") from e
+                message = f"{path}:{lineno}: invalid JSON line ({e.msg})"
+                if bad_lines is None:
+                    raise VideoQAError(message) from e
+                bad_lines.append(message)
         return rows
     try:
         rows = json.loads(text)
@@ -114,13 +133,34 @@ def validate_record(raw: Any, index: int, source: Path, root: Path) -> VideoQARe
         raise VideoQAError(f"{where}: unknown problem_type {raw['problem_type']!r}; expected one of {PROBLEM_TYPES}")
     if raw["data_type"] not in DATA_TYPES:
         raise VideoQAError(f"{where}: unknown data_type {raw['data_type']!r}; expected one of {DATA_TYPES}")
+    options = raw.get("options") or []
+    valid = {
+        "problem_id": isinstance(raw["problem_id"], (str, int)) and not isinstance(raw["problem_id"], bool),
+        "problem": isinstance(raw["problem"], str),
+        "solution": isinstance(raw["solution"], str),
+        "options": isinstance(options, list) and all(isinstance(o, str) for o in options),
+        "path": isinstance(raw.get("path"), (str, type(None))),
+    }
+    if not all(valid.values()):
+        wrong = [name for name, ok in valid.items() if not ok]
+        raise VideoQAError(f"{where}: field(s) {wrong} have the wrong type (text; options: a list of text)")
+    texts = [(f, raw[f]) for f in ("problem_id", "problem", "solution")] + [("options", o) for o in options]
+    for name, text in texts:
+        try:
+            str(text).encode("utf-8")
+        except UnicodeEncodeError as e:  # a lone surrogate (\ud800 escaped in the JSON) breaks the tokenizer
+            raise VideoQAError(f"{where}: {name} is not valid Unicode text ({e.reason} at {e.start})") from e
     if raw["problem_type"] == "multiple choice" and not raw.get("options"):
         raise VideoQAError(f"{where}: a multiple-choice record needs a non-empty 'options' list")
     if not raw.get("path"):
         raise VideoQAError(f"{where}: data_type {raw['data_type']!r} needs a 'path'")
-    media = Path(raw["path"])
-    media = media if media.is_absolute() else root / media
-    if not media.is_file():
+    # absolute, so rollouts and pairs files written elsewhere (the verifier's folder) still point at it
+    media = (root / raw["path"]).absolute()
+    try:
+        found = media.is_file()
+    except OSError as e:  # a folder on the way we may not enter, a name too long for the file system
+        raise VideoQAError(f"{where}: cannot access {raw['data_type']} file {media} ({e.strerror})") from e
+    if not found:
         raise VideoQAError(f"{where}: {raw['data_type']} file {media} does not exist")
     record = dict(raw, path=str(media))
     return VideoQARecord.from_dict(record)
@@ -130,6 +170,12 @@ def load_video(path: str, sampling: FrameSampling) -> tuple[np.ndarray, dict[str
     """Decode sampled frames [F, H, W, 3] uint8 with decord, plus the metadata the processor needs."""
     import decord
 
+    try:
+        with open(path, "rb") as f:
+            if not f.read(1):
+                raise VideoQAError(f"{path}: cannot decode video (the file is empty, 0 bytes)")
+    except OSError as e:  # decord would report an unreadable file as undecodable
+        raise VideoQAError(f"{path}: cannot read video file ({type(e).__name__}: {e.strerror})") from e
     try:
         reader = decord.VideoReader(path, num_threads=1)
         total = len(reader)
@@ -190,18 +236,21 @@ class VideoQADataset(Dataset):
         self.sampling = sampling or FrameSampling()
         self.records: list[VideoQARecord] = []
         problems: list[str] = []
-        seen: set[str] = set()
-        for i, raw in enumerate(read_records(self.path)):
+        seen: dict[str, int] = {}  # problem_id -> index of the record that first used it
+        for i, raw in enumerate(read_records(self.path, problems if skip_invalid else None)):
             try:
                 rec = validate_record(raw, i, self.path, self.root)
                 if rec.problem_id in seen:
-                    raise VideoQAError(f"{self.path} record #{i}: duplicate problem_id {rec.problem_id!r}")
+                    raise VideoQAError(
+                        f"{self.path} record #{i}: duplicate problem_id {rec.problem_id!r} "
+                        f"(first used by record #{seen[rec.problem_id]})"
+                    )
             except VideoQAError as e:
                 if not skip_invalid:
                     raise
                 problems.append(str(e))
                 continue
-            seen.add(rec.problem_id)
+            seen[rec.problem_id] = i
             if exclude_ids and rec.problem_id in exclude_ids:
                 continue
             self.records.append(rec)
@@ -228,11 +277,22 @@ class VideoQADataset(Dataset):
 
 
 class VideoQACollator:
-    """Samples -> one left-padded processor batch (+ the records, prompts and sampling settings)."""
+    """Samples -> one left-padded processor batch (+ the records, prompts and sampling settings).
 
-    def __init__(self, processor: Any, sampling: FrameSampling) -> None:
+    Prompt length policy: a prompt (chat template + vision placeholder tokens + question) longer than
+    `max_prompt_tokens` raises `VideoQAError` naming the problem_id and both token counts; nothing is
+    truncated, since cutting a question or its video silently changes the task. `max_prompt_tokens=None`
+    means the tokenizer's `model_max_length` (the context the checkpoint declares), or no limit when it
+    declares none. To fit, shorten the question or lower `FrameSampling`'s frame count / max_pixels.
+    """
+
+    def __init__(self, processor: Any, sampling: FrameSampling, max_prompt_tokens: int | None = None) -> None:
         self.processor = processor
         self.sampling = sampling
+        if max_prompt_tokens is None:
+            declared = getattr(getattr(processor, "tokenizer", None), "model_max_length", None)
+            max_prompt_tokens = declared if isinstance(declared, int) and declared < 10**9 else None
+        self.max_prompt_tokens = max_prompt_tokens
 
     def __call__(self, samples: list[dict[str, Any]]) -> dict[str, Any]:
         from transformers.video_utils import VideoMetadata
@@ -256,6 +316,17 @@ class VideoQACollator:
         if images:
             kwargs.update(images=images, images_kwargs={"size": size})
         batch = self.processor(text=texts, padding=True, padding_side="left", return_tensors="pt", **kwargs)
+        if self.max_prompt_tokens is not None:
+            lengths = batch["attention_mask"].sum(-1).tolist()
+            too_long = [
+                (r.problem_id, n) for r, n in zip(records, lengths, strict=True) if n > self.max_prompt_tokens
+            ]
+            if too_long:
+                raise VideoQAError(
+                    f"prompt too long for problem_id(s) {too_long} (tokens, vision placeholders included): "
+                    f"more than max_prompt_tokens={self.max_prompt_tokens}. Shorten the question, lower "
+                    "FrameSampling's num_frames / max_pixels, or raise max_prompt_tokens."
+                )
         out = dict(batch)
         if "second_per_grid_ts" in out:
             out["second_per_grid_ts"] = torch.as_tensor(out["second_per_grid_ts"], dtype=torch.float32)
@@ -269,11 +340,31 @@ class VideoQACollator:
         return out
 
 
+def order(dataset: Dataset, shuffle: bool, trainer: Any) -> dict[str, Any]:
+    """DataLoader arguments that keep the user's `shuffle` under DDP/FSDP/DeepSpeed as well.
+
+    Lightning replaces a training loader's sampler by a `DistributedSampler` with shuffling forced on; a
+    `DistributedSampler` we build ourselves is kept, so `shuffle: false` means the same order on one device and
+    on many (rank r takes items r, r + world, ...: the global batch k is the single-device batch k).
+    """
+    world = getattr(trainer, "world_size", 1) if trainer is not None else 1
+    if world <= 1:
+        return {"shuffle": shuffle}
+    import os
+
+    from torch.utils.data import DistributedSampler
+
+    seed = int(os.environ.get("PL_GLOBAL_SEED", 0))  # what `seed_everything` set, as Lightning's own sampler uses
+    sampler = DistributedSampler(dataset, num_replicas=world, rank=trainer.global_rank, shuffle=shuffle, seed=seed)
+    return {"sampler": sampler}
+
+
 class VideoQADataModule(L.LightningDataModule):
     """Train/val/test Video-R1-format files as a LightningDataModule.
 
     The processor comes from the LightningModule's backbone (`module.backbone.processor`) when the module is
-    attached to a trainer, or from `processor_path`.
+    attached to a trainer, or from `processor_path`. `max_prompt_tokens` goes to `VideoQACollator`: a longer
+    prompt raises (None = the tokenizer's model_max_length).
     """
 
     def __init__(
@@ -291,6 +382,7 @@ class VideoQADataModule(L.LightningDataModule):
         processor_path: str | None = None,
         shuffle: bool = True,
         synthetic: SyntheticSpec | None = None,
+        max_prompt_tokens: int | None = None,
     ) -> None:
         super().__init__()
         self.synthetic = synthetic
@@ -304,6 +396,7 @@ class VideoQADataModule(L.LightningDataModule):
         self.exclude_ids_file = exclude_ids_file
         self.processor_path = processor_path
         self.shuffle = shuffle
+        self.max_prompt_tokens = max_prompt_tokens
         self.datasets: dict[str, VideoQADataset] = {}
 
     def prepare_data(self) -> None:
@@ -338,12 +431,13 @@ class VideoQADataModule(L.LightningDataModule):
         return backbone.processor
 
     def _loader(self, split: str, batch_size: int, shuffle: bool) -> DataLoader:
+        dataset = self._dataset(split)
         return DataLoader(
-            self._dataset(split),
+            dataset,
             batch_size=batch_size,
-            shuffle=shuffle,
+            **order(dataset, shuffle, self.trainer),
             num_workers=self.num_workers,
-            collate_fn=VideoQACollator(self.processor(), self.sampling),
+            collate_fn=VideoQACollator(self.processor(), self.sampling, self.max_prompt_tokens),
         )
 
     def train_dataloader(self) -> DataLoader:

@@ -405,7 +405,9 @@ _NETWORK_ERRORS = (urllib.error.URLError, OSError, http.client.HTTPException)
 class OpenAIJudge(_RolloutJudge):
     """A judge served over the OpenAI-compatible /v1/chat/completions API (vLLM, SGLang, llama.cpp, ...).
 
-    Standard library only: a thread pool bounds concurrent requests, each with a timeout; 5xx/429 answers,
+    Standard library only: a thread pool bounds concurrent requests, each with a timeout on every socket wait
+    and on the whole request (checked as the answer's body arrives), so a server that hangs or trickles its
+    answer costs at most about 2 x timeout_s per attempt; 5xx/429 answers,
     timeouts and connection errors are retried with exponential backoff (backoff_s, 2·backoff_s, ...). When
     `check_on_start`, the first use asks GET /models and raises `JudgeUnavailableError` if nothing answers, so
     a forgotten server fails the run loudly instead of leaving every rollout unjudged.
@@ -444,8 +446,16 @@ class OpenAIJudge(_RolloutJudge):
         if self.api_key:
             headers["Authorization"] = f"Bearer {self.api_key}"
         req = urllib.request.Request(self.base_url + path, data=body, headers=headers, method=method)
+        deadline = time.monotonic() + self.timeout_s
         with urllib.request.urlopen(req, timeout=self.timeout_s) as resp:
-            return resp.read()
+            # The socket timeout bounds each wait only: a server that trickles its answer a byte at a time
+            # would hold the judge forever, so the whole answer must also arrive within timeout_s.
+            chunks = []
+            while chunk := resp.read1(1 << 16):
+                chunks.append(chunk)
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"timed out: the answer took longer than timeout_s={self.timeout_s}")
+            return b"".join(chunks)
 
     def _with_retries(self, method: str, path: str, body: bytes | None) -> bytes:
         for attempt in range(self.max_retries + 1):

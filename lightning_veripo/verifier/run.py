@@ -9,6 +9,10 @@ verdicts.jsonl, `wall_time_s` and `judge_time_s` in stats.json). Files in `out_d
 - `verdicts.jsonl`  `{"problem_id", "step", "sample_index", **Verdict.to_dict()}`, one per rollout, same order;
 - `pairs.jsonl`     one `PreferencePair.to_dict()` per line;
 - `stats.json`      the summary from `verifier_stats`; written last, so its presence means the run completed.
+
+A run removes the previous run's `stats.json` (and temp files a killed run left behind) before it writes
+anything, so a run that is killed (SIGTERM) or fails (disk full) part-way leaves each file either complete from
+the previous run or complete from this one, never cut short, and no `stats.json` to claim it finished.
 """
 
 from __future__ import annotations
@@ -122,6 +126,12 @@ def run_verifier(
     judge_time = time.perf_counter() - t_judge
     pairs, pair_stats = build_pairs(ordered, verdicts, config)
 
+    # From here until stats.json is written again the directory mixes this run's files with the last run's:
+    # without stats.json nobody (VerifierCallback, the loop driver) takes it for a finished run.
+    for name in (ROLLOUTS_FILE, VERDICTS_FILE, PAIRS_FILE, STATS_FILE):
+        for stale in out.glob(f".{name}.*.tmp"):
+            stale.unlink(missing_ok=True)
+    (out / STATS_FILE).unlink(missing_ok=True)
     write_jsonl_atomic(out / ROLLOUTS_FILE, (r.to_dict() for r in ordered))
     keys = (
         {"problem_id": r.record.problem_id, "step": r.step, "sample_index": r.sample_index} for r in ordered
@@ -158,8 +168,12 @@ def run_verifier_from_files(
 
 
 def _read_jsonl(path: str | Path) -> Iterable[tuple[int, dict[str, Any]]]:
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                raise ValueError(f"{path}:{lineno}: not UTF-8 text ({err})") from err
             if line.strip():
                 try:
                     yield lineno, json.loads(line)
@@ -175,7 +189,7 @@ def read_rollouts(path: str | Path) -> list[Rollout]:
     for lineno, d in _read_jsonl(path):
         try:
             out.append(Rollout.from_dict(d))
-        except (KeyError, TypeError) as err:
+        except (KeyError, TypeError, ValueError) as err:  # ValueError: dict() of a JSON string
             raise ValueError(
                 f"{path}:{lineno}: not a Rollout record ({err!r}); expected Rollout.to_dict()"
             ) from err
@@ -193,26 +207,36 @@ def read_pairs(path: str | Path) -> list[PreferencePair]:
     for lineno, d in _read_jsonl(path):
         try:
             out.append(PreferencePair.from_dict(d))
-        except (KeyError, TypeError) as err:
+        except (KeyError, TypeError, ValueError) as err:
             raise ValueError(f"{path}:{lineno}: not a preference pair ({err!r})") from err
     return out
 
 
 def write_text_atomic(path: str | Path, text: str) -> None:
     """Write via a temp file in the same directory, fsync, then os.replace: readers (and a run killed half
-    way) see the old file or the new one, never a torn one."""
+    way) see the old file or the new one, never a torn one.
+
+    A failed write (disk full, ...) removes the temp file and raises an OSError of the same errno that names
+    `path`; text that cannot be encoded as UTF-8 (a lone surrogate) raises ValueError before any file is made.
+    """
     path = Path(path)
+    try:
+        data = text.encode("utf-8")
+    except UnicodeEncodeError as err:
+        raise ValueError(f"cannot write {path}: the text is not valid Unicode ({err})") from err
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.chmod(tmp, 0o644)  # mkstemp makes 0600; these files are for reading by people and other jobs
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as err:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
+        if isinstance(err, OSError) and err.errno is not None:
+            raise OSError(err.errno, f"cannot write {path}: {err.strerror or err}") from err
         raise
 
 
