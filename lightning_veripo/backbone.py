@@ -19,7 +19,8 @@ from __future__ import annotations
 
 import contextlib
 import copy
-from collections.abc import Iterator
+import os
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -57,6 +58,55 @@ class LoRAConfig:
     )
 
 
+_TRUE = {"1", "on", "yes", "true"}
+_OFFLINE_VARIABLES = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
+
+
+def _hub_offline() -> bool:
+    return any(os.environ.get(name, "").strip().lower() in _TRUE for name in _OFFLINE_VARIABLES)
+
+
+def _in_hub_cache(repo_id: str) -> bool:
+    """Whether the hub cache holds this repo's config.json (what an offline load needs first)."""
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        return isinstance(try_to_load_from_cache(repo_id, "config.json"), str)
+    except Exception:  # not a valid repo id, or no hub client: nothing cached under that name
+        return False
+
+
+def resolve_model_path(name_or_path: str) -> str:
+    """A model location for `from_pretrained`: an existing local directory (`~` expanded) or a hub name.
+
+    A missing local path raises FileNotFoundError at once instead of being sent to the hub as a repo id
+    (where it fails only after network retries): when it is absolute, starts with `.` or `~`, has no `/` or
+    more than one, or its first component is a local directory; and any missing location while the hub is
+    offline (`HF_HUB_OFFLINE=1` / `TRANSFORMERS_OFFLINE=1`) unless the hub cache holds it. An `owner/name`
+    that is not a local path goes to transformers, which resolves it on the hub.
+    """
+    text = str(name_or_path)
+    local = Path(text).expanduser()
+    if local.exists():
+        return str(local)
+    parts = text.split("/")
+    looks_local = (
+        local.is_absolute() or text.startswith((".", "~")) or len(parts) != 2 or Path(parts[0]).is_dir()
+    )
+    if looks_local or (_hub_offline() and not _in_hub_cache(text)):
+        why = (
+            "it does not exist"
+            if looks_local
+            else "it does not exist locally, and the hub is offline (HF_HUB_OFFLINE) with no cached copy"
+        )
+        raise FileNotFoundError(
+            f"VideoLLM: model_name_or_path={text!r} is not a model directory: {why}. Build the offline tiny "
+            "model there with `veripo make-tiny-model DIR`, or pass `make_tiny_if_missing=True` to build it "
+            "on first load (demo only); a hub model is named `owner/name`."
+        )
+    return text
+
+
 class Completions(NamedTuple):
     """G sampled completions per prompt, prompt-major: rows g*G .. g*G+G-1 belong to prompt g."""
 
@@ -81,6 +131,10 @@ class VideoLLM(nn.Module):
         adapter_path: an adapter directory to continue training (instead of a fresh adapter).
         make_tiny_if_missing: if `model_name_or_path` does not exist, build the offline tiny random model
             there (the embedded demo; never set this for a real checkpoint).
+        reference_copy: under full fine-tuning, keep a frozen copy of the starting weights as the reference
+            policy (GRPO's KL when beta > 0, DPO). Set False when nothing needs it (GRPO with beta = 0, DPO with
+            precomputed reference log-probs) to save a whole copy of the weights. Ignored under LoRA, whose
+            reference is the model with its adapter disabled.
     """
 
     def __init__(
@@ -94,6 +148,7 @@ class VideoLLM(nn.Module):
         merge_adapters: list[str] | None = None,
         adapter_path: str | None = None,
         make_tiny_if_missing: bool = False,
+        reference_copy: bool = True,
     ) -> None:
         super().__init__()
         if dtype not in _DTYPES:
@@ -112,6 +167,7 @@ class VideoLLM(nn.Module):
         self.merge_adapters = list(merge_adapters or [])
         self.adapter_path = adapter_path
         self.make_tiny_if_missing = make_tiny_if_missing
+        self.reference_copy = reference_copy
         self.model: nn.Module | None = None
         self.processor: Any = None
         self._reference: nn.Module | None = None  # frozen copy, full fine-tuning only
@@ -128,15 +184,11 @@ class VideoLLM(nn.Module):
         from transformers import AutoModelForImageTextToText, AutoProcessor
 
         path = self.model_name_or_path
-        if self.make_tiny_if_missing and not (Path(path) / "config.json").exists():
+        if self.make_tiny_if_missing and not (Path(path).expanduser() / "config.json").exists():
             from lightning_veripo.tiny import make_tiny_model
 
-            make_tiny_model(path)
-        if not Path(path).exists() and (Path(path).is_absolute() or path.count("/") != 1):
-            raise FileNotFoundError(
-                f"VideoLLM: model_name_or_path={path!r} is neither a local directory nor a hub name "
-                "(owner/name). Build the offline tiny model with `veripo make-tiny-model DIR`."
-            )
+            make_tiny_model(Path(path).expanduser())
+        path = resolve_model_path(path)
         kwargs: dict[str, Any] = {"dtype": _DTYPES[self.dtype_name]}
         if self.attn_implementation:
             kwargs["attn_implementation"] = self.attn_implementation
@@ -151,7 +203,7 @@ class VideoLLM(nn.Module):
             self._vision_tower(model).requires_grad_(False)
         if self.lora is not None:
             model = self._attach_adapter(model, self.adapter_path)
-        else:
+        elif self.reference_copy:
             self._reference = copy.deepcopy(model).requires_grad_(False).eval()
         if self.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -227,7 +279,11 @@ class VideoLLM(nn.Module):
             with model.disable_adapter():
                 yield model
         else:
-            assert self._reference is not None
+            if self._reference is None:
+                raise RuntimeError(
+                    "no reference policy: full fine-tuning was loaded with reference_copy=False; set it True "
+                    "for GRPO with beta > 0 or DPO without precomputed reference log-probs"
+                )
             yield self._reference
 
     def merge_and_reset(self) -> None:
@@ -237,7 +293,8 @@ class VideoLLM(nn.Module):
         """
         model = self._require()
         if self.lora is None:
-            self._reference = copy.deepcopy(model).requires_grad_(False).eval()
+            if self.reference_copy:
+                self._reference = copy.deepcopy(model).requires_grad_(False).eval()
             return
         merged = model.merge_and_unload()
         self.model = self._attach_adapter(merged, None)
@@ -298,8 +355,6 @@ class VideoLLM(nn.Module):
     ) -> dict[str, Any]:
         """Repeat a prompt batch G times (prompt-major). Vision features are repeated, never re-encoded,
         when `vision` is given; otherwise the pixels are repeated (the straightforward path)."""
-        from transformers.modeling_outputs import BaseModelOutputWithPooling
-
         ids = batch["input_ids"]
         out: dict[str, Any] = {
             "input_ids": ids.repeat_interleave(num_samples, 0),
@@ -322,8 +377,7 @@ class VideoLLM(nn.Module):
                     value = torch.as_tensor(batch[key], device=grid.device)
                     out[key] = value.index_select(0, index)
             if vision is not None and modality in vision:
-                feats = list(vision[modality].pooler_output)
-                mm[modality] = BaseModelOutputWithPooling(pooler_output=[feats[i] for i in order])
+                mm[modality] = select_vision_items(vision[modality], order)
             else:
                 chunks = torch.split(batch[pixel_key], sizes)
                 out[pixel_key] = torch.cat([chunks[i] for i in order])
@@ -456,6 +510,39 @@ class VideoLLM(nn.Module):
         with ctx, self.reference() if reference else contextlib.nullcontext(model) as scorer:
             logits = scorer(**inputs, use_cache=False, logits_to_keep=T + 1).logits[:, :-1]
         return selective_log_softmax(logits.float() / temperature, completion_ids) * completion_mask
+
+
+def map_vision_items(output: Any, fn: Callable[[list[torch.Tensor]], list[torch.Tensor]]) -> Any:
+    """A new vision-encoder output (one modality of `encode_vision`) whose per-item features are `fn(items)`.
+
+    `fn` maps the list of per-item feature tensors (one per video or image, in batch order) to a new list. It
+    is applied to every per-item field alike: `pooler_output` (the features that replace the placeholder
+    tokens) and any other field split the same way, such as Qwen3-VL's `deepstack_features` (a list over
+    vision layers of per-item tuples, added to the early decoder layers' hidden states). Fields that are not
+    split per item (the vision tower's concatenated `last_hidden_state`) are dropped: the language model reads
+    only the per-item features.
+    """
+    items = list(output.pooler_output)
+    sizes = [item.shape[0] for item in items]
+
+    def per_item(value: Any) -> bool:
+        if not isinstance(value, (list, tuple)) or len(value) != len(sizes):
+            return False
+        pairs = zip(value, sizes, strict=True)
+        return all(isinstance(v, torch.Tensor) and v.shape[:1] == (n,) for v, n in pairs)
+
+    fields: dict[str, Any] = {}
+    for key, value in output.items():
+        if per_item(value):
+            fields[key] = fn(list(value))
+        elif isinstance(value, (list, tuple)) and value and all(per_item(v) for v in value):
+            fields[key] = [fn(list(v)) for v in value]
+    return type(output)(**fields)
+
+
+def select_vision_items(output: Any, order: list[int]) -> Any:
+    """The vision-encoder output of the items at `order` (repeats allowed), every per-item field alike."""
+    return map_vision_items(output, lambda items: [items[i] for i in order])
 
 
 def selective_log_softmax(logits: torch.Tensor, index: torch.Tensor) -> torch.Tensor:

@@ -2,8 +2,8 @@
 
     veripo fit --config configs/demo_grpo.yaml          # any LightningModule of this package, any YAML
     veripo iterate --config configs/demo.yaml            # the VerIPO loop: GRPO -> verifier -> DPO, repeated
-    veripo make-tiny-model DIR [--seed 0]               # tiny random Qwen2.5-VL, offline
-    veripo make-synthetic-data DIR --num_train N --num_val M [--seed 0]
+    veripo make-tiny-model DIR [--seed 0] [--arch qwen2_5_vl|qwen2_vl|qwen3_vl]   # tiny random Qwen-VL
+    veripo make-synthetic-data DIR --num_train N --num_val M [--seed 0]   # --num-train etc. work too
 """
 
 from __future__ import annotations
@@ -33,6 +33,17 @@ class VeripoCLI(LightningCLI):
         )
 
 
+def _underscore_flags(args: list[str]) -> list[str]:
+    """`--num-train 4` -> `--num_train 4`: the builders' flags are their parameter names (jsonargparse)."""
+    out = []
+    for arg in args:
+        if arg.startswith("--"):
+            flag, sep, value = arg[2:].partition("=")
+            arg = "--" + flag.replace("-", "_") + sep + value
+        out.append(arg)
+    return out
+
+
 def _command(argv: list[str]) -> int | None:
     """The commands that are plain functions (jsonargparse reads their typed signatures); None for fit & co."""
     from jsonargparse import auto_cli
@@ -44,7 +55,8 @@ def _command(argv: list[str]) -> int | None:
     commands = {"make-tiny-model": make_tiny_model, "make-synthetic-data": make_synthetic_data, "iterate": iterate}
     if not argv or argv[0] not in commands:
         return None
-    out = auto_cli(commands[argv[0]], args=argv[1:])
+    args = argv[1:] if argv[0] == "iterate" else _underscore_flags(argv[1:])
+    out = auto_cli(commands[argv[0]], args=args)
     if argv[0] != "iterate":
         print(f"wrote {out}")
     return 0

@@ -1,8 +1,9 @@
-"""Build a tiny, random-weight Video-LLM of the real Qwen2.5-VL architecture, offline, into a directory.
+"""Build a tiny, random-weight Video-LLM of a real Qwen-VL architecture, offline, into a directory.
 
 Tests and the embedded demo cannot download checkpoints, so they use this: the real model class
-(`Qwen2_5_VLForConditionalGeneration`), the real processor classes, and a byte-level BPE tokenizer trained
-in-process that carries the Qwen special tokens plus `<think>`/`</think>`/`<answer>`/`</answer>`. The
+(`Qwen2_5_VLForConditionalGeneration` by default; `Qwen2VLForConditionalGeneration` or
+`Qwen3VLForConditionalGeneration` with `arch`), the real processor classes, and a byte-level BPE tokenizer
+trained in-process that carries the Qwen special tokens plus `<think>`/`</think>`/`<answer>`/`</answer>`. The
 result is saved with `save_pretrained` and loads back through the same Auto classes as a real checkpoint.
 A second builder makes a tiny random causal LM (Qwen2 architecture) with the same tokenizer, used as an
 offline stand-in for the verifier's small judge LLM.
@@ -11,6 +12,7 @@ offline stand-in for the verifier's small judge LLM.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any, Literal
 
 import torch
 
@@ -94,29 +96,14 @@ def _seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def make_tiny_model(
-    out_dir: str | Path,
-    seed: int = 0,
-    hidden_size: int = 64,
-    num_layers: int = 2,
-    vision_depth: int = 1,
-    vocab_size: int = 512,
-) -> Path:
-    """Write a tiny random Qwen2.5-VL (model, tokenizer, processor) to `out_dir`; deterministic per seed.
+ARCHS = ("qwen2_5_vl", "qwen2_vl", "qwen3_vl")
+Arch = Literal["qwen2_5_vl", "qwen2_vl", "qwen3_vl"]
 
-    Loadable with `AutoModelForImageTextToText.from_pretrained(out_dir)` and `AutoProcessor.from_pretrained`.
-    """
-    from transformers import (
-        Qwen2_5_VLConfig,
-        Qwen2_5_VLForConditionalGeneration,
-        Qwen2_5_VLProcessor,
-        Qwen2VLImageProcessor,
-        Qwen2VLVideoProcessor,
-    )
 
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    tok = build_tokenizer(vocab_size)
+def _vl_config(arch: str, tok: Any, hidden_size: int, num_layers: int, vision_depth: int) -> Any:
+    """The model config of one tiny Qwen-VL architecture, wired to the tokenizer's special tokens."""
+    import transformers
+
     ids = {t: tok.convert_tokens_to_ids(t) for t in QWEN_SPECIAL_TOKENS}
     special_ids = {
         "bos_token_id": ids["<|endoftext|>"],
@@ -124,53 +111,120 @@ def make_tiny_model(
         "pad_token_id": ids["<|endoftext|>"],
     }
     head_dim = hidden_size // 4
-    config = Qwen2_5_VLConfig(
-        text_config=dict(
-            vocab_size=len(tok),
-            hidden_size=hidden_size,
-            intermediate_size=hidden_size * 2,
-            num_hidden_layers=num_layers,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            max_position_embeddings=8192,
-            rope_scaling={"type": "mrope", "mrope_section": [head_dim // 8, head_dim // 8, head_dim // 4]},
-            tie_word_embeddings=False,
-            **special_ids,
-        ),
-        vision_config=dict(
-            depth=vision_depth,
-            hidden_size=32,
-            intermediate_size=64,
-            num_heads=2,
+    text = dict(
+        vocab_size=len(tok),
+        hidden_size=hidden_size,
+        intermediate_size=hidden_size * 2,
+        num_hidden_layers=num_layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=8192,
+        tie_word_embeddings=False,
+        **special_ids,
+    )
+    # the multimodal rotary embedding splits head_dim / 2 frequencies into (time, height, width) sections
+    mrope = {"type": "mrope", "mrope_section": [head_dim // 8, head_dim // 8, head_dim // 4]}
+    if arch == "qwen2_5_vl":
+        config_class = transformers.Qwen2_5_VLConfig
+        text.update(rope_scaling=mrope)
+        vision = dict(
+            depth=vision_depth, hidden_size=32, intermediate_size=64, num_heads=2,
             out_hidden_size=hidden_size,
-            patch_size=14,
-            spatial_merge_size=2,
-            temporal_patch_size=2,
-            window_size=56,
+            patch_size=14, spatial_merge_size=2, temporal_patch_size=2, window_size=56,
             fullatt_block_indexes=[vision_depth - 1],
-        ),
+        )  # fmt: skip
+    elif arch == "qwen2_vl":
+        config_class = transformers.Qwen2VLConfig
+        text.update(rope_scaling=mrope)
+        vision = dict(
+            depth=vision_depth, embed_dim=32, mlp_ratio=2, num_heads=2, hidden_size=hidden_size,
+            patch_size=14, spatial_merge_size=2, temporal_patch_size=2,
+        )  # fmt: skip
+    elif arch == "qwen3_vl":
+        config_class = transformers.Qwen3VLConfig
+        half = head_dim // 2
+        text.update(
+            head_dim=head_dim,
+            rope_parameters={"rope_type": "default", "rope_theta": 500000.0, "mrope_interleaved": True,
+                             "mrope_section": [half - 2 * (half // 4), half // 4, half // 4]},
+        )  # fmt: skip
+        vision = dict(
+            depth=vision_depth, hidden_size=32, intermediate_size=64, num_heads=2,
+            out_hidden_size=hidden_size,
+            patch_size=16, spatial_merge_size=2, temporal_patch_size=2, num_position_embeddings=64,
+            deepstack_visual_indexes=[vision_depth - 1],
+        )  # fmt: skip
+    else:
+        raise ValueError(f"make_tiny_model: unknown arch={arch!r}; expected one of {ARCHS}")
+    return config_class(
+        text_config=text,
+        vision_config=vision,
         image_token_id=ids["<|image_pad|>"],
         video_token_id=ids["<|video_pad|>"],
         vision_start_token_id=ids["<|vision_start|>"],
         vision_end_token_id=ids["<|vision_end|>"],
-        **special_ids,
+        **({} if arch == "qwen3_vl" else special_ids),  # Qwen3-VL keeps them in text_config only
     )
-    _seed_everything(seed)
-    model = Qwen2_5_VLForConditionalGeneration(config).eval()
-    model.generation_config.eos_token_id = special_ids["eos_token_id"]
-    model.generation_config.pad_token_id = special_ids["pad_token_id"]
-    model.generation_config.bos_token_id = special_ids["bos_token_id"]
-    model.save_pretrained(out)
 
-    # Small frames keep the demo fast: 56x56..112x112 pixels per frame -> 4..16 patches of 28x28.
-    pixels = {"shortest_edge": 56 * 56, "longest_edge": 112 * 112}
-    processor = Qwen2_5_VLProcessor(
-        image_processor=Qwen2VLImageProcessor(size=pixels),
-        video_processor=Qwen2VLVideoProcessor(size=pixels, cap_pixels_per_frame=True),
+
+def _vl_processor(arch: str, tok: Any) -> Any:
+    """The real processor classes of `arch`, sized for small frames: 4..16 merged-patch cells per frame."""
+    import transformers
+
+    patch = 16 if arch == "qwen3_vl" else 14
+    cell = 2 * patch  # one LLM token covers 2x2 patches
+    pixels = {"shortest_edge": (2 * cell) ** 2, "longest_edge": (4 * cell) ** 2}
+    # Qwen3-VL normalises with mean = std = 0.5 where Qwen2(.5)-VL use the CLIP statistics
+    norm = {"image_mean": [0.5] * 3, "image_std": [0.5] * 3} if arch == "qwen3_vl" else {}
+    image_processor = transformers.Qwen2VLImageProcessor(size=pixels, patch_size=patch, **norm)
+    video_class = transformers.Qwen2VLVideoProcessor
+    if arch == "qwen3_vl":
+        video_class = transformers.Qwen3VLVideoProcessor
+    video_processor = video_class(size=pixels, patch_size=patch, cap_pixels_per_frame=True)
+    processor_class = {
+        "qwen2_5_vl": transformers.Qwen2_5_VLProcessor,
+        "qwen2_vl": transformers.Qwen2VLProcessor,
+        "qwen3_vl": transformers.Qwen3VLProcessor,
+    }[arch]
+    return processor_class(
+        image_processor=image_processor,
+        video_processor=video_processor,
         tokenizer=tok,
         chat_template=CHAT_TEMPLATE,
     )
-    processor.save_pretrained(out)
+
+
+def make_tiny_model(
+    out_dir: str | Path,
+    seed: int = 0,
+    hidden_size: int = 64,
+    num_layers: int = 2,
+    vision_depth: int = 1,
+    vocab_size: int = 512,
+    arch: Arch = "qwen2_5_vl",
+) -> Path:
+    """Write a tiny random Qwen-VL (model, tokenizer, processor) to `out_dir`; deterministic per seed.
+
+    `arch` picks the architecture: "qwen2_5_vl" (Qwen2.5-VL, the default), "qwen2_vl" (Qwen2-VL) or
+    "qwen3_vl" (Qwen3-VL, dense). Loadable with `AutoModelForImageTextToText.from_pretrained(out_dir)` and
+    `AutoProcessor.from_pretrained(out_dir)`.
+    """
+    from transformers import AutoModelForImageTextToText
+
+    if arch not in ARCHS:
+        raise ValueError(f"make_tiny_model: unknown arch={arch!r}; expected one of {ARCHS}")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tok = build_tokenizer(vocab_size)
+    config = _vl_config(arch, tok, hidden_size, num_layers, vision_depth)
+    _seed_everything(seed)
+    model = AutoModelForImageTextToText.from_config(config).eval()
+    text_config = config.get_text_config()
+    model.generation_config.eos_token_id = text_config.eos_token_id
+    model.generation_config.pad_token_id = text_config.pad_token_id
+    model.generation_config.bos_token_id = text_config.bos_token_id
+    model.save_pretrained(out)
+    _vl_processor(arch, tok).save_pretrained(out)
     return out
 
 

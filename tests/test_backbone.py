@@ -352,3 +352,100 @@ def test_tokenize_completions_appends_the_end_token_and_masks_the_padding(backbo
     assert out.mask.sum(-1).tolist() == lengths
     assert [int(row[n - 1]) for row, n in zip(out.ids, lengths, strict=True)] == [im_end, im_end]
     assert backbone.completions_from_ids(out.ids).text == texts
+
+
+# ---------------------------------------------------------------------- missing paths fail fast, offline
+
+
+def _forbid_transformers_loading(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Make any model load through transformers fail at once (and record its name): no hub, no retries."""
+    from transformers import AutoModelForImageTextToText
+
+    asked: list[str] = []
+
+    def refuse(name: str, *args: object, **kwargs: object) -> None:
+        asked.append(str(name))
+        raise OSError(f"test: transformers was asked for {name!r}")
+
+    monkeypatch.setattr(AutoModelForImageTextToText, "from_pretrained", staticmethod(refuse))
+    return asked
+
+
+@pytest.mark.parametrize(
+    "path",
+    ["work/tiny", "./work/tiny", "~/no-such-veripo-model", "work/models/tiny", "models/tiny/"],
+    ids=["first-component-exists", "dot-relative", "home", "two-slashes", "trailing-slash"],
+)
+def test_missing_local_path_fails_fast_instead_of_asking_the_hub(tmp_path, monkeypatch, path):
+    import time
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
+    (tmp_path / "work").mkdir()
+    asked = _forbid_transformers_loading(monkeypatch)
+
+    start = time.perf_counter()
+    with pytest.raises(FileNotFoundError) as err:
+        VideoLLM(path).load()
+
+    assert time.perf_counter() - start < 5.0
+    assert asked == []  # never handed to transformers as a hub repo id
+    message = str(err.value)
+    assert repr(path) in message and "veripo make-tiny-model" in message and "make_tiny_if_missing" in message
+
+
+def test_missing_hub_name_fails_fast_while_the_hub_is_offline(tmp_path, monkeypatch):
+    import time
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    asked = _forbid_transformers_loading(monkeypatch)
+
+    start = time.perf_counter()
+    with pytest.raises(
+        FileNotFoundError, match=r"'veripo-test-org/no-such-model'.*HF_HUB_OFFLINE.*make-tiny-model"
+    ):
+        VideoLLM("veripo-test-org/no-such-model").load()
+
+    assert time.perf_counter() - start < 5.0
+    assert asked == []
+
+
+def test_hub_name_that_is_not_a_local_path_goes_to_transformers(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
+    asked = _forbid_transformers_loading(monkeypatch)
+
+    with pytest.raises(OSError, match="transformers was asked"):
+        VideoLLM("Qwen/Qwen2.5-VL-3B-Instruct").load()
+
+    assert asked == ["Qwen/Qwen2.5-VL-3B-Instruct"]
+
+
+def test_model_path_under_home_is_expanded(tmp_path, monkeypatch, tiny_model_dir):
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / "tiny").symlink_to(tiny_model_dir, target_is_directory=True)
+    monkeypatch.setenv("HOME", str(home))
+
+    backbone = VideoLLM("~/tiny", lora=LORA).load()
+
+    assert backbone.hf_model.config.model_type == "qwen2_5_vl"
+
+
+def test_full_fine_tuning_without_reference_copy_keeps_one_model_and_refuses_reference_use(tiny_model_dir) -> None:
+    from lightning_veripo.grpo import GRPOModule
+
+    with_copy = VideoLLM(str(tiny_model_dir)).load()
+    without = VideoLLM(str(tiny_model_dir), reference_copy=False).load()
+    count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    assert count(with_copy) == 2 * count(without)  # the frozen copy is the only difference
+    with pytest.raises(RuntimeError, match="reference_copy=False"):
+        with without.reference():
+            pass
+    with pytest.raises(ValueError, match="needs a reference policy"):
+        GRPOModule(VideoLLM(str(tiny_model_dir), reference_copy=False), beta=0.04)
+    GRPOModule(VideoLLM(str(tiny_model_dir), reference_copy=False), beta=0.0)  # no reference pass: fine

@@ -162,3 +162,53 @@ def test_count_answer_is_readable_from_the_frames_for_every_clip(tmp_path):
         if counted != int(_answer(record)):
             wrong.append((record["problem_id"], _answer(record), counted))
     assert not wrong
+
+
+# ---------------------------------------------------------------------- argument checks
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"num_train": 0}, r"num_train=0 must be an integer >= 1"),
+        ({"num_train": -3}, r"num_train=-3 must be an integer >= 1"),
+        ({"num_val": -1}, r"num_val=-1 must be an integer >= 0"),
+        ({"size": 16}, r"size=16 must be an integer >= 32"),
+        ({"size": 0}, r"size=0 must be an integer >= 32"),
+        ({"num_frames": 1}, r"num_frames=1 must be an integer >= 2"),
+        ({"fps": 0}, r"fps=0 must be an integer >= 1"),
+        ({"num_train": 2.5}, r"num_train=2.5 must be an integer >= 1"),
+        ({"tasks": []}, r"tasks=\[\] must be a non-empty list"),
+        ({"tasks": "count"}, r"tasks='count' must be a non-empty list"),
+    ],
+)
+def test_out_of_range_arguments_raise_a_value_error_naming_them_before_writing(tmp_path, options, message):
+    out = tmp_path / "data"
+    with pytest.raises(ValueError, match=message):
+        make_synthetic_data(out, **{"num_train": 2, "num_val": 1, **options})
+    assert not out.exists()
+
+
+def test_smallest_allowed_sizes_write_readable_data(tmp_path):
+    out = make_synthetic_data(tmp_path, num_train=1, num_val=0, size=32, num_frames=2, fps=1, tasks=["count"])
+
+    assert len(_records(out)) == 1 and _records(out, "val") == []
+    assert _all_frames(out / _records(out)[0]["path"]).shape == (2, 32, 32, 3)
+
+
+def test_a_size_whose_clips_decord_cannot_read_is_refused_after_the_first_clip(tmp_path):
+    # decord returns 48-pixel-wide mpeg4 frames with a wrong channel count (so do 8, 12, 16, 24 and 72)
+    with pytest.raises(
+        ValueError, match=r"size=48 writes clips that decord cannot read back.*choose another size"
+    ):
+        make_synthetic_data(tmp_path, num_train=2, num_val=1, size=48)
+    assert not list((tmp_path / "videos").glob("*.mp4"))
+
+
+def test_command_accepts_dashed_flags_and_reports_a_bad_count(tmp_path):
+    from lightning_veripo.cli import main
+
+    with pytest.raises(ValueError, match=r"num_train=0 must be an integer >= 1"):
+        main(["make-synthetic-data", str(tmp_path / "bad"), "--num-train", "0", "--num-val", "1"])
+    assert main(["make-synthetic-data", str(tmp_path / "ok"), "--num-train=1", "--num-val", "0"]) == 0
+    assert len(_records(tmp_path / "ok")) == 1

@@ -99,3 +99,18 @@ def test_tiny_causal_lm_loads_through_auto_model_for_causal_lm(tmp_path):
     ids = tok("<think>The square is red.</think><answer>A</answer>", return_tensors="pt")["input_ids"]
     logits = model(input_ids=ids).logits
     assert logits.shape == (1, ids.shape[1], len(tok))
+
+
+def test_make_tiny_model_command_builds_the_architecture_named_by_arch(tmp_path):
+    import json
+
+    from lightning_veripo.cli import main
+
+    assert main(["make-tiny-model", str(tmp_path / "q3"), "--arch", "qwen3_vl", "--num-layers", "1"]) == 0
+    config = json.loads((tmp_path / "q3" / "config.json").read_text())
+
+    assert config["model_type"] == "qwen3_vl" and config["architectures"] == [
+        "Qwen3VLForConditionalGeneration"
+    ]
+    assert config["text_config"]["num_hidden_layers"] == 1
+    assert type(AutoProcessor.from_pretrained(tmp_path / "q3")).__name__ == "Qwen3VLProcessor"

@@ -1,0 +1,309 @@
+"""Qwen2.5-VL, Qwen2-VL and Qwen3-VL through the library's real path: build the tiny model of each, load it
+back through the Auto classes, and check rollouts, log-probs, the shared vision encoding, the reference policy
+and GRPO training on each architecture.
+
+Qwen3-VL differs most: patch 16 instead of 14, frame timestamps written into the prompt, and "deepstack"
+vision features (one set per chosen vision layer) that are added to the first decoder layers' hidden states,
+so a shared vision encoding must carry them along with the features that replace the placeholder tokens.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import pytest
+import torch
+import transformers
+from transformers import AutoModelForImageTextToText, AutoProcessor
+
+from lightning_veripo.backbone import (
+    FORBIDDEN_GENERATION_TOKENS,
+    Completions,
+    LoRAConfig,
+    VideoLLM,
+    select_vision_items,
+)
+from lightning_veripo.data.videoqa import FrameSampling, VideoQACollator, VideoQADataModule, VideoQADataset
+from lightning_veripo.grpo import GRPOModule
+from lightning_veripo.rewards import RewardSet
+from lightning_veripo.tiny import ARCHS, make_tiny_model
+
+# arch -> (model class, processor class, video processor class) that the Auto classes must give back
+EXPECTED = {
+    "qwen2_5_vl": ("Qwen2_5_VLForConditionalGeneration", "Qwen2_5_VLProcessor", "Qwen2VLVideoProcessor"),
+    "qwen2_vl": ("Qwen2VLForConditionalGeneration", "Qwen2VLProcessor", "Qwen2VLVideoProcessor"),
+    "qwen3_vl": ("Qwen3VLForConditionalGeneration", "Qwen3VLProcessor", "Qwen3VLVideoProcessor"),
+}
+LORA = LoRAConfig(r=4, alpha=8)
+G = 4
+
+
+@pytest.fixture(scope="module", params=ARCHS)
+def arch_model(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> tuple[str, Path]:
+    """(arch, directory) of a tiny random model of each architecture; Qwen2.5-VL is the shared session one."""
+    arch = request.param
+    if arch == "qwen2_5_vl":
+        return arch, request.getfixturevalue("tiny_model_dir")
+    return arch, make_tiny_model(tmp_path_factory.mktemp(f"tiny_{arch}"), seed=0, arch=arch)
+
+
+@pytest.fixture
+def arch_backbone(arch_model: tuple[str, Path]) -> VideoLLM:
+    return VideoLLM(str(arch_model[1]), lora=LORA).load()
+
+
+def _sampling(backbone: VideoLLM) -> FrameSampling:
+    """4 frames of 2x2 merged cells each: 56x56 pixels for patch 14, 64x64 for Qwen3-VL's patch 16."""
+    video = backbone.processor.video_processor
+    side = 2 * video.patch_size * video.merge_size
+    return FrameSampling(num_frames=4, min_pixels=side * side, max_pixels=side * side)
+
+
+@pytest.fixture
+def arch_batch(arch_backbone: VideoLLM, synthetic_dir: Path) -> dict[str, Any]:
+    """A colour and a direction question collated by the architecture's own processor."""
+    sampling = _sampling(arch_backbone)
+    dataset = VideoQADataset(synthetic_dir / "train.json", sampling=sampling)
+    return VideoQACollator(arch_backbone.processor, sampling)([dataset[0], dataset[1]])
+
+
+def _perturb_lora(backbone: VideoLLM, seed: int = 0, std: float = 0.1) -> None:
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in backbone.model.named_parameters():
+            if "lora_" in name:
+                param.copy_(torch.randn(param.shape, generator=gen) * std)
+
+
+def _sample(backbone: VideoLLM, batch: dict, num_samples: int = G, max_new_tokens: int = 8) -> Completions:
+    torch.manual_seed(0)
+    return backbone.generate(batch, num_samples=num_samples, max_new_tokens=max_new_tokens)
+
+
+def _hand_logprobs(
+    backbone: VideoLLM, batch: dict, completions: Completions, num_samples: int
+) -> torch.Tensor:
+    """One unpadded forward per completion with its own video's pixels (the model encodes them itself)."""
+    model = backbone.hf_model
+    pixels = torch.split(batch["pixel_values_videos"], batch["video_grid_thw"].prod(-1).tolist())
+    rows = []
+    for r in range(completions.ids.shape[0]):
+        g = r // num_samples
+        keep = batch["attention_mask"][g].bool()
+        prompt, mm_types = batch["input_ids"][g][keep], batch["mm_token_type_ids"][g][keep]
+        ids, mask = completions.ids[r], completions.mask[r]
+        extra = {}
+        if batch.get("second_per_grid_ts") is not None:  # Qwen2.5-VL only
+            extra["second_per_grid_ts"] = batch["second_per_grid_ts"][g : g + 1]
+        with torch.no_grad():
+            logits = model(
+                input_ids=torch.cat([prompt, ids])[None],
+                attention_mask=torch.cat([torch.ones_like(prompt), mask])[None],
+                mm_token_type_ids=torch.cat([mm_types, torch.zeros_like(ids)])[None],
+                pixel_values_videos=pixels[g],
+                video_grid_thw=batch["video_grid_thw"][g : g + 1],
+                **extra,
+            ).logits[0]
+        logp = logits[len(prompt) - 1 : len(prompt) - 1 + len(ids)].float().log_softmax(-1)
+        rows.append(logp.gather(-1, ids[:, None]).squeeze(-1) * mask)
+    return torch.stack(rows)
+
+
+# ---------------------------------------------------------------------- building and loading
+
+
+def test_tiny_arch_loads_back_through_the_auto_classes_as_the_real_classes(arch_model):
+    arch, path = arch_model
+    model = AutoModelForImageTextToText.from_pretrained(path)
+    processor = AutoProcessor.from_pretrained(path)
+    vocab = processor.tokenizer.get_vocab()
+    model_class, processor_class, video_processor_class = EXPECTED[arch]
+
+    assert json.loads((path / "config.json").read_text())["model_type"] == arch
+    assert type(model) is getattr(transformers, model_class)
+    assert type(processor) is getattr(transformers, processor_class)
+    assert type(processor.video_processor) is getattr(transformers, video_processor_class)
+    assert model.config.video_token_id == vocab["<|video_pad|>"]
+    assert model.config.image_token_id == vocab["<|image_pad|>"]
+    assert model.config.get_text_config().eos_token_id == vocab["<|im_end|>"]
+    assert model.config.get_text_config().vocab_size == len(vocab)
+
+
+def test_arch_batch_has_one_placeholder_per_merged_video_cell(arch_backbone, arch_batch):
+    video_token = arch_backbone.hf_model.config.video_token_id
+    per_video = (arch_batch["video_grid_thw"].prod(-1) // 4).tolist()
+
+    assert per_video == [8, 8]  # 2 frame pairs x 2x2 merged cells
+    assert (arch_batch["input_ids"] == video_token).sum(-1).tolist() == per_video
+    assert arch_backbone.vision_items_per_row(arch_batch, "video") == [[0], [1]]
+
+
+def test_unknown_arch_is_refused_before_anything_is_written(tmp_path):
+    with pytest.raises(ValueError, match=r"arch='llava'.*qwen2_5_vl"):
+        make_tiny_model(tmp_path / "x", arch="llava")
+    assert not (tmp_path / "x").exists()
+
+
+# ---------------------------------------------------------------------- rollouts and log-probs
+
+
+def test_arch_generates_completions_without_vision_placeholders(arch_backbone, arch_batch):
+    forbidden = torch.tensor(arch_backbone.token_ids(FORBIDDEN_GENERATION_TOKENS))
+    assert len(forbidden) == len(FORBIDDEN_GENERATION_TOKENS)
+
+    for seed in range(2):
+        torch.manual_seed(seed)
+        out = arch_backbone.generate(arch_batch, num_samples=G, max_new_tokens=16, temperature=3.0)
+        assert out.ids.shape[0] == 2 * G and 1 <= out.ids.shape[1] <= 16 and len(out.text) == 2 * G
+        assert not torch.isin(out.ids, forbidden).any(), f"seed {seed}: {out.text}"
+
+
+def test_arch_greedy_generation_from_shared_vision_equals_hf_generate_from_pixels(arch_backbone, arch_batch):
+    vision = arch_backbone.encode_vision(arch_batch)
+    ours = arch_backbone.generate(
+        arch_batch, num_samples=1, max_new_tokens=12, do_sample=False, vision=vision
+    )
+
+    inputs = {k: v for k, v in arch_batch.items() if isinstance(v, torch.Tensor)}
+    with torch.no_grad():
+        out = arch_backbone.hf_model.generate(
+            **inputs, max_new_tokens=12, do_sample=False,
+            suppress_tokens=arch_backbone.token_ids(FORBIDDEN_GENERATION_TOKENS),
+            eos_token_id=arch_backbone.end_token_ids, pad_token_id=arch_backbone.pad_token_id,
+        )  # fmt: skip
+    theirs = arch_backbone.completions_from_ids(out[:, inputs["input_ids"].shape[1] :], 12)
+
+    assert torch.equal(ours.ids, theirs.ids)
+
+
+def test_arch_sequence_logprobs_equal_a_hand_computation_from_the_model_logits(arch_backbone, arch_batch):
+    _perturb_lora(arch_backbone)
+    completions = _sample(arch_backbone, arch_batch, num_samples=3)
+
+    with torch.no_grad():
+        ours = arch_backbone.sequence_logprobs(arch_batch, completions.ids, completions.mask, num_samples=3)
+    expected = _hand_logprobs(arch_backbone, arch_batch, completions, num_samples=3)
+
+    assert (ours[completions.mask == 0] == 0).all()
+    torch.testing.assert_close(ours, expected, atol=1e-5, rtol=0)
+
+
+def test_arch_shared_vision_equals_reencoding_in_values_and_lora_gradients(arch_backbone, arch_batch):
+    _perturb_lora(arch_backbone)
+    completions = _sample(arch_backbone, arch_batch)
+    results = []
+    for share in (True, False):
+        arch_backbone.model.zero_grad(set_to_none=True)
+        logps = arch_backbone.sequence_logprobs(
+            arch_batch, completions.ids, completions.mask, num_samples=G, share_vision=share
+        )
+        logps.sum().backward()
+        grads = {n: p.grad.clone() for n, p in arch_backbone.model.named_parameters() if "lora_" in n}
+        results.append((logps.detach(), grads))
+
+    (shared, shared_grads), (reencoded, reencoded_grads) = results
+    torch.testing.assert_close(shared, reencoded, atol=1e-5, rtol=0)
+    assert shared_grads.keys() == reencoded_grads.keys() and shared_grads
+    for name in shared_grads:
+        torch.testing.assert_close(shared_grads[name], reencoded_grads[name], atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_arch_vision_item_selection_keeps_every_per_video_feature_of_the_encoder(arch_model, arch_backbone,
+                                                                                 arch_batch):  # fmt: skip
+    """Qwen3-VL's deepstack features are split per video like the main ones: a repeat must carry them too."""
+    vision = arch_backbone.encode_vision(arch_batch)["video"]
+    repeated = select_vision_items(vision, [1, 0, 0])
+
+    def ptrs(items: Any) -> list[int]:
+        return [x.data_ptr() for x in items]
+
+    assert type(repeated) is type(vision)
+    assert ptrs(repeated.pooler_output) == ptrs([vision.pooler_output[i] for i in (1, 0, 0)])
+    deepstack = getattr(vision, "deepstack_features", None)
+    assert (deepstack is not None) == (arch_model[0] == "qwen3_vl")
+    for layer, repeated_layer in zip(
+        deepstack or [], getattr(repeated, "deepstack_features", []), strict=True
+    ):
+        assert ptrs(repeated_layer) == ptrs([layer[i] for i in (1, 0, 0)])
+
+
+def test_arch_reference_with_the_adapter_disabled_is_the_base_model(arch_model, arch_backbone, arch_batch):
+    _perturb_lora(arch_backbone)
+    completions = _sample(arch_backbone, arch_batch, num_samples=2)
+    base = VideoLLM(str(arch_model[1]), lora=None).load()
+    args = (arch_batch, completions.ids, completions.mask, 2)
+
+    reference = arch_backbone.sequence_logprobs(*args, reference=True)
+    with torch.no_grad():
+        expected = base.sequence_logprobs(*args)
+        policy = arch_backbone.sequence_logprobs(*args)
+
+    torch.testing.assert_close(reference, expected, atol=1e-5, rtol=0)
+    assert (policy - reference).abs().max() > 1e-3
+
+
+# ---------------------------------------------------------------------- GRPO training
+
+
+class _Outputs(L.Callback):
+    def __init__(self) -> None:
+        self.outputs: list[dict[str, Any]] = []
+        self.metrics: list[dict[str, float]] = []
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:  # fmt: skip
+        self.outputs.append(outputs)
+        self.metrics.append({k: float(v) for k, v in trainer.callback_metrics.items()})
+
+
+def _fit_grpo(backbone: VideoLLM, synthetic_dir: Path, reward: str, steps: int, **options: Any) -> _Outputs:
+    module = GRPOModule(
+        backbone, rewards=RewardSet([f"rewards_for_tests.{reward}"]), num_generations=G, max_new_tokens=6,
+        lr=1e-2, log_rollouts_every_n_steps=0, **options,
+    )  # fmt: skip
+    data = VideoQADataModule(
+        train_path=str(synthetic_dir / "train.json"),
+        sampling=_sampling(backbone),
+        batch_size=2,
+        shuffle=False,
+    )
+    record = _Outputs()
+    trainer = L.Trainer(
+        accelerator="cpu", max_steps=steps, logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0, callbacks=[record],
+    )  # fmt: skip
+    trainer.fit(module, datamodule=data)
+    assert trainer.global_step == steps
+    return record
+
+
+def _trainable(backbone: VideoLLM) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in backbone.model.named_parameters() if p.requires_grad}
+
+
+def test_arch_grpo_takes_training_steps_that_move_the_adapter(arch_backbone, synthetic_dir):
+    """GRPO.training_step end to end: shared-vision rollouts, scoring, reference KL, loss, optimiser step."""
+    before = _trainable(arch_backbone)
+    record = _fit_grpo(arch_backbone, synthetic_dir, "completion_chars", steps=2, beta=0.04)
+
+    assert [m["train/groups_dropped"] for m in record.metrics] == [0.0, 0.0]
+    assert all(torch.isfinite(out["loss"]) for out in record.outputs)
+    after = _trainable(arch_backbone)
+    assert any(not torch.equal(before[n], after[n]) for n in before if "lora_B" in n)
+
+
+def test_arch_grpo_dynamic_sampling_drops_a_group_and_trains_on_the_rest(
+    arch_backbone, synthetic_dir
+):
+    record = _fit_grpo(arch_backbone, synthetic_dir, "constant_for_colour_questions", steps=1)
+
+    assert record.metrics[0]["train/groups_dropped"] == 0.5
+
+
+def test_arch_grpo_temporal_bonus_runs_on_shuffled_frame_features(arch_backbone, synthetic_dir):
+    record = _fit_grpo(arch_backbone, synthetic_dir, "completion_chars", steps=1, temporal=True)
+
+    assert "train/rewards/temporal" in record.metrics[0]
