@@ -1,1 +1,5 @@
-"""Lightning callbacks of lightning_veripo (installed as `lightning_veripo.callbacks`)."""
+"""Lightning callbacks of lightning_veripo (shipped as `lightning_veripo.callbacks`)."""
+
+from lightning_veripo.callbacks.verifier import VerifierCallback
+
+__all__ = ["VerifierCallback"]

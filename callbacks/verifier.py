@@ -19,6 +19,7 @@ import torch.distributed as dist
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_warn
 
+from lightning_veripo.loggers import logged_step
 from lightning_veripo.records import Rollout
 from lightning_veripo.verifier.judges import Judge, RuleJudge
 from lightning_veripo.verifier.pairs import REASONS, PairConfig, PreferencePair
@@ -182,7 +183,9 @@ class VerifierCallback(pl.Callback):
         for logger in trainer.loggers:
             logger.log_metrics(scalars, step=trainer.global_step)
             if text is not None and isinstance(logger, TensorBoardLogger):
-                logger.experiment.add_text("verifier/pairs", text, global_step=trainer.global_step)
+                logger.experiment.add_text(
+                    "verifier/pairs", text, global_step=logged_step(logger, trainer.global_step)
+                )
             logger.save()
 
 

@@ -26,7 +26,8 @@ from typing import Any, NamedTuple
 import torch
 
 from lightning_veripo import losses
-from lightning_veripo.backbone import Completions, VideoLLM
+from lightning_veripo.backbone import Completions, VideoLLM, map_vision_items, select_vision_items
+from lightning_veripo.loggers import logged_step
 from lightning_veripo.metrics import ReasoningMetrics
 from lightning_veripo.module import VideoLLMModule
 from lightning_veripo.parsing import extract_answer, extract_think, is_well_formed
@@ -129,6 +130,8 @@ class GRPOModule(VideoLLMModule):
             problems.append("num_iterations > 1 takes one optimiser step per pass: set accumulate_grad_batches=1")
         if overlong_buffer < 0 or overlong_buffer >= max_new_tokens:
             problems.append(f"overlong_buffer={overlong_buffer} must lie in [0, max_new_tokens={max_new_tokens})")
+        if beta != 0.0 and backbone.lora is None and not backbone.reference_copy:
+            problems.append(f"beta={beta} needs a reference policy: full fine-tuning with reference_copy=False has none")
         if problems:
             raise ValueError("GRPOModule: " + "; ".join(problems))
         self.automatic_optimization = False
@@ -288,6 +291,10 @@ class GRPOModule(VideoLLMModule):
         stats: dict[str, torch.Tensor] = {"clip_ratio_low": zero, "clip_ratio_high": zero, "clip_ratio": zero, "kl": zero}
         loss = zero
         step_now = (batch_idx + 1) % self.accumulate_grad_batches == 0
+        idle = not bool(keep.any()) and self._any_rank(keep)
+        if idle:  # other ranks back-propagate: join their gradient all-reduce with a zero-weighted group
+            keep = torch.zeros_like(keep)
+            keep[0] = True
         if keep.any():
             sub_batch, sub_vision = select_prompts(batch, keep, self.backbone, vision)
             rows = keep.repeat_interleave(G)
@@ -309,6 +316,8 @@ class GRPOModule(VideoLLMModule):
                         loss_type=self.loss_type, max_completion_length=self.max_new_tokens,
                         importance_sampling_level=self.importance_sampling_level,
                     )  # fmt: skip
+                    if idle:
+                        loss = loss * 0.0
                     self.manual_backward(loss / self.accumulate_grad_batches)
                     if self.num_iterations > 1:
                         self._step(opt, sched)
@@ -317,6 +326,15 @@ class GRPOModule(VideoLLMModule):
         elif self.num_iterations > 1 and not keep.any():
             self._step(opt, sched)  # no gradient: a no-op update that keeps the step count honest
         return loss, stats
+
+    def _any_rank(self, keep: torch.Tensor) -> bool:
+        """Whether any rank kept a group this step (always the local answer on one process).
+
+        Under DDP/FSDP every rank must run the backward pass when any rank does, or the gradient all-reduce
+        waits forever: a rank whose groups were all dropped then back-propagates one group with weight 0."""
+        if self._trainer is None or self.trainer.world_size == 1:
+            return bool(keep.any())
+        return bool(self.all_gather(keep.any().long()).sum() > 0)
 
     def _step(self, opt: Any, sched: Any) -> None:
         if self.max_grad_norm > 0:
@@ -420,7 +438,7 @@ class GRPOModule(VideoLLMModule):
         for r in rollouts[: min(4, len(rollouts))]:
             text = r.completion.replace("|", "\\|").replace("\n", " ")[:300]
             rows.append(f"| {r.record.problem_id} | {r.reward:.2f} | {r.advantage:+.2f} | {text} |")
-        writer.add_text("train/rollouts", "\n".join(rows), step)
+        writer.add_text("train/rollouts", "\n".join(rows), logged_step(self.logger, step))
 
     # ------------------------------------------------------------------ evaluation
     def _evaluate(self, batch: dict[str, Any], metrics: ReasoningMetrics) -> None:
@@ -470,8 +488,6 @@ def select_prompts(
     batch: dict[str, Any], keep: torch.Tensor, backbone: VideoLLM, vision: dict[str, Any] | None = None
 ) -> tuple[dict[str, Any], dict[str, Any] | None]:
     """The prompts of `batch` where `keep` [N] is True, with their vision inputs and encoded features."""
-    from transformers.modeling_outputs import BaseModelOutputWithPooling
-
     if keep.all():
         return batch, vision
     idx = keep.nonzero().flatten()
@@ -493,23 +509,29 @@ def select_prompts(
             chunks = torch.split(batch[pixel_key], grid.prod(-1).tolist())
             out[pixel_key] = torch.cat([chunks[i] for i in chosen])
         if sub_vision is not None and modality in vision:
-            feats = list(vision[modality].pooler_output)
-            sub_vision[modality] = BaseModelOutputWithPooling(pooler_output=[feats[i] for i in chosen])
+            sub_vision[modality] = select_vision_items(vision[modality], chosen)  # deepstack features too
     return out, sub_vision
 
 
 def shuffle_video_features(video: Any, grid_thw: torch.Tensor, seed: int) -> Any:
-    """The same video features with their temporal slots in a random (non-identity) order, for T-GRPO."""
-    from transformers.modeling_outputs import BaseModelOutputWithPooling
+    """The same video features with their temporal slots in a random (non-identity) order, for T-GRPO.
 
+    Every per-video field of the encoder output is permuted alike (Qwen3-VL's deepstack features included)."""
     gen = torch.Generator().manual_seed(seed)
-    shuffled = []
-    for feats, (t, _, _) in zip(video.pooler_output, grid_thw.tolist(), strict=True):
+    perms: list[torch.Tensor | None] = []
+    for t, _, _ in grid_thw.tolist():
         if t < 2:
-            shuffled.append(feats)
+            perms.append(None)
             continue
         perm = torch.randperm(t, generator=gen)
         while torch.equal(perm, torch.arange(t)):
             perm = torch.randperm(t, generator=gen)
-        shuffled.append(feats.view(t, -1, feats.shape[-1])[perm.to(feats.device)].reshape_as(feats))
-    return BaseModelOutputWithPooling(pooler_output=shuffled)
+        perms.append(perm)
+
+    def permute(items: list[torch.Tensor]) -> list[torch.Tensor]:
+        return [
+            x if p is None else x.view(len(p), -1, x.shape[-1])[p.to(x.device)].reshape_as(x)
+            for x, p in zip(items, perms, strict=True)
+        ]
+
+    return map_vision_items(video, permute)

@@ -58,6 +58,10 @@ class LoopState:
     def finished(self, stage: str) -> bool:
         return any(s["stage"] == stage for s in self.data["finished"])
 
+    def step(self) -> int:
+        """The TensorBoard step the finished stages reached (each stage's optimizer steps, added up)."""
+        return max((int(s.get("step", 0)) for s in self.data["finished"]), default=0)
+
     def adapters(self) -> list[str]:
         return [s["adapter"] for s in self.data["finished"] if s.get("adapter")]
 
@@ -75,10 +79,12 @@ def run_stage(
     tensorboard_dir: Path,
     extra_args: list[str] | None = None,
     callbacks: list[Any] | None = None,
-) -> Any:
+    step_offset: int = 0,
+) -> tuple[Any, int]:
     """One LightningCLI fit from the current policy; resumes from `stage_dir/checkpoints/last.ckpt` if present.
 
-    Returns the fitted LightningModule (its backbone holds the new policy)."""
+    Its TensorBoard curves start at x = `step_offset` (the steps of the stages before it).
+    Returns the fitted LightningModule (its backbone holds the new policy) and the fit's optimizer steps."""
     from lightning_veripo.cli import VeripoCLI
 
     stage_dir.mkdir(parents=True, exist_ok=True)
@@ -88,8 +94,9 @@ def run_stage(
         f"{backbone}model_name_or_path={base_model}",
         f"{backbone}merge_adapters={json.dumps(adapters)}",
         f"--trainer.default_root_dir={stage_dir}",
-        "--trainer.logger=lightning.pytorch.loggers.TensorBoardLogger",
+        "--trainer.logger=lightning_veripo.loggers.LoopTensorBoardLogger",
         f"--trainer.logger.init_args.save_dir={tensorboard_dir}",
+        f"--trainer.logger.init_args.step_offset={step_offset}",
         f"--trainer.logger.init_args.name={name}",
         "--trainer.logger.init_args.version=0",
         "--trainer.enable_checkpointing=true",
@@ -102,7 +109,7 @@ def run_stage(
     cli.trainer.callbacks.extend(callbacks or [])
     last = ckpt_dir / "last.ckpt"
     cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=str(last) if last.exists() else None)
-    return cli.model
+    return cli.model, cli.trainer.global_step
 
 
 def iterate(
@@ -152,21 +159,21 @@ def iterate(
     sampling = eval_sampling or FrameSampling()
     rows: list[dict[str, Any]] = [json.loads(x) for x in _read_lines(work / "metrics.jsonl")]
 
-    def finish(name: str, module: Any, seconds: float, **info: Any) -> None:
-        adapter = str(module.backbone.save_pretrained(work / name / "adapter"))
-        metrics = evaluate(module.backbone, val_path, sampling, eval_max_new_tokens, eval_batch_size, judge)
-        row = {"stage": name, "index": len(rows), "wall_s": round(seconds, 3), **metrics}
-        rows.append(row)
-        _log_eval(tensorboard, row)
-        _write_lines_atomic(work / "metrics.jsonl", [json.dumps(r) for r in rows])
-        state.mark(name, adapter, **info)
-
     def fit(name: str, stage: Stage, extra: list[str] | None = None, callbacks: list[Any] | None = None) -> None:
         if state.finished(name):
             return
         start = time.perf_counter()
-        module = run_stage(name, stage, work / name, base_model, state.adapters(), tensorboard, extra, callbacks)
-        finish(name, module, time.perf_counter() - start)
+        offset = state.step()
+        module, steps = run_stage(name, stage, work / name, base_model, state.adapters(), tensorboard, extra,
+                                  callbacks, step_offset=offset)  # fmt: skip
+        adapter = str(module.backbone.save_pretrained(work / name / "adapter"))
+        metrics = evaluate(module.backbone, val_path, sampling, eval_max_new_tokens, eval_batch_size, judge)
+        row = {"stage": name, "index": len(rows), "step": offset + steps,
+               "wall_s": round(time.perf_counter() - start, 3), **metrics, "rss_mb": _rss_mb()}  # fmt: skip
+        rows.append(row)
+        _log_eval(tensorboard, row)
+        _write_lines_atomic(work / "metrics.jsonl", [json.dumps(r) for r in rows])
+        state.mark(name, adapter, steps=steps, step=offset + steps)
 
     if sft is not None:
         fit("sft", sft)
@@ -202,6 +209,21 @@ def _discard_solved(stats_path: Path, out: Path, fraction: float, seed: int) -> 
     return out
 
 
+def _rss_mb() -> float:
+    """This process's resident memory now (Linux /proc), else its peak so far (getrusage), in MiB."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return round(int(line.split()[1]) / 1024, 1)
+    except OSError:
+        pass
+    import resource
+    import sys
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+    return round(peak / (1024 * 1024 if sys.platform == "darwin" else 1024), 1)
+
+
 def _read_lines(path: Path) -> list[str]:
     return [x for x in path.read_text().splitlines() if x.strip()] if path.exists() else []
 
@@ -217,8 +239,8 @@ def _log_eval(tensorboard: Path, row: dict[str, Any]) -> None:
 
     with SummaryWriter(str(tensorboard / "loop")) as writer:
         for key, value in row.items():
-            if isinstance(value, (int, float)) and key != "index":
-                writer.add_scalar(f"eval/{key}", value, row["index"])
+            if isinstance(value, (int, float)) and key not in ("index", "step"):
+                writer.add_scalar(f"eval/{key}", value, row["step"])
 
 
 def _print_summary(rows: list[dict[str, Any]]) -> None:

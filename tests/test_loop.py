@@ -62,7 +62,13 @@ def test_iterate_runs_the_demo_loop_and_writes_the_work_directory(demo_cwd: Path
         assert 0.0 <= row["accuracy"] <= 1.0 and 0.0 <= row["inconsistency_rate"] <= 1.0
     assert (work / "sft/adapter/adapter_config.json").is_file()
     tags = _scalar_tags(work / "tensorboard")
-    assert {"train/sft_loss", "train/loss", "train/reward", "eval/accuracy", "eval/inconsistency_rate"} <= tags
+    assert {
+        "train/sft_loss",
+        "train/loss",
+        "train/reward",
+        "eval/accuracy",
+        "eval/inconsistency_rate",
+    } <= tags
     pairs = (work / "iter_1/verifier/pairs.jsonl").read_text().splitlines()
     if pairs:  # the DPO fit ran on them and logged its tags
         assert {"train/rewards/accuracy", "train/rewards/margin"} <= tags
@@ -71,25 +77,95 @@ def test_iterate_runs_the_demo_loop_and_writes_the_work_directory(demo_cwd: Path
     assert "stage" in run.stdout and "iter_1/grpo" in run.stdout  # the summary table
 
 
-@pytest.mark.slow
-def test_a_killed_loop_resumes_without_redoing_finished_stages(demo_cwd: Path) -> None:
-    proc = subprocess.Popen(_veripo(demo_cwd, *SMALL), cwd=demo_cwd, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, start_new_session=True)
-    state_path = demo_cwd / "work/demo/veripo/state.json"
-    deadline = time.time() + 600
-    while time.time() < deadline and not state_path.exists():  # sft finished: now inside the GRPO fit
-        time.sleep(0.5)
-    time.sleep(3)
+def _wait_for(path: Path, proc: subprocess.Popen, timeout: float = 900) -> None:
+    deadline = time.time() + timeout
+    while not path.exists():
+        assert proc.poll() is None, f"the loop exited ({proc.returncode}) before {path} appeared"
+        assert time.time() < deadline, f"{path} did not appear within {timeout} s"
+        time.sleep(0.02)
+
+
+def _kill(proc: subprocess.Popen) -> None:
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
-    first = json.loads(state_path.read_text())
-    assert [s["stage"] for s in first["finished"]] == ["sft"]
-    sft_adapter = demo_cwd / "work/demo/veripo/sft/adapter/adapter_model.safetensors"
-    before = sft_adapter.stat().st_mtime_ns
 
-    run = subprocess.run(_veripo(demo_cwd, *SMALL), cwd=demo_cwd, capture_output=True, text=True, timeout=900)
+
+@pytest.mark.slow
+def test_a_killed_loop_resumes_without_redoing_finished_stages(demo_cwd: Path) -> None:
+    """SIGKILL inside the GRPO fit, then inside the DPO fit; each rerun of the same command resumes."""
+    longer = [*SMALL, "--grpo.args+=--trainer.max_steps=10", "--dpo.args+=--trainer.max_epochs=4"]
+    work = demo_cwd / "work/demo/veripo"
+    state_path = work / "state.json"
+
+    def finished() -> list[str]:
+        return [s["stage"] for s in json.loads(state_path.read_text())["finished"]]
+
+    def start() -> subprocess.Popen:
+        return subprocess.Popen(_veripo(demo_cwd, *longer), cwd=demo_cwd, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL, start_new_session=True)  # fmt: skip
+
+    proc = start()  # killed once the GRPO fit has written its first checkpoint
+    _wait_for(work / "iter_1/grpo/checkpoints/last.ckpt", proc)
+    _kill(proc)
+    assert finished() == ["sft"]
+    sft_adapter = work / "sft/adapter/adapter_model.safetensors"
+    sft_mtime = sft_adapter.stat().st_mtime_ns
+
+    proc = start()  # resumes GRPO from its checkpoint; killed inside the DPO fit
+    _wait_for(work / "iter_1/dpo/checkpoints/last.ckpt", proc)
+    _kill(proc)
+    assert finished() == ["sft", "iter_1/grpo"]
+    verifier = {p.name: p.read_bytes() for p in (work / "iter_1/verifier").iterdir()}
+    rollouts = [json.loads(x) for x in verifier["rollouts.jsonl"].splitlines()]
+    assert sorted({r["step"] for r in rollouts}) == list(range(10))  # every step, the resumed ones included
+    assert len(rollouts) == 10 * 2 * 8  # none lost or doubled by the interruption
+    grpo_adapter = work / "iter_1/grpo/adapter/adapter_model.safetensors"
+    grpo_mtime = grpo_adapter.stat().st_mtime_ns
+
+    run = subprocess.run(
+        _veripo(demo_cwd, *longer), cwd=demo_cwd, capture_output=True, text=True, timeout=900
+    )
     assert run.returncode == 0, run.stderr[-4000:]
-    final = json.loads(state_path.read_text())
-    assert [s["stage"] for s in final["finished"]] == ["sft", "iter_1/grpo", "iter_1/dpo"]
-    assert sft_adapter.stat().st_mtime_ns == before  # the finished stage was not redone
-    assert not list((demo_cwd / "work/demo/veripo").rglob(".*.tmp"))  # nothing half-written
+    assert finished() == ["sft", "iter_1/grpo", "iter_1/dpo"]
+    assert sft_adapter.stat().st_mtime_ns == sft_mtime  # the finished stages were not redone
+    assert grpo_adapter.stat().st_mtime_ns == grpo_mtime
+    assert {p.name: p.read_bytes() for p in (work / "iter_1/verifier").iterdir()} == verifier
+    state = json.loads(state_path.read_text())
+    assert state["finished"][2]["steps"] == 4 * -(-len(verifier["pairs.jsonl"].splitlines()) // 4)
+    assert [r["stage"] for r in map(json.loads, (work / "metrics.jsonl").read_text().splitlines())] == [
+        "sft", "iter_1/grpo", "iter_1/dpo"]  # fmt: skip
+    assert not list(work.rglob(".*.tmp"))  # nothing half-written
+
+
+@pytest.mark.slow
+def test_soak_several_iterations_keep_memory_flat_and_files_consistent(demo_cwd: Path) -> None:
+    """Four VerIPO iterations in one process: resident memory after each GRPO stage must not keep growing."""
+    iterations = 4
+    args = [*SMALL, "--iterations", str(iterations), "--discard_solved_fraction", "0.5"]
+    run = subprocess.run(_veripo(demo_cwd, *args), cwd=demo_cwd, capture_output=True, text=True, timeout=1500)
+    assert run.returncode == 0, run.stderr[-4000:]
+    work = demo_cwd / "work/demo/veripo"
+    state = json.loads((work / "state.json").read_text())
+    expected = ["sft"] + [f"iter_{k}/{s}" for k in range(1, iterations + 1) for s in ("grpo", "dpo")]
+    assert [s["stage"] for s in state["finished"]] == expected
+    rows = [json.loads(x) for x in (work / "metrics.jsonl").read_text().splitlines()]
+    steps = [r["step"] for r in rows]
+    assert steps == sorted(steps) and len(set(steps)) == len(steps)  # one TensorBoard axis across the stages
+    for k in range(1, iterations + 1):
+        verifier = work / f"iter_{k}/verifier"
+        stats = json.loads((verifier / "stats.json").read_text())
+        rollouts = (verifier / "rollouts.jsonl").read_text().splitlines()
+        assert (
+            stats["num_rollouts"]
+            == len(rollouts)
+            == len((verifier / "verdicts.jsonl").read_text().splitlines())
+        )
+        assert stats["pairs"] == len((verifier / "pairs.jsonl").read_text().splitlines())
+        if k > 1:  # the next GRPO fit skipped the questions picked from the always-solved ones
+            dropped = set(json.loads((work / f"iter_{k - 1}/exclude_ids.json").read_text()))
+            assert not dropped & {json.loads(x)["record"]["problem_id"] for x in rollouts}
+    rss = {r["stage"]: r["rss_mb"] for r in rows}
+    grpo = [rss[f"iter_{k}/grpo"] for k in range(1, iterations + 1)]
+    # the first iteration warms caches (allocator, tokenizer, decord); afterwards growth must stay small
+    assert grpo[-1] - grpo[1] < 150, f"RSS after each GRPO stage (MiB): {grpo}"
+    assert not list(work.rglob(".*.tmp"))
