@@ -105,8 +105,13 @@ def run_stage(
     ]  # fmt: skip
     cli = VeripoCLI(args=args, run=False)
     ckpt_dir = stage_dir / "checkpoints"
-    cli.trainer.callbacks.append(ModelCheckpoint(dirpath=ckpt_dir, save_last=True, every_n_train_steps=1))
-    cli.trainer.callbacks.extend(callbacks or [])
+    # Checkpoint callbacks run last (as Trainer orders them), so a checkpoint holds the state the other
+    # callbacks reached at that step, e.g. the VerifierCallback's rollouts of the step just taken.
+    existing = cli.trainer.callbacks
+    checkpoints = [c for c in existing if isinstance(c, ModelCheckpoint)]
+    others = [c for c in existing if not isinstance(c, ModelCheckpoint)]
+    every_step = ModelCheckpoint(dirpath=ckpt_dir, save_last=True, every_n_train_steps=1)
+    cli.trainer.callbacks = [*others, *(callbacks or []), *checkpoints, every_step]
     last = ckpt_dir / "last.ckpt"
     cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=str(last) if last.exists() else None)
     return cli.model, cli.trainer.global_step

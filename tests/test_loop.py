@@ -16,7 +16,7 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 SMALL = [
     "--iterations", "1",
-    "--sft.args", json.dumps(["--trainer.max_steps=60", "--trainer.enable_progress_bar=false"]),
+    "--sft.args", json.dumps(["--trainer.max_steps=100", "--trainer.enable_progress_bar=false"]),
     "--grpo.args", json.dumps(["--trainer.max_steps=3", "--trainer.limit_val_batches=0",
                                "--trainer.num_sanity_val_steps=0", "--trainer.enable_progress_bar=false",
                                "--data.init_args.synthetic.num_train=16", "--data.init_args.synthetic.num_val=8"]),
