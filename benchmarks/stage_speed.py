@@ -243,9 +243,9 @@ def run_grpo(a: argparse.Namespace) -> dict[str, Any]:
     """Part A: a GRPO fit of the demo's settings with the VerifierCallback; writes pairs and the adapter."""
     gs._setup_process(a.threads, a.omp_wait_policy)
     import lightning as L
-    from lightning_veripo.callbacks.verifier import VerifierCallback
 
     from lightning_veripo.backbone import VideoLLM
+    from lightning_veripo.callbacks.verifier import VerifierCallback
     from lightning_veripo.data.videoqa import VideoQADataModule
     from lightning_veripo.grpo import GRPOModule
 

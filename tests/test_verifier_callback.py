@@ -13,10 +13,10 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import TensorBoardLogger
-from lightning_veripo.callbacks.verifier import VerifierCallback
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch.utils.data import DataLoader
 
+from lightning_veripo.callbacks.verifier import VerifierCallback
 from lightning_veripo.records import Rollout, VideoQARecord
 from lightning_veripo.verifier import (
     PairConfig,
