@@ -308,16 +308,21 @@ def dpo_loss(
     return losses, (beta * c).detach(), (beta * r).detach()
 
 
-def dpo_sft_loss(policy_chosen_logps_sum: Tensor, chosen_lengths: Tensor) -> Tensor:
+def dpo_sft_loss(
+    policy_chosen_logps_sum: Tensor, chosen_lengths: Tensor, tokens_per_pair: Tensor | float | None = None
+) -> Tensor:
     """The "sft" term: negative log-likelihood of the chosen answers per token, as a per-pair [B] tensor.
 
         loss_i = -logp_c,i / mean_j(len_j)      so that   mean_i(loss_i) = -sum_i logp_c,i / sum_i len_i
 
     i.e. its mean over the batch is the token-mean NLL of all chosen tokens (TRL's "sft" term) and a long
     answer's tokens weigh as much as a short one's. Takes summed log-probs [B] and token counts [B].
+    `tokens_per_pair` overrides mean_j(len_j), e.g. with the mean over the global batch of all ranks, so that
+    data-parallel training averages to the single-device loss (TRL normalises per device).
     """
-    tokens_per_pair = chosen_lengths.float().mean().clamp(min=1.0)
-    return -policy_chosen_logps_sum.float() / tokens_per_pair
+    if tokens_per_pair is None:
+        tokens_per_pair = chosen_lengths.float().mean()
+    return -policy_chosen_logps_sum.float() / torch.as_tensor(tokens_per_pair).float().clamp(min=1.0)
 
 
 def dpo_losses_weighted(

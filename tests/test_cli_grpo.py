@@ -138,3 +138,15 @@ def test_an_invalid_knob_fails_with_a_message_naming_it(tmp_path: Path, knob: st
     assert result.returncode != 0
     assert named in result.stderr, result.stderr[-3000:]
     assert not (tmp_path / "work").exists()  # it stops before building anything
+
+
+@pytest.mark.slow
+def test_veripo_test_evaluates_a_trained_checkpoint_on_a_test_file(demo_run: Path) -> None:
+    ckpt = _checkpoint(demo_run / VERSION_DIR / "version_0")
+    result = veripo("test", "--config", "configs/demo_grpo.yaml", *QUICK, "--ckpt_path", str(ckpt),
+                    "--data.init_args.test_path", "work/demo/data/val.json", cwd=demo_run)  # fmt: skip
+    _expect_success(result)
+    for metric in ("test/accuracy", "test/format_rate", "test/reasoning_tokens", "test/inconsistency_rate"):
+        assert metric in result.stdout, result.stdout[-3000:]
+    missing = veripo("test", "--config", "configs/demo_grpo.yaml", *QUICK, "--ckpt_path", str(ckpt), cwd=demo_run)
+    assert missing.returncode != 0 and "test_path" in missing.stderr  # no test file configured: said so
