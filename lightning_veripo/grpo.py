@@ -291,7 +291,8 @@ class GRPOModule(VideoLLMModule):
         stats: dict[str, torch.Tensor] = {"clip_ratio_low": zero, "clip_ratio_high": zero, "clip_ratio": zero, "kl": zero}
         loss = zero
         step_now = (batch_idx + 1) % self.accumulate_grad_batches == 0
-        idle = not bool(keep.any()) and self._any_rank(keep)
+        any_rank = self._any_rank(keep)  # a collective: every rank calls it, every step
+        idle = any_rank and not bool(keep.any())
         if idle:  # other ranks back-propagate: join their gradient all-reduce with a zero-weighted group
             keep = torch.zeros_like(keep)
             keep[0] = True

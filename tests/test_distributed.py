@@ -12,6 +12,7 @@ DDP fit (1 pair per rank) must end with the same weights as one process fitting 
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -171,3 +172,42 @@ def test_ddp_dpo_on_the_verifier_pairs_equals_one_process_on_the_global_batch(
     # ranks pad 1 pair where one process pads 2), which Adam's normalised first steps can raise to ~1e-5.
     for key in one:
         torch.testing.assert_close(two[key], one[key], rtol=0, atol=2e-5, msg=key)
+
+
+@pytest.mark.slow
+def test_ddp_rank_whose_groups_are_all_dropped_joins_the_others_backward(
+    tmp_path: Path, tiny_model_dir: Path, synthetic_dir: Path
+) -> None:
+    """Rank 0 gets a colour question (constant reward: its group is dropped), rank 1 a direction question (kept).
+
+    Without the zero-weighted pass rank 1 would wait forever in DDP's gradient all-reduce; here the fit ends, the
+    adapter moves (rank 1's gradient, averaged) and both ranks' rollouts reach the verifier."""
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(REPO / "tests"), os.environ.get("PYTHONPATH", "")]),
+    }
+    out, ckpt = tmp_path / "verifier", tmp_path / "ckpt"
+    b = "--model.init_args.backbone.init_args."
+    command = [
+        sys.executable, "-m", "lightning_veripo.cli", "fit", "--config", str(REPO / "configs/demo_grpo.yaml"), *QUIET,
+        f"{b}model_name_or_path={tiny_model_dir}", f"{b}make_tiny_if_missing=false", f"{b}lora.dropout=0.0",
+        "--trainer.strategy=ddp", "--trainer.devices=2", "--trainer.max_steps=1", f"--trainer.default_root_dir={tmp_path}",
+        f"--model.init_args.num_generations={G}", "--model.init_args.max_new_tokens=8",
+        "--model.init_args.rewards.names=[rewards_for_tests.constant_for_colour_questions]",
+        "--model.init_args.log_rollouts_every_n_steps=0",
+        f"--data.init_args.train_path={synthetic_dir / 'train.json'}", "--data.init_args.val_path=null",
+        "--data.init_args.synthetic=null", "--data.init_args.shuffle=false", "--data.init_args.batch_size=1",
+        "--trainer.callbacks+=lightning_veripo.callbacks.VerifierCallback",
+        f"--trainer.callbacks.init_args.out_dir={out}", "--trainer.callbacks.init_args.progress=false",
+        "--trainer.enable_checkpointing=true", "--trainer.callbacks+=lightning.pytorch.callbacks.ModelCheckpoint",
+        f"--trainer.callbacks.init_args.dirpath={ckpt}", "--trainer.callbacks.init_args.filename=final",
+        "--trainer.callbacks.init_args.every_n_train_steps=1",
+    ]  # fmt: skip
+    done = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=300, env=env)
+    assert done.returncode == 0, done.stderr[-6000:]
+    rollouts = read_rollouts(out / "rollouts.jsonl")
+    assert sorted({r.record.problem_id for r in rollouts}) == ["train-colour-00000", "train-direction-00001"]
+    colour = [r for r in rollouts if "colour" in r.record.problem_id]
+    assert all(r.reward == 0.0 and r.advantage == 0.0 for r in colour)  # the dropped group
+    state = torch.load(ckpt / "final.ckpt", map_location="cpu", weights_only=False)["state_dict"]
+    assert any("lora_B" in k and v.abs().max() > 0 for k, v in state.items())
