@@ -17,6 +17,7 @@ import lightning as L
 import pytest
 import torch
 import transformers
+from helpers import RecordSteps, hand_logprobs
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
 from lightning_veripo.backbone import (
@@ -81,35 +82,6 @@ def _perturb_lora(backbone: VideoLLM, seed: int = 0, std: float = 0.1) -> None:
 def _sample(backbone: VideoLLM, batch: dict, num_samples: int = G, max_new_tokens: int = 8) -> Completions:
     torch.manual_seed(0)
     return backbone.generate(batch, num_samples=num_samples, max_new_tokens=max_new_tokens)
-
-
-def _hand_logprobs(
-    backbone: VideoLLM, batch: dict, completions: Completions, num_samples: int
-) -> torch.Tensor:
-    """One unpadded forward per completion with its own video's pixels (the model encodes them itself)."""
-    model = backbone.hf_model
-    pixels = torch.split(batch["pixel_values_videos"], batch["video_grid_thw"].prod(-1).tolist())
-    rows = []
-    for r in range(completions.ids.shape[0]):
-        g = r // num_samples
-        keep = batch["attention_mask"][g].bool()
-        prompt, mm_types = batch["input_ids"][g][keep], batch["mm_token_type_ids"][g][keep]
-        ids, mask = completions.ids[r], completions.mask[r]
-        extra = {}
-        if batch.get("second_per_grid_ts") is not None:  # Qwen2.5-VL only
-            extra["second_per_grid_ts"] = batch["second_per_grid_ts"][g : g + 1]
-        with torch.no_grad():
-            logits = model(
-                input_ids=torch.cat([prompt, ids])[None],
-                attention_mask=torch.cat([torch.ones_like(prompt), mask])[None],
-                mm_token_type_ids=torch.cat([mm_types, torch.zeros_like(ids)])[None],
-                pixel_values_videos=pixels[g],
-                video_grid_thw=batch["video_grid_thw"][g : g + 1],
-                **extra,
-            ).logits[0]
-        logp = logits[len(prompt) - 1 : len(prompt) - 1 + len(ids)].float().log_softmax(-1)
-        rows.append(logp.gather(-1, ids[:, None]).squeeze(-1) * mask)
-    return torch.stack(rows)
 
 
 # ---------------------------------------------------------------------- building and loading
@@ -185,7 +157,7 @@ def test_arch_sequence_logprobs_equal_a_hand_computation_from_the_model_logits(a
 
     with torch.no_grad():
         ours = arch_backbone.sequence_logprobs(arch_batch, completions.ids, completions.mask, num_samples=3)
-    expected = _hand_logprobs(arch_backbone, arch_batch, completions, num_samples=3)
+    expected = hand_logprobs(arch_backbone, arch_batch, completions, num_samples=3)
 
     assert (ours[completions.mask == 0] == 0).all()
     torch.testing.assert_close(ours, expected, atol=1e-5, rtol=0)
@@ -248,18 +220,7 @@ def test_arch_reference_with_the_adapter_disabled_is_the_base_model(arch_model, 
 # ---------------------------------------------------------------------- GRPO training
 
 
-class _Outputs(L.Callback):
-    def __init__(self) -> None:
-        self.outputs: list[dict[str, Any]] = []
-        self.metrics: list[dict[str, float]] = []
-
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
-                           batch_idx: int) -> None:  # fmt: skip
-        self.outputs.append(outputs)
-        self.metrics.append({k: float(v) for k, v in trainer.callback_metrics.items()})
-
-
-def _fit_grpo(backbone: VideoLLM, synthetic_dir: Path, reward: str, steps: int, **options: Any) -> _Outputs:
+def _fit_grpo(backbone: VideoLLM, synthetic_dir: Path, reward: str, steps: int, **options: Any) -> RecordSteps:
     module = GRPOModule(
         backbone, rewards=RewardSet([f"rewards_for_tests.{reward}"]), num_generations=G, max_new_tokens=6,
         lr=1e-2, log_rollouts_every_n_steps=0, **options,
@@ -270,7 +231,7 @@ def _fit_grpo(backbone: VideoLLM, synthetic_dir: Path, reward: str, steps: int, 
         batch_size=2,
         shuffle=False,
     )
-    record = _Outputs()
+    record = RecordSteps()
     trainer = L.Trainer(
         accelerator="cpu", max_steps=steps, logger=False, enable_checkpointing=False,
         enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0, callbacks=[record],

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import hand_logprobs
 
-from lightning_veripo.backbone import FORBIDDEN_GENERATION_TOKENS, Completions, LoRAConfig, VideoLLM
+from lightning_veripo.backbone import FORBIDDEN_GENERATION_TOKENS, LoRAConfig, VideoLLM
 
 LORA = LoRAConfig(r=4, alpha=8)
 
@@ -41,35 +42,6 @@ def _sample(backbone: VideoLLM, batch: dict, num_samples: int, max_new_tokens: i
 def _hf_inputs(batch: dict) -> dict:
     """The processor's tensors only (what `model.generate` / `model.forward` take)."""
     return {k: v for k, v in batch.items() if isinstance(v, torch.Tensor)}
-
-
-def _hand_logprobs(
-    backbone: VideoLLM, batch: dict, completions: Completions, num_samples: int
-) -> torch.Tensor:
-    """Per-token log-probs by hand: one unpadded forward per completion with its own pixels."""
-    model = backbone.hf_model  # the transformers model, LoRA layers injected
-    sizes = batch["video_grid_thw"].prod(-1).tolist()
-    pixels = torch.split(batch["pixel_values_videos"], sizes)
-    rows = []
-    for r in range(completions.ids.shape[0]):
-        g = r // num_samples
-        keep = batch["attention_mask"][g].bool()
-        prompt = batch["input_ids"][g][keep]
-        mm_types = batch["mm_token_type_ids"][g][keep]
-        ids, mask = completions.ids[r], completions.mask[r]
-        with torch.no_grad():
-            logits = model(
-                input_ids=torch.cat([prompt, ids])[None],
-                attention_mask=torch.cat([torch.ones_like(prompt), mask])[None],
-                mm_token_type_ids=torch.cat([mm_types, torch.zeros_like(ids)])[None],
-                pixel_values_videos=pixels[g],
-                video_grid_thw=batch["video_grid_thw"][g : g + 1],
-                second_per_grid_ts=batch["second_per_grid_ts"][g : g + 1],
-            ).logits[0]
-        # Position p predicts token p + 1: the completion's logits start at the prompt's last position.
-        logp = logits[len(prompt) - 1 : len(prompt) - 1 + len(ids)].float().log_softmax(-1)
-        rows.append(logp.gather(-1, ids[:, None]).squeeze(-1) * mask)
-    return torch.stack(rows)
 
 
 # ---------------------------------------------------------------------- generation
@@ -172,7 +144,7 @@ def test_sequence_logprobs_equal_a_hand_computation_from_the_model_logits(backbo
 
     with torch.no_grad():
         ours = backbone.sequence_logprobs(video_batch, completions.ids, completions.mask, num_samples=3)
-    expected = _hand_logprobs(backbone, video_batch, completions, num_samples=3)
+    expected = hand_logprobs(backbone, video_batch, completions, num_samples=3)
 
     assert ours.shape == completions.ids.shape and ours.dtype == torch.float32
     assert (ours[completions.mask == 0] == 0).all()

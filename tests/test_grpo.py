@@ -13,6 +13,7 @@ from typing import Any
 import lightning as L
 import pytest
 import torch
+from helpers import RecordSteps
 
 from lightning_veripo import losses
 from lightning_veripo.backbone import LoRAConfig, VideoLLM
@@ -22,19 +23,6 @@ from lightning_veripo.rewards import RewardSet
 
 G = 4  # rollouts per prompt in the quick tests
 MAX_NEW_TOKENS = 6
-
-
-class RecordSteps(L.Callback):
-    """Keeps what every training step returned and the metrics it logged."""
-
-    def __init__(self) -> None:
-        self.outputs: list[dict[str, Any]] = []
-        self.metrics: list[dict[str, float]] = []
-
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
-                           batch_idx: int) -> None:  # fmt: skip
-        self.outputs.append(outputs)
-        self.metrics.append({k: float(v) for k, v in trainer.callback_metrics.items()})
 
 
 def _datamodule(synthetic_dir: Path, sampling: FrameSampling, shuffle: bool = False) -> VideoQADataModule:

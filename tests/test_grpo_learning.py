@@ -12,11 +12,11 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any
 
 import lightning as L
 import pytest
 import torch
+from helpers import RecordSteps
 
 from lightning_veripo.backbone import LoRAConfig, VideoLLM
 from lightning_veripo.data.synthetic import make_synthetic_data
@@ -27,19 +27,6 @@ from lightning_veripo.sft import SFTModule
 
 SFT_STEPS, GRPO_STEPS, G = 100, 40, 8
 LM_AND_HEAD = r".*(language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)|lm_head)"
-
-
-class Outputs(L.Callback):
-    def __init__(self) -> None:
-        self.accuracy: list[float] = []
-        self.reward: list[float] = []
-
-    def on_train_batch_end(
-        self, trainer: L.Trainer, module: L.LightningModule, outputs: Any, *args: Any
-    ) -> None:
-        rollouts = outputs["rollouts"]
-        self.accuracy.append(sum(r.accuracy for r in rollouts) / len(rollouts))
-        self.reward.append(sum(r.reward for r in rollouts) / len(rollouts))
 
 
 def _trainer(steps: int, callbacks: list[L.Callback] | None = None) -> L.Trainer:
@@ -61,22 +48,24 @@ def test_grpo_on_the_synthetic_colour_task_reports_accuracy_before_and_after(
     before = evaluate(backbone, val, sampling, max_new_tokens=40, batch_size=16)
 
     backbone.merge_and_reset()  # GRPO's fresh adapter starts from the warm-started policy
-    outputs = Outputs()
+    record = RecordSteps()
     grpo = GRPOModule(backbone, num_generations=G, max_new_tokens=40, lr=3e-3, log_rollouts_every_n_steps=0)
     train = VideoQADataModule(train_path=str(data / "train.json"), sampling=sampling, batch_size=2)
     start = {n: p.detach().clone() for n, p in backbone.model.named_parameters() if p.requires_grad}
-    _trainer(GRPO_STEPS, [outputs]).fit(grpo, datamodule=train)
+    _trainer(GRPO_STEPS, [record]).fit(grpo, datamodule=train)
     after = evaluate(backbone, val, sampling, max_new_tokens=40, batch_size=16)
 
+    accuracy = [sum(r.accuracy for r in out["rollouts"]) / len(out["rollouts"]) for out in record.outputs]
+    reward = [sum(r.reward for r in out["rollouts"]) / len(out["rollouts"]) for out in record.outputs]
     k = 10
     result = {
         "sft_steps": SFT_STEPS, "grpo_steps": GRPO_STEPS, "num_generations": G, "val_records": 16,
         "greedy_val_before": before, "greedy_val_after": after,
-        f"train_sampled_accuracy_first_{k}_steps": sum(outputs.accuracy[:k]) / k,
-        f"train_sampled_accuracy_last_{k}_steps": sum(outputs.accuracy[-k:]) / k,
-        f"train_reward_first_{k}_steps": sum(outputs.reward[:k]) / k,
-        f"train_reward_last_{k}_steps": sum(outputs.reward[-k:]) / k,
-        "train_sampled_accuracy_per_step": outputs.accuracy,
+        f"train_sampled_accuracy_first_{k}_steps": sum(accuracy[:k]) / k,
+        f"train_sampled_accuracy_last_{k}_steps": sum(accuracy[-k:]) / k,
+        f"train_reward_first_{k}_steps": sum(reward[:k]) / k,
+        f"train_reward_last_{k}_steps": sum(reward[-k:]) / k,
+        "train_sampled_accuracy_per_step": accuracy,
     }  # fmt: skip
     text = json.dumps(result, indent=1)
     (tmp_path / "grpo_learning.json").write_text(text)
@@ -86,7 +75,7 @@ def test_grpo_on_the_synthetic_colour_task_reports_accuracy_before_and_after(
         "\n" + "\n".join(f"{key}: {value}" for key, value in result.items() if not key.endswith("per_step"))
     )
 
-    assert len(outputs.accuracy) == GRPO_STEPS
+    assert len(accuracy) == GRPO_STEPS
     for metrics in (before, after):
         assert 0.0 <= metrics["accuracy"] <= 1.0 and 0.0 <= metrics["format_rate"] <= 1.0
     assert before["format_rate"] > 0.5, "the warm start must teach the answer format"
