@@ -12,7 +12,7 @@ offline stand-in for the verifier's small judge LLM.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import torch
 
@@ -96,8 +96,20 @@ def _seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-ARCHS = ("qwen2_5_vl", "qwen2_vl", "qwen3_vl")
 Arch = Literal["qwen2_5_vl", "qwen2_vl", "qwen3_vl"]
+ARCHS: tuple[str, ...] = get_args(Arch)
+
+
+def _decoder_dims(vocab_size: int, hidden_size: int, num_layers: int) -> dict[str, int]:
+    """The sizes of a tiny Qwen decoder: 4 attention heads sharing 2 key/value heads, MLP twice as wide."""
+    return dict(
+        vocab_size=vocab_size,
+        hidden_size=hidden_size,
+        intermediate_size=hidden_size * 2,
+        num_hidden_layers=num_layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    )
 
 
 def _vl_config(arch: str, tok: Any, hidden_size: int, num_layers: int, vision_depth: int) -> Any:
@@ -112,12 +124,7 @@ def _vl_config(arch: str, tok: Any, hidden_size: int, num_layers: int, vision_de
     }
     head_dim = hidden_size // 4
     text = dict(
-        vocab_size=len(tok),
-        hidden_size=hidden_size,
-        intermediate_size=hidden_size * 2,
-        num_hidden_layers=num_layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
+        **_decoder_dims(len(tok), hidden_size, num_layers),
         max_position_embeddings=8192,
         tie_word_embeddings=False,
         **special_ids,
@@ -211,12 +218,10 @@ def make_tiny_model(
     """
     from transformers import AutoModelForImageTextToText
 
-    if arch not in ARCHS:
-        raise ValueError(f"make_tiny_model: unknown arch={arch!r}; expected one of {ARCHS}")
+    tok = build_tokenizer(vocab_size)
+    config = _vl_config(arch, tok, hidden_size, num_layers, vision_depth)  # an unknown arch raises here
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    tok = build_tokenizer(vocab_size)
-    config = _vl_config(arch, tok, hidden_size, num_layers, vision_depth)
     _seed_everything(seed)
     model = AutoModelForImageTextToText.from_config(config).eval()
     text_config = config.get_text_config()
@@ -238,12 +243,7 @@ def make_tiny_causal_lm(out_dir: str | Path, seed: int = 0, hidden_size: int = 6
     eos = tok.convert_tokens_to_ids("<|im_end|>")
     pad = tok.convert_tokens_to_ids("<|endoftext|>")
     config = Qwen2Config(
-        vocab_size=len(tok),
-        hidden_size=hidden_size,
-        intermediate_size=hidden_size * 2,
-        num_hidden_layers=num_layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
+        **_decoder_dims(len(tok), hidden_size, num_layers),
         max_position_embeddings=4096,
         bos_token_id=pad,
         eos_token_id=eos,
