@@ -173,11 +173,16 @@ class GRPOModule(VideoLLMModule):
         t_generate = time.perf_counter() - t0
 
         scores = self.score(completions, records, batch, vision)
-        advantages = self._advantages(scores.total)
-        keep = self._kept_groups(scores.total)  # [N] bool
+        rewards = self._all_ranks(scores.total)  # group statistics never depend on how prompts were spread
+        n = scores.total.numel()
+        advantages = losses.group_advantages(rewards, self.num_generations, self.advantage_scale)
+        advantages = self._on_this_rank(advantages, n)
+        kept = self._kept_groups(rewards)  # [world * N] bool: every rank's groups
+        keep = self._on_this_rank(kept, n // self.num_generations)
         t_score = time.perf_counter() - t0 - t_generate
 
-        loss, stats = self._optimise(batch, completions, advantages, keep, vision, batch_idx, records)
+        any_kept = bool(kept.any())
+        loss, stats = self._optimise(batch, completions, advantages, keep, any_kept, vision, batch_idx, records)
         t_optimise = time.perf_counter() - t0 - t_generate - t_score
 
         self._log_step(completions, scores, advantages, keep, stats, loss, (t_generate, t_score, t_optimise))
@@ -259,14 +264,15 @@ class GRPOModule(VideoLLMModule):
         helped = (ordered.mean(1, keepdim=True) >= self.temporal_mu * shuffled_acc).float()
         return (self.temporal_alpha * (ordered > 0).float() * helped).flatten()
 
-    def _advantages(self, total: torch.Tensor) -> torch.Tensor:
-        """Group advantages computed on the rewards of all ranks, so they do not depend on the sharding."""
+    def _all_ranks(self, total: torch.Tensor) -> torch.Tensor:
+        """The rewards of every rank, rank-major [world * N*G] (groups never straddle ranks); one process: `total`."""
         if self._trainer is None or self.trainer.world_size == 1:
-            return losses.group_advantages(total, self.num_generations, self.advantage_scale)
-        gathered = self.all_gather(total).flatten()  # [world * N*G], rank-major; groups never straddle ranks
-        advantages = losses.group_advantages(gathered, self.num_generations, self.advantage_scale)
-        n = total.numel()
-        return advantages[self.global_rank * n : (self.global_rank + 1) * n]
+            return total
+        return self.all_gather(total).flatten()
+
+    def _on_this_rank(self, values: torch.Tensor, n: int) -> torch.Tensor:
+        """This rank's `n` entries of a rank-major tensor gathered by `_all_ranks` (all of it on one process)."""
+        return values[self.global_rank * n : (self.global_rank + 1) * n]
 
     def _kept_groups(self, total: torch.Tensor) -> torch.Tensor:
         num_groups = total.numel() // self.num_generations
@@ -280,6 +286,7 @@ class GRPOModule(VideoLLMModule):
         completions: Completions,
         advantages: torch.Tensor,
         keep: torch.Tensor,
+        any_rank_kept: bool,
         vision: dict[str, Any] | None,
         batch_idx: int,
         records: list[VideoQARecord],
@@ -291,9 +298,10 @@ class GRPOModule(VideoLLMModule):
         stats: dict[str, torch.Tensor] = {"clip_ratio_low": zero, "clip_ratio_high": zero, "clip_ratio": zero, "kl": zero}
         loss = zero
         step_now = (batch_idx + 1) % self.accumulate_grad_batches == 0
-        any_rank = self._any_rank(keep)  # a collective: every rank calls it, every step
-        idle = any_rank and not bool(keep.any())
-        if idle:  # other ranks back-propagate: join their gradient all-reduce with a zero-weighted group
+        # Under DDP/FSDP every rank must run the backward pass when any rank does, or the gradient all-reduce
+        # waits forever: a rank whose groups were all dropped back-propagates one group with weight 0.
+        idle = any_rank_kept and not bool(keep.any())
+        if idle:
             keep = torch.zeros_like(keep)
             keep[0] = True
         if keep.any():
@@ -327,15 +335,6 @@ class GRPOModule(VideoLLMModule):
         elif self.num_iterations > 1 and not keep.any():
             self._step(opt, sched)  # no gradient: a no-op update that keeps the step count honest
         return loss, stats
-
-    def _any_rank(self, keep: torch.Tensor) -> bool:
-        """Whether any rank kept a group this step (always the local answer on one process).
-
-        Under DDP/FSDP every rank must run the backward pass when any rank does, or the gradient all-reduce
-        waits forever: a rank whose groups were all dropped then back-propagates one group with weight 0."""
-        if self._trainer is None or self.trainer.world_size == 1:
-            return bool(keep.any())
-        return bool(self.all_gather(keep.any().long()).sum() > 0)
 
     def _step(self, opt: Any, sched: Any) -> None:
         if self.max_grad_norm > 0:
