@@ -16,6 +16,7 @@ What counts as bad, and when it is found:
 from __future__ import annotations
 
 import json
+import os
 import re
 import warnings
 from dataclasses import dataclass
@@ -25,7 +26,7 @@ from typing import Any
 import lightning as L
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from lightning_veripo.records import DATA_TYPES, PROBLEM_TYPES, VideoQARecord
 
@@ -350,10 +351,6 @@ def order(dataset: Dataset, shuffle: bool, trainer: Any) -> dict[str, Any]:
     world = getattr(trainer, "world_size", 1) if trainer is not None else 1
     if world <= 1:
         return {"shuffle": shuffle}
-    import os
-
-    from torch.utils.data import DistributedSampler
-
     seed = int(os.environ.get("PL_GLOBAL_SEED", 0))  # what `seed_everything` set, as Lightning's own sampler uses
     sampler = DistributedSampler(dataset, num_replicas=world, rank=trainer.global_rank, shuffle=shuffle, seed=seed)
     return {"sampler": sampler}
