@@ -6,7 +6,7 @@ on its bookkeeping: every prompt of each global batch was rolled out G times, on
 recorded equal the single-process formula applied to the *global* batch's rewards (with `advantage_scale=batch`
 a rank that normalised by its own rewards would be caught); the verifier judged every rollout of both ranks and
 wrote its files once, the same files a single process writes from those rollouts. DPO has no sampling, so the
-DDP fit (1 pair per rank) must end with the same weights as one process fitting 2 pairs per step.
+DDP fit (1 pair per rank) must apply the same gradient as one process fitting 2 pairs per step.
 """
 
 from __future__ import annotations
@@ -34,9 +34,9 @@ QUIET = ["--trainer.accelerator=cpu", "--trainer.logger=false", "--trainer.enabl
          "--trainer.num_sanity_val_steps=0", "--seed_everything=0"]  # fmt: skip
 
 
-def _fit(*args: str, cwd: Path) -> None:
+def _fit(*args: str, cwd: Path, env: dict[str, str] | None = None) -> None:
     command = [sys.executable, "-m", "lightning_veripo.cli", "fit", *args]
-    done = subprocess.run(command, cwd=cwd, capture_output=True, text=True, timeout=600)
+    done = subprocess.run(command, cwd=cwd, capture_output=True, text=True, timeout=600, env=env)
     assert done.returncode == 0, f"exit {done.returncode}\n{done.stdout[-2000:]}\n{done.stderr[-6000:]}"
 
 
@@ -138,22 +138,22 @@ def test_ddp_verifier_judges_every_rank_rollout_and_writes_once(ddp_grpo: Path, 
     assert len(pairs) >= 4, "the warm-started model should give mixed groups, hence pairs for the DPO test"
 
 
-def _dpo(
+def _dpo_gradients(
     cwd: Path, pairs: Path, tiny_model_dir: Path, warm_adapter: Path, ddp: bool
 ) -> dict[str, torch.Tensor]:
-    ckpt = cwd / "ckpt"
+    """The LoRA gradients of the first DPO step, as the optimiser receives them (after DDP's all-reduce)."""
+    grads = cwd / "grads.pt"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "tests"), os.environ.get("PYTHONPATH", "")])}
     _fit(
         "--config", str(REPO / "configs/demo_dpo.yaml"), *QUIET, *_backbone_args(tiny_model_dir, warm_adapter),
         *(["--trainer.strategy=ddp", "--trainer.devices=2"] if ddp else ["--trainer.devices=1"]),
-        "--trainer.max_steps=2", "--trainer.max_epochs=-1", f"--trainer.default_root_dir={cwd}",
-        "--model.init_args.lr=0.01", f"--data.init_args.pairs_path={pairs}", "--data.init_args.shuffle=false",
-        f"--data.init_args.batch_size={1 if ddp else 2}",
-        "--trainer.callbacks+=lightning.pytorch.callbacks.ModelCheckpoint",
-        f"--trainer.callbacks.init_args.dirpath={ckpt}", "--trainer.callbacks.init_args.every_n_train_steps=2",
-        "--trainer.callbacks.init_args.filename=final",
-        cwd=cwd,
+        "--trainer.max_steps=1", "--trainer.max_epochs=-1", f"--trainer.default_root_dir={cwd}",
+        "--trainer.enable_checkpointing=false", f"--data.init_args.pairs_path={pairs}",
+        "--data.init_args.shuffle=false", f"--data.init_args.batch_size={1 if ddp else 2}",
+        "--trainer.callbacks+=gradients_for_tests.SaveGradients", f"--trainer.callbacks.init_args.path={grads}",
+        cwd=cwd, env=env,
     )  # fmt: skip
-    return torch.load(ckpt / "final.ckpt", map_location="cpu", weights_only=False)["state_dict"]
+    return torch.load(grads, map_location="cpu", weights_only=True)
 
 
 @pytest.mark.slow
@@ -163,15 +163,17 @@ def test_ddp_dpo_on_the_verifier_pairs_equals_one_process_on_the_global_batch(
     pairs = ddp_grpo / "pairs.jsonl"
     (tmp_path / "ddp").mkdir()
     (tmp_path / "single").mkdir()
-    two = _dpo(tmp_path / "ddp", pairs, tiny_model_dir, warm_adapter, ddp=True)
-    one = _dpo(tmp_path / "single", pairs, tiny_model_dir, warm_adapter, ddp=False)
+    two = _dpo_gradients(tmp_path / "ddp", pairs, tiny_model_dir, warm_adapter, ddp=True)
+    one = _dpo_gradients(tmp_path / "single", pairs, tiny_model_dir, warm_adapter, ddp=False)
     assert two.keys() == one.keys() and any("lora_B" in k for k in one)
-    moved = [k for k in one if "lora_B" in k and one[k].abs().max() > 0]
-    assert moved, "two DPO steps at lr 1e-2 must move the adapter"
-    # Both runs move the adapter by ~2e-2 (two Adam steps at lr 1e-2); they may differ only by float noise (the
-    # ranks pad 1 pair where one process pads 2), which Adam's normalised first steps can raise to ~1e-5.
-    for key in one:
-        torch.testing.assert_close(two[key], one[key], rtol=0, atol=2e-5, msg=key)
+    scale = max(g.abs().max().item() for g in one.values())
+    assert scale > 0, "the first DPO step must have a gradient"
+    # DDP averages two 1-pair gradients where one process takes the mean over 2 pairs: the same sum in another
+    # order (and other padding), so the gradients agree to float32 rounding of the largest one, nothing more.
+    tolerance = 1e-5 * scale
+    worst = max(one, key=lambda k: (two[k] - one[k]).abs().max().item())
+    diff = (two[worst] - one[worst]).abs().max().item()
+    assert diff <= tolerance, f"largest gradient difference {diff:.3g} at {worst} (tolerance {tolerance:.3g})"
 
 
 @pytest.mark.slow
