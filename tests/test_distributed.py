@@ -143,7 +143,10 @@ def _dpo_gradients(
 ) -> dict[str, torch.Tensor]:
     """The LoRA gradients of the first DPO step, as the optimiser receives them (after DDP's all-reduce)."""
     grads = cwd / "grads.pt"
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "tests"), os.environ.get("PYTHONPATH", "")])}
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(REPO / "tests"), os.environ.get("PYTHONPATH", "")]),
+    }
     _fit(
         "--config", str(REPO / "configs/demo_dpo.yaml"), *QUIET, *_backbone_args(tiny_model_dir, warm_adapter),
         *(["--trainer.strategy=ddp", "--trainer.devices=2"] if ddp else ["--trainer.devices=1"]),
