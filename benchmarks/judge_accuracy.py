@@ -1,0 +1,234 @@
+"""Judge accuracy: how often a consistency judge agrees with hand labels, per problem type.
+
+The labelled set (`tests/data/labelled_rollouts.jsonl`, written by `tests/data/make_labelled_rollouts.py`) holds
+rollouts of all five problem types, each labelled by hand: `true` (the reasoning leads to the answer), `false`
+(it does not) or `null` (the reasoning states no conclusion: a judge should abstain). Every judge given with
+`--judge` judges every item; the script prints one table per judge and writes JSON.
+
+    python benchmarks/judge_accuracy.py                                  # the rule judge
+    python benchmarks/judge_accuracy.py --judge rule --judge rule@43d1abe # now vs the rule judge of a commit
+    python benchmarks/judge_accuracy.py --judge small=transformers:/models/qwen2.5-0.5b-instruct
+    python benchmarks/judge_accuracy.py --judge openai:Qwen/Qwen2.5-7B-Instruct@http://127.0.0.1:8000/v1
+
+Judge specs (`NAME=SPEC` names a row; the default name is the spec):
+  rule                      RuleJudge() of the working tree
+  rule@REV                  RuleJudge() of lightning_veripo/verifier/judges.py at git revision REV
+  transformers:PATH         TransformersJudge(PATH)
+  openai:MODEL@BASE_URL     OpenAIJudge(base_url=BASE_URL, model=MODEL)
+  path/to/file.py:Class, package.module:Class   any class with `judge(items) -> list[Verdict]`, built with no arguments
+
+Columns, per problem type and overall: n items; `acc(decided)` accuracy on the items the judge decided (deciding
+an item labelled null counts as wrong); `abstain` the fraction of items left unjudged; `acc(strict)` accuracy over
+all items, an abstention counting as wrong unless the label is null; `caught` the fraction of items labelled
+inconsistent that the judge calls inconsistent; `s/item` wall-clock seconds per item (the median of --repeats
+passes, each problem type judged as one batch).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import importlib.util
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from lightning_veripo.records import PROBLEM_TYPES
+from lightning_veripo.verifier.judges import JudgeItem, OpenAIJudge, RuleJudge, TransformersJudge
+
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_DATA = REPO / "tests" / "data" / "labelled_rollouts.jsonl"
+DEFAULT_OUT = REPO / "benchmarks" / "results" / "judge_accuracy.json"
+
+
+def load_items(path: Path) -> list[dict[str, Any]]:
+    with path.open() as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def judge_item(row: dict[str, Any]) -> JudgeItem:
+    """The judge's input for one labelled row: a well-formed completion built from its reasoning and answer."""
+    return JudgeItem(
+        problem_id=row["id"],
+        question=row["question"],
+        options=tuple(row["options"]),
+        reasoning=row["reasoning"],
+        answer=row["answer"],
+        completion=f"<think>{row['reasoning']}</think><answer>{row['answer']}</answer>",
+        problem_type=row["problem_type"],
+    )
+
+
+def _judges_module_at(rev: str) -> Any:
+    """lightning_veripo/verifier/judges.py as it was at git revision `rev`, imported under a private name."""
+    source = subprocess.run(
+        ["git", "show", f"{rev}:lightning_veripo/verifier/judges.py"],
+        cwd=REPO,
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout
+    path = Path(tempfile.mkdtemp()) / f"judges_at_{rev.replace('/', '_')}.py"
+    path.write_text(source)
+    return _import_file(path)
+
+
+def _import_file(path: Path) -> Any:
+    name = f"_judge_accuracy_{path.stem}"
+    spec = importlib.util.spec_from_file_location(name, path)
+    if spec is None or spec.loader is None:
+        raise ValueError(f"cannot import {path}")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses look their module up while the file runs
+    spec.loader.exec_module(module)
+    return module
+
+
+def build_judge(spec: str) -> Any:
+    """A judge from a spec (see the module docstring)."""
+    if spec == "rule":
+        return RuleJudge()
+    if spec.startswith("rule@"):
+        return _judges_module_at(spec[len("rule@") :]).RuleJudge()
+    if spec.startswith("transformers:"):
+        return TransformersJudge(spec[len("transformers:") :])
+    if spec.startswith("openai:"):
+        model, sep, base_url = spec[len("openai:") :].rpartition("@")
+        if not sep:
+            raise ValueError(f"openai judge spec must be openai:MODEL@BASE_URL, got {spec!r}")
+        return OpenAIJudge(base_url=base_url, model=model)
+    target, sep, cls_name = spec.rpartition(":")
+    if not sep:
+        raise ValueError(f"unknown judge spec {spec!r}; see --help")
+    module = _import_file(Path(target)) if target.endswith(".py") else importlib.import_module(target)
+    return getattr(module, cls_name)()
+
+
+def metrics(labels: list[bool | None], verdicts: list[bool | None], seconds: float) -> dict[str, Any]:
+    n = len(labels)
+    decided = [(lab, v) for lab, v in zip(labels, verdicts, strict=True) if v is not None]
+    right = sum(lab == v for lab, v in zip(labels, verdicts, strict=True))
+    inconsistent = [v for lab, v in zip(labels, verdicts, strict=True) if lab is False]
+
+    def ratio(a: float, b: int) -> float | None:
+        return round(a / b, 4) if b else None
+
+    return {
+        "n": n,
+        "n_consistent": labels.count(True),
+        "n_inconsistent": labels.count(False),
+        "n_cannot_tell": labels.count(None),
+        "decided": len(decided),
+        "accuracy_decided": ratio(sum(lab == v for lab, v in decided), len(decided)),
+        "abstention_rate": ratio(n - len(decided), n),
+        "accuracy_strict": ratio(right, n),
+        "inconsistent_caught": ratio(sum(v is False for v in inconsistent), len(inconsistent)),
+        "seconds_per_item": seconds / n if n else None,
+    }
+
+
+def evaluate(judge: Any, rows: list[dict[str, Any]], repeats: int) -> dict[str, Any]:
+    """Judge every row (one batch per problem type), `repeats` times; metrics per type and overall."""
+    types = [t for t in PROBLEM_TYPES if any(r["problem_type"] == t for r in rows)]
+    verdicts: dict[str, Any] = {}
+    seconds: dict[str, float] = {}
+    for t in types:
+        group = [r for r in rows if r["problem_type"] == t]
+        items = [judge_item(r) for r in group]
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            out = judge.judge(items)
+            times.append(time.perf_counter() - t0)
+        seconds[t] = statistics.median(times)
+        verdicts.update({r["id"]: v for r, v in zip(group, out, strict=True)})
+    by_type = {}
+    for t in types:
+        group = [r for r in rows if r["problem_type"] == t]
+        labels = [r["label"] for r in group]
+        by_type[t] = metrics(labels, [verdicts[r["id"]].consistent for r in group], seconds[t])
+    overall = metrics(
+        [r["label"] for r in rows], [verdicts[r["id"]].consistent for r in rows], sum(seconds.values())
+    )
+    wrong = [
+        {
+            "id": r["id"],
+            "problem_type": r["problem_type"],
+            "case": r["case"],
+            "reasoning": r["reasoning"],
+            "answer": r["answer"],
+            "label": r["label"],
+            "verdict": verdicts[r["id"]].consistent,
+            "rationale": verdicts[r["id"]].rationale,
+        }
+        for r in rows
+        if verdicts[r["id"]].consistent != r["label"]
+    ]
+    return {"by_problem_type": by_type, "overall": overall, "wrong": wrong}
+
+
+def _fmt(x: float | None, digits: int = 3) -> str:
+    return "-" if x is None else f"{x:.{digits}f}"
+
+
+def table(name: str, result: dict[str, Any]) -> str:
+    rows = [*result["by_problem_type"].items(), ("overall", result["overall"])]
+    lines = [
+        f"| {name} | n (T/F/?) | acc(decided) | abstain | acc(strict) | caught | s/item |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for t, m in rows:
+        counts = f"{m['n']} ({m['n_consistent']}/{m['n_inconsistent']}/{m['n_cannot_tell']})"
+        lines.append(
+            f"| {t} | {counts} | {_fmt(m['accuracy_decided'])} | {_fmt(m['abstention_rate'])} | "
+            f"{_fmt(m['accuracy_strict'])} | {_fmt(m['inconsistent_caught'])} | {m['seconds_per_item']:.2e} |"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], epilog=__doc__, formatter_class=argparse.RawTextHelpFormatter
+    )
+    p.add_argument("--judge", action="append", help="NAME=SPEC or SPEC, repeatable (default: rule)")
+    p.add_argument("--data", type=Path, default=DEFAULT_DATA)
+    p.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    p.add_argument("--repeats", type=int, default=5, help="timed passes per judge (median kept)")
+    p.add_argument("--show-wrong", action="store_true", help="list the items each judge got wrong")
+    a = p.parse_args(argv)
+    rows = load_items(a.data)
+    specs = a.judge or ["rule"]
+    named: list[tuple[str, str]] = []
+    for s in specs:
+        name, sep, spec = s.partition("=")
+        named.append((name, spec) if sep else (s, s))
+    results = {}
+    for name, spec in named:
+        result = evaluate(build_judge(spec), rows, a.repeats)
+        results[name] = {"spec": spec, **result}
+        print(table(name, result) + "\n")
+        if a.show_wrong:
+            for w in result["wrong"]:
+                print(f"  {w['id']} [{w['case']}] label={w['label']} verdict={w['verdict']}: {w['reasoning']!r} "
+                      f"=> {w['answer']!r} ({w['rationale']})")  # fmt: skip
+            print()
+    a.out.parent.mkdir(parents=True, exist_ok=True)
+    data_path = a.data.resolve()
+    payload = {
+        "data": str(data_path.relative_to(REPO)) if data_path.is_relative_to(REPO) else str(data_path),
+        "n_items": len(rows),
+        "command": "python benchmarks/judge_accuracy.py " + " ".join(sys.argv[1:] if argv is None else argv),
+        "judges": results,
+    }
+    a.out.write_text(json.dumps(payload, indent=1) + "\n")
+    print(f"wrote {a.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
