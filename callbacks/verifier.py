@@ -4,8 +4,13 @@ Contract with the GRPO module: `training_step` returns `{"loss": tensor, "rollou
 callback keeps the rollouts (also in checkpoints, so a resumed fit loses none), and in `on_train_end` —
 while the model is still on its device, before `strategy.teardown()` — gathers them from every rank, lets
 rank zero run `run_verifier` (judge, pairs, atomic files), and logs the stats as `verifier/*` scalars plus a
-few pairs as a Markdown text panel in TensorBoard. A resumed, already finished fit skips `on_train_end`;
-`on_fit_end` then has nothing to check. Every rank reaches every collective: none sits in a rank-zero branch.
+few pairs as a Markdown text panel in TensorBoard. Every rank reaches every collective: none sits in a
+rank-zero branch.
+
+A fit resumed from a checkpoint of its last step trains nothing and Lightning skips `on_train_end`; if the
+process that wrote that checkpoint was killed before the verifier finished (no `stats.json` in `out_dir`),
+`on_fit_end` runs the verifier on the rollouts the checkpoint restored, so the files are the same as an
+uninterrupted fit's. `verify_checkpoint` does the same from a checkpoint file, without a fit.
 """
 
 from __future__ import annotations
@@ -15,9 +20,10 @@ from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
+import torch
 import torch.distributed as dist
 from lightning.pytorch.loggers import TensorBoardLogger
-from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from lightning_veripo.loggers import logged_step
 from lightning_veripo.records import Rollout
@@ -87,11 +93,12 @@ class VerifierCallback(pl.Callback):
         self.stats: dict[str, Any] | None = None
         self.resolved_out_dir: Path | None = None
         self._trained = False
+        self._restored = False
         self._warned_no_rollouts = False
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage == "fit":  # a callback reused for another fit starts empty; a resume restores after this
-            self.rollouts, self.stats, self._trained = [], None, False
+            self.rollouts, self.stats, self._trained, self._restored = [], None, False, False
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._trained = True
@@ -110,14 +117,22 @@ class VerifierCallback(pl.Callback):
             return
         self.rollouts.extend(r if isinstance(r, Rollout) else Rollout.from_dict(r) for r in rollouts)
 
-    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        # trainer.log_dir and the gather are collectives: every rank runs them.
+    def _out_dir(self, trainer: pl.Trainer) -> Path:
+        # trainer.log_dir is a collective: every rank runs it.
         out_dir = (
             Path(self.out_dir)
             if self.out_dir
             else Path(trainer.log_dir or trainer.default_root_dir) / "verifier"
         )
         self.resolved_out_dir = out_dir
+        return out_dir
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._verify(trainer)
+
+    def _verify(self, trainer: pl.Trainer) -> None:
+        out_dir = self._out_dir(trainer)
+        # The gather is a collective: every rank runs it.
         rollouts = _all_rollouts(self.rollouts)
         error: BaseException | None = None
         if trainer.is_global_zero:
@@ -146,7 +161,11 @@ class VerifierCallback(pl.Callback):
             raise RuntimeError(f"VerifierCallback failed on rank 0: {failure}")
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if not self._trained or not trainer.is_global_zero or self.resolved_out_dir is None:
+        if not self._trained:
+            if self._restored:
+                self._finish_restored_fit(trainer)
+            return
+        if not trainer.is_global_zero or self.resolved_out_dir is None:
             return
         stats_path = self.resolved_out_dir / STATS_FILE
         if not stats_path.is_file():
@@ -154,6 +173,20 @@ class VerifierCallback(pl.Callback):
                 f"VerifierCallback: training ran but {stats_path} is missing, so the verifier did not finish. "
                 f"Re-run it on the saved rollouts with lightning_veripo.verifier.run_verifier_from_files."
             )
+
+    def _finish_restored_fit(self, trainer: pl.Trainer) -> None:
+        """A fit resumed from its last step trained nothing here: run the verifier on the restored rollouts
+        unless a finished run of it (its `stats.json`) is already in `out_dir`. Every rank takes part."""
+        out_dir = self._out_dir(trainer)
+        finished = (out_dir / STATS_FILE).is_file() if trainer.is_global_zero else None
+        if trainer.strategy.broadcast(finished, src=0):
+            return
+        rank_zero_info(
+            f"VerifierCallback: the fit resumed at its last step and {out_dir / STATS_FILE} is missing (the "
+            f"run that trained it stopped before the verifier finished): judging the {len(self.rollouts)} "
+            "rollouts restored from the checkpoint."
+        )
+        self._verify(trainer)
 
     def state_dict(self) -> dict[str, Any]:
         # Lightning saves rank zero's callback state only, so gather every rank's rollouts into it. Checkpoint
@@ -165,6 +198,7 @@ class VerifierCallback(pl.Callback):
         # The checkpoint holds every rank's rollouts; rank zero, which judges them all, takes them.
         rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
         self.rollouts = rollouts if rank == 0 else []
+        self._restored = True
 
     def _log(self, trainer: pl.Trainer, stats: dict[str, Any], out_dir: Path) -> None:
         if not trainer.loggers:
@@ -187,6 +221,45 @@ class VerifierCallback(pl.Callback):
                     "verifier/pairs", text, global_step=logged_step(logger, trainer.global_step)
                 )
             logger.save()
+
+
+def checkpoint_rollouts(ckpt_path: str | Path) -> list[Rollout]:
+    """The rollouts (every rank's) a VerifierCallback kept in a Lightning checkpoint file."""
+    path = Path(ckpt_path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no checkpoint file to read the VerifierCallback's rollouts from")
+    checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    name = VerifierCallback.__qualname__
+    states = [
+        state
+        for key, state in checkpoint.get("callbacks", {}).items()
+        if key == name or key.startswith(name + "{")
+    ]
+    if len(states) != 1:
+        raise ValueError(
+            f"{path} holds {len(states)} {name} states (expected 1): was the fit run with one VerifierCallback?"
+        )
+    return [Rollout.from_dict(d) for d in states[0].get("rollouts", [])]
+
+
+def verify_checkpoint(
+    ckpt_path: str | Path,
+    out_dir: str | Path,
+    judge: Judge | None = None,
+    pair_config: PairConfig | None = None,
+    judge_batch_size: int = 64,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """`run_verifier` on the rollouts of a checkpoint (e.g. a GRPO fit's last one, when the process was killed
+    before the verifier wrote its files); the files equal those the fit would have written. Returns the stats."""
+    return run_verifier(
+        checkpoint_rollouts(ckpt_path),
+        judge,
+        pair_config,
+        out_dir,
+        judge_batch_size=judge_batch_size,
+        progress=progress,
+    )
 
 
 def _excerpt(text: str, limit: int = 800) -> str:

@@ -16,7 +16,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch.utils.data import DataLoader
 
-from lightning_veripo.callbacks.verifier import VerifierCallback
+from lightning_veripo.callbacks.verifier import VerifierCallback, checkpoint_rollouts, verify_checkpoint
 from lightning_veripo.records import Rollout, VideoQARecord
 from lightning_veripo.verifier import (
     PairConfig,
@@ -267,6 +267,78 @@ def test_resumed_fit_keeps_the_rollouts_from_before_the_interruption(tmp_path):
     assert done.stats is None and (tmp_path / "verifier" / "stats.json").read_bytes() == stats_before
 
 
+class Killed(BaseException):
+    """Stands in for SIGKILL: nothing after the hook that raises it runs (not even `except Exception`)."""
+
+
+class KillAtTrainEnd(pl.Callback):
+    """Listed before the VerifierCallback: the process dies after the last checkpoint, before the verifier."""
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        raise Killed
+
+
+def untimed_files(out: Path) -> dict[str, object]:
+    """The verifier's files without their timing fields (everything else must match byte for byte)."""
+    return {
+        "rollouts.jsonl": (out / "rollouts.jsonl").read_bytes(),
+        "pairs.jsonl": (out / "pairs.jsonl").read_bytes(),
+        "verdicts.jsonl": [without(v, "latency_s") for v in read_verdicts(out / "verdicts.jsonl")],
+        "stats.json": without(json.loads((out / "stats.json").read_text()), "judge_time_s", "wall_time_s"),
+    }
+
+
+def checkpointed_fit(root: Path, max_steps: int, callbacks: list, ckpt_path: Path | None = None) -> None:
+    every_step = ModelCheckpoint(dirpath=root / "ckpt", every_n_train_steps=1, save_last=True)
+    fit = trainer(root, max_steps, enable_checkpointing=True, callbacks=[*callbacks, every_step])
+    fit.fit(RolloutModule(), ckpt_path=ckpt_path)
+
+
+@pytest.mark.parametrize("written", ["nothing", "all but stats.json"])
+def test_a_kill_before_the_verifier_finished_is_repaired_by_resuming_the_finished_fit(tmp_path, written):
+    uninterrupted = tmp_path / "uninterrupted"
+    checkpointed_fit(uninterrupted, 3, [VerifierCallback(progress=False)])
+    expected = untimed_files(uninterrupted / "verifier")
+
+    killed = tmp_path / "killed"
+    with pytest.raises(Killed):
+        checkpointed_fit(killed, 3, [KillAtTrainEnd(), VerifierCallback(progress=False)])
+    assert not (killed / "verifier").exists()
+    if written == "all but stats.json":  # killed inside run_verifier, which writes stats.json last
+        run_verifier(
+            read_rollouts(uninterrupted / "verifier" / "rollouts.jsonl"), None, None, killed / "verifier"
+        )
+        (killed / "verifier" / "stats.json").unlink()
+
+    # The same command again: the fit resumes at its last step, trains nothing, and the verifier runs.
+    resumed = VerifierCallback(progress=False)
+    checkpointed_fit(killed, 3, [resumed], ckpt_path=killed / "ckpt" / "last.ckpt")
+    assert resumed.stats is not None and resumed.stats["num_rollouts"] == 12
+    assert untimed_files(killed / "verifier") == expected
+
+    # Once the files are complete, resuming again leaves them alone.
+    stats_before = (killed / "verifier" / "stats.json").read_bytes()
+    again = VerifierCallback(progress=False)
+    checkpointed_fit(killed, 3, [again], ckpt_path=killed / "ckpt" / "last.ckpt")
+    assert again.stats is None and (killed / "verifier" / "stats.json").read_bytes() == stats_before
+
+
+def test_verify_checkpoint_rebuilds_the_files_from_a_checkpoint_alone(tmp_path):
+    checkpointed_fit(tmp_path, 3, [VerifierCallback(progress=False)])
+    assert [r.step for r in checkpoint_rollouts(tmp_path / "ckpt" / "last.ckpt")] == [0] * 4 + [1] * 4 + [
+        2
+    ] * 4
+    stats = verify_checkpoint(tmp_path / "ckpt" / "last.ckpt", tmp_path / "again", progress=False)
+    assert stats["num_rollouts"] == 12
+    assert untimed_files(tmp_path / "again") == untimed_files(tmp_path / "verifier")
+    with pytest.raises(FileNotFoundError, match="no checkpoint file"):
+        verify_checkpoint(tmp_path / "missing.ckpt", tmp_path / "again")
+    without_callback = tmp_path / "plain"
+    checkpointed_fit(without_callback, 1, [])
+    with pytest.raises(ValueError, match="holds 0 VerifierCallback states"):
+        checkpoint_rollouts(without_callback / "ckpt" / "last.ckpt")
+
+
 def test_callback_out_dir_can_be_set_and_missing_rollouts_are_warned_about(tmp_path):
     class NoRollouts(RolloutModule):
         def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
@@ -279,6 +351,7 @@ def test_callback_out_dir_can_be_set_and_missing_rollouts_are_warned_about(tmp_p
 
 
 DDP_SCRIPT = """
+import os
 import sys
 import lightning.pytorch as pl
 import torch
@@ -318,12 +391,16 @@ def fit(max_steps, ckpt_path=None):
 root = sys.argv[1]
 fit(1)
 fit(2, f"{root}/ckpt/step=1.ckpt")  # rank 1's step-0 rollouts live only in the checkpoint now
+if int(os.environ.get("LOCAL_RANK", 0)) == 0:  # as if killed after the last checkpoint, before the verifier
+    os.rename(f"{root}/verifier", f"{root}/verifier_uninterrupted")
+fit(2, f"{root}/ckpt/step=2.ckpt")  # finished: trains nothing, judges the restored rollouts of both ranks
 """
 
 
 @pytest.mark.slow
 def test_under_ddp_every_rank_rollouts_reach_the_verifier_and_survive_a_resume(tmp_path):
-    # A fit, then a resumed fit, in a script: Lightning's DDP launcher re-runs it as rank 1 (gloo on CPU).
+    # A fit, a resumed fit, and a resume of the finished fit after its verifier files were lost, in a script:
+    # Lightning's DDP launcher re-runs it as rank 1 (gloo on CPU).
     script = tmp_path / "fit_ddp.py"
     script.write_text(DDP_SCRIPT)
 
@@ -336,3 +413,4 @@ def test_under_ddp_every_rank_rollouts_reach_the_verifier_and_survive_a_resume(t
         ("rank0", 0), ("rank0", 1), ("rank1", 0), ("rank1", 1)
     ]  # fmt: skip
     assert len(rollouts) == 8
+    assert untimed_files(tmp_path / "verifier") == untimed_files(tmp_path / "verifier_uninterrupted")
