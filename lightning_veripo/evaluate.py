@@ -1,5 +1,7 @@
 """Evaluate a policy on a Video-R1-format file: accuracy (overall, per type), reasoning length, format rate,
-inconsistency rate (judged), Acc-Cons. Greedy decoding by default, as the paper evaluates."""
+inconsistency rate (judged), Acc-Cons. Greedy decoding, as the paper evaluates; optionally also `num_samples`
+completions per question at a temperature (`sampled_*` metrics and `pass_at_k`), which is what RL trains on
+and what the verifier sees."""
 
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ from lightning_veripo.backbone import VideoLLM
 from lightning_veripo.data.videoqa import FrameSampling, VideoQACollator, VideoQADataset
 from lightning_veripo.grpo import update_reasoning_metrics
 from lightning_veripo.metrics import ReasoningMetrics
+from lightning_veripo.rewards import accuracy_reward
 from lightning_veripo.verifier.judges import Judge, RuleJudge
 
 
@@ -24,15 +27,51 @@ def evaluate(
     batch_size: int = 8,
     judge: Judge | None = None,
     root: str | None = None,
+    num_samples: int = 0,
+    temperature: float = 1.0,
+    seed: int = 0,
 ) -> dict[str, float]:
-    """Metrics of `backbone` (loaded) on the records of `path`, as plain floats."""
+    """Metrics of `backbone` (loaded) on the records of `path`, as plain floats.
+
+    Greedy metrics under their plain names (`accuracy`, `inconsistency_rate`, ...). With `num_samples` > 0,
+    also the same metrics over `num_samples` sampled completions per question at `temperature` (prefixed
+    `sampled_`, each sample counted once) and `pass_at_k`: the share of questions with at least one correct
+    sample (k = num_samples). Sampling is seeded by `seed` and leaves the global random state untouched."""
     dataset = VideoQADataset(path, root, sampling)
-    loader = DataLoader(dataset, batch_size=batch_size, collate_fn=VideoQACollator(backbone.processor, sampling))
-    metrics = ReasoningMetrics()
+    loader = DataLoader(
+        dataset, batch_size=batch_size, collate_fn=VideoQACollator(backbone.processor, sampling)
+    )
+    greedy, sampled = ReasoningMetrics(), ReasoningMetrics()
     judge = judge or RuleJudge()
     device = next(backbone.hf_model.parameters()).device
-    for batch in loader:
-        batch: dict[str, Any] = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-        completions = backbone.generate(batch, num_samples=1, max_new_tokens=max_new_tokens, do_sample=False)
-        update_reasoning_metrics(metrics, completions.text, batch["records"], backbone.tokenizer, judge)
-    return {k: float(v) for k, v in metrics.compute().items()}
+    solved, questions = 0, 0
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        for batch in loader:
+            batch: dict[str, Any] = {
+                k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()
+            }
+            records = batch["records"]
+            vision = backbone.encode_vision(batch, requires_grad=False)
+            completions = backbone.generate(
+                batch, num_samples=1, max_new_tokens=max_new_tokens, do_sample=False, vision=vision
+            )
+            update_reasoning_metrics(greedy, completions.text, records, backbone.tokenizer, judge)
+            if num_samples <= 0:
+                continue
+            completions = backbone.generate(
+                batch, num_samples=num_samples, max_new_tokens=max_new_tokens, temperature=temperature,
+                do_sample=True, vision=vision,
+            )  # fmt: skip
+            repeated = [r for r in records for _ in range(num_samples)]
+            update_reasoning_metrics(sampled, completions.text, repeated, backbone.tokenizer, judge)
+            correct = torch.tensor(
+                [accuracy_reward(t, r) for t, r in zip(completions.text, repeated, strict=True)]
+            )
+            solved += int((correct.view(len(records), num_samples).max(dim=1).values >= 1.0).sum())
+            questions += len(records)
+    out = {k: float(v) for k, v in greedy.compute().items()}
+    if num_samples > 0:
+        out.update({f"sampled_{k}": float(v) for k, v in sampled.compute().items() if "/" not in k})
+        out["pass_at_k"] = solved / max(questions, 1)
+    return out

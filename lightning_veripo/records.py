@@ -25,6 +25,7 @@ class VideoQARecord:
     solution: str
     path: str | None = None
     options: tuple[str, ...] = ()
+    process: str | None = None  # Video-R1's chain of thought for SFT (its CoT data has it); None elsewhere
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -41,6 +42,7 @@ class VideoQARecord:
             solution=d["solution"],
             path=d.get("path"),
             options=tuple(d.get("options") or ()),
+            process=d.get("process") or None,
         )
 
 

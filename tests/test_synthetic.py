@@ -212,3 +212,56 @@ def test_command_accepts_dashed_flags_and_reports_a_bad_count(tmp_path):
         main(["make-synthetic-data", str(tmp_path / "bad"), "--num-train", "0", "--num-val", "1"])
     assert main(["make-synthetic-data", str(tmp_path / "ok"), "--num-train=1", "--num-val", "0"]) == 0
     assert len(_records(tmp_path / "ok")) == 1
+
+
+@pytest.fixture(scope="module")
+def combined_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_synthetic_data(
+        tmp_path_factory.mktemp("combined"), num_train=12, num_val=2, num_test=4, tasks=["colour_direction"]
+    )
+
+
+def _direction_of(labels: np.ndarray, colour: int) -> str:
+    (y0, x0), (y1, x1) = (np.argwhere(labels[f] == colour).mean(0) for f in (0, -1))
+    return max(DIRECTIONS, key=lambda d: (x1 - x0) * DIRECTIONS[d][0] + (y1 - y0) * DIRECTIONS[d][1])
+
+
+def test_colour_direction_answer_needs_both_observations_from_the_pixels(combined_dir):
+    records = [r for split in ("train", "val", "test") for r in _records(combined_dir, split)]
+    assert len(records) == 18 and {_task(r) for r in records} == {"colour_direction"}
+    right_letters = set()
+    for record in records:
+        labels = _labels(_all_frames(combined_dir / record["path"]))
+        colour = _moving_colour(labels)
+        seen = (list(COLOURS)[colour], _direction_of(labels, colour))
+        assert _chosen_option(record) == f"{seen[0]}, moving {seen[1]}", record["problem_id"]
+        contents = [o.split(". ", 1)[1].split(", moving ") for o in record["options"]]
+        shared = sorted((c == seen[0]) + (d == seen[1]) for c, d in contents)
+        # the right option, one sharing only the colour, one only the direction, one neither: one observation
+        # alone leaves two candidates
+        assert shared == [0, 1, 1, 2], record["options"]
+        assert sum(c == seen[0] and d != seen[1] for c, d in contents) == 1
+        right_letters.add(_answer(record))
+    assert len(right_letters) > 2, "the right option's position is shuffled"
+
+
+def test_every_record_carries_a_chain_of_thought_that_concludes_its_solution(combined_dir, synthetic_dir):
+    records = _records(combined_dir) + _records(synthetic_dir)
+    for record in records:
+        process = record["process"]
+        assert process.endswith(f"the answer is {_answer(record)}."), process
+        if record["options"]:
+            assert all(part in process for part in _chosen_option(record).split(", moving ")), process
+        else:
+            assert f"I count {_answer(record)} squares" in process
+
+
+def test_num_test_writes_a_third_split_and_leaves_train_and_val_unchanged(tmp_path, combined_dir):
+    without = make_synthetic_data(tmp_path / "a", num_train=12, num_val=2, tasks=["colour_direction"])
+    assert not (without / "test.json").exists()
+    assert _records(without) == _records(combined_dir) and _records(without, "val") == _records(
+        combined_dir, "val"
+    )
+    test = _records(combined_dir, "test")
+    assert len(test) == 4 and all(r["problem_id"].startswith("test-") for r in test)
+    assert {r["path"] for r in test}.isdisjoint({r["path"] for r in _records(combined_dir)})

@@ -141,11 +141,13 @@ def validate_record(raw: Any, index: int, source: Path, root: Path) -> VideoQARe
         "solution": isinstance(raw["solution"], str),
         "options": isinstance(options, list) and all(isinstance(o, str) for o in options),
         "path": isinstance(raw.get("path"), (str, type(None))),
+        "process": isinstance(raw.get("process"), (str, type(None))),
     }
     if not all(valid.values()):
         wrong = [name for name, ok in valid.items() if not ok]
         raise VideoQAError(f"{where}: field(s) {wrong} have the wrong type (text; options: a list of text)")
     texts = [(f, raw[f]) for f in ("problem_id", "problem", "solution")] + [("options", o) for o in options]
+    texts += [("process", raw["process"])] if raw.get("process") else []
     for name, text in texts:
         try:
             str(text).encode("utf-8")
