@@ -74,6 +74,19 @@ def lone_letter(text: str) -> str | None:
     return m.group(1).upper() if m else None
 
 
+def find_numbers(text: str) -> list[tuple[int, int, float]]:
+    """Every number in `text` as (start, end, value), in order; numbers too large for a float are left out."""
+    found = []
+    for m in _NUMBER.finditer(text):
+        try:
+            value = float(m.group(0).replace(",", "").replace("\u2212", "-"))
+        except ValueError:
+            continue
+        if math.isfinite(value):
+            found.append((m.start(), m.end(), value))
+    return found
+
+
 def parse_number(text: str) -> float | None:
     """The first number in `text` ("about 1,200 m" -> 1200.0, "−3.5" -> -3.5), or None.
 

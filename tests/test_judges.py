@@ -35,14 +35,17 @@ def item(
     problem_type: str = "multiple choice",
     question: str = "What colour is the square?",
     truncated: bool = False,
+    options: tuple[str, ...] | None = None,
 ) -> JudgeItem:
     completion = (f"<think>{think}</think>" if think is not None else "") + (
         f"<answer>{answer}</answer>" if answer is not None else ""
     )
+    if options is None:
+        options = OPTIONS if problem_type == "multiple choice" else ()
     return JudgeItem(
         problem_id="q1",
         question=question,
-        options=OPTIONS if problem_type == "multiple choice" else (),
+        options=options,
         reasoning=think,
         answer=answer,
         completion=completion,
@@ -62,7 +65,8 @@ def judge_one(it: JudgeItem, judge: RuleJudge | None = None) -> Verdict:
 def test_rule_judge_finds_a_stated_option_matching_the_answer_consistent():
     v = judge_one(item("The square stays green, so the answer is B.", "B"))
     assert v.consistent is True and v.judge == "rule"
-    assert v.rationale == "reasoning concludes 'B', answer is 'B'"
+    assert v.rationale == "reasoning states 'green' (B) and concludes 'B', answer is 'B'"
+    assert judge_one(item("So the answer is B.", "B")).rationale == "reasoning concludes 'B', answer is 'B'"
 
 
 def test_rule_judge_flags_reasoning_that_concludes_another_option():
@@ -126,6 +130,136 @@ def test_rule_judge_records_missing_tags_and_truncation_unjudged():
     assert (v.consistent, v.missing_tags, v.truncated) == (None, ["answer"], True)
     assert v.rationale == "missing <answer>"
     assert judge_one(item(None, "B")).missing_tags == ["think"]
+
+
+# The rule judge reads what the reasoning states as well as what it concludes (issue 9, point 4).
+
+
+def consistent(think: str, answer: str, problem_type: str = "multiple choice", **kw) -> bool | None:
+    return judge_one(item(think, answer, problem_type, **kw)).consistent
+
+
+def test_rule_judge_flags_an_observed_option_that_contradicts_the_concluded_letter():
+    # The demo's chosen rollout: it sees blue (C) and concludes B.
+    v = judge_one(item("In the video I see blue, so the answer is B.", "B"))
+    assert v.consistent is False
+    assert v.rationale == "reasoning states 'blue' (C) and concludes 'B', answer is 'B'"
+    assert consistent("In the video I see blue, so the answer is C.", "C") is True
+    assert consistent("In the video I see blue, so the answer is C.", "B") is False  # letter != answer
+    assert consistent("So the answer is B, because the square is red.", "B") is False  # stated after it
+    assert consistent("So the answer is B, because the square is green.", "B") is True
+    assert consistent("The answer is C: the moving square is yellow.", "C") is False
+
+
+def test_rule_judge_reads_a_conclusion_by_letter_by_content_or_both():
+    assert consistent("I watched the clip twice. Therefore the answer is D.", "D") is True
+    assert consistent("I watched the clip twice. Therefore the answer is D.", "A") is False
+    assert consistent("So the colour is red.", "A") is True
+    assert consistent("So the colour is red.", "C") is False
+    assert consistent("So the colour is blue.", "blue") is True  # the answer by content too
+    directions = ("A. left", "B. right", "C. up", "D. down")
+    assert consistent("It goes down, so the answer is up.", "up", options=directions) is False
+    assert consistent("It goes down, so the answer is down.", "down", options=directions) is True
+    assert consistent("It is yellow. So the answer is D (yellow).", "D") is True
+    assert consistent("So the answer is B.", "b") is True  # a lone lowercase letter is the option
+    # A stated option with no cue at all decides only when it is the one option stated.
+    assert consistent("The square is red.", "A") is True
+    assert consistent("The square is red.", "B") is False
+    assert consistent("I see a red square and a blue square.", "C") is None
+
+
+def test_rule_judge_keeps_a_self_correction_consistent():
+    think = "I first thought red, but it is blue, so the answer is C."
+    assert consistent(think, "C") is True
+    assert consistent(think, "A") is False
+    assert consistent("I first thought red, but it is blue, so the answer is A.", "A") is False
+    think = "The square looks blue at first. Wait, that was the shadow; it is green, so the answer is B."
+    assert (consistent(think, "B"), consistent(think, "C")) == (True, False)
+    # What follows a correction replaces what came before, even a letter.
+    assert consistent("So the answer is B. Wait, it is blue.", "C") is True
+    assert consistent("So the answer is B. Wait, it is blue.", "B") is False
+    assert consistent("The square looks red. Wait, I misread the frame, so the answer is C.", "C") is True
+    # A correction that states nothing new keeps the conclusion.
+    assert consistent("So the answer is B. Wait, let me check the frames.", "B") is True
+
+
+def test_rule_judge_matches_the_longest_option_content_not_a_part_of_it():
+    shades = ("A. red", "B. dark red", "C. blue", "D. light blue")
+    assert consistent("The square is dark red, so the answer is B.", "B", options=shades) is True
+    assert consistent("The square is dark red, so the answer is A.", "A", options=shades) is False
+    assert consistent("The square is red, so the answer is A.", "A", options=shades) is True
+    assert consistent("The square is red, so the answer is B.", "B", options=shades) is False
+    assert consistent("Therefore it is dark red.", "B", options=shades) is True
+    assert consistent("Therefore it is dark red.", "dark red", options=shades) is True
+    assert consistent("It is blue, not light blue, so the answer is C.", "C", options=shades) is True
+    assert consistent("It is reddish, so the answer is A.", "A", options=shades) is True  # no word "red"
+
+
+def test_rule_judge_reads_options_that_combine_several_facts():
+    combo = ("A. red, down", "B. blue, up", "C. red, up", "D. blue, down")
+    think = "The square is red. It moves up. So the answer is C."
+    assert [consistent(think, a, options=combo) for a in "ABCD"] == [False, False, True, False]
+    assert consistent("The square is red, so the answer is C.", "C", options=combo) is True  # one fact of C
+    assert consistent("The square is red, so the answer is B.", "B", options=combo) is False
+    assert consistent("Therefore it is red, up.", "C", options=combo) is True
+    think = "The square is red. Wait, it is blue. It moves up. So the answer is B."
+    assert (consistent(think, "B", options=combo), consistent(think, "C", options=combo)) == (True, False)
+    # The synthetic colour_direction task words its options "red, moving up" and its reasoning "it moves up".
+    moving = ("A. green, moving up", "B. red, moving up", "C. red, moving left", "D. blue, moving down")
+    think = "The moving square is red. It moves up. So it is red, moving up: the answer is B."
+    assert (consistent(think, "B", options=moving), consistent(think, "C", options=moving)) == (True, False)
+    think = "The moving square is red. It moves left. So the answer is B."
+    assert consistent(think, "B", options=moving) is False
+    activities = ("A. washing dishes", "B. cooking dinner", "C. reading a book", "D. watching television")
+    think = "He stirs a pot on the stove, so he is cooking dinner. The answer is C."
+    assert consistent(think, "C", options=activities) is False
+
+
+def test_rule_judge_skips_lists_of_options_and_simple_negations():
+    assert consistent("The options are red, green, blue and yellow.", "C") is None
+    think = "The options are red, green, blue and yellow. The moving one is green, so the answer is B."
+    assert (consistent(think, "B"), consistent(think, "A")) == (True, False)
+    assert consistent("Hmm, red or green? Looking again it is green, so the answer is B.", "B") is True
+    assert consistent("The square is blue, not red, so the answer is C.", "C") is True
+    assert consistent("It isn't green, it is yellow. So the answer is D.", "D") is True
+    # Beyond "not X" negation is out of reach: here the red square still counts as stated (a known miss).
+    assert consistent("The blue square moves; the red one stays still, so the answer is C.", "C") is False
+
+
+def test_rule_judge_flags_a_stated_number_that_contradicts_the_concluded_one():
+    assert consistent("I count 3 squares, so the answer is 3.", "3", "numerical") is True
+    assert consistent("I count 3 squares, so the answer is 4.", "4", "numerical") is False
+    assert consistent("I count 3 squares. So the answer is 4.", "4", "numerical") is False
+    assert consistent("The square is about 12 pixels wide, so the answer is 20.", "20", "regression") is False
+    # Arithmetic and self-corrections are not contradictions.
+    assert (
+        consistent("There are 2 red squares and 3 blue ones, so the answer is 5.", "5", "numerical") is True
+    )
+    assert consistent("There are 2 red squares. There are 3 blue ones. So it is 5.", "5", "numerical") is True
+    assert consistent("I count 3 squares plus 1 hidden one, so the answer is 4.", "4", "numerical") is True
+    assert consistent("I count 3 objects. Wait, there are 2 objects.", "2", "numerical") is True
+    assert consistent("I count 3 objects. Wait, there are 2 objects.", "3", "numerical") is False
+    think = "I count 3 squares. Wait, one is hidden behind another, so the answer is 4."
+    assert consistent(think, "4", "numerical") is True
+    think = "The square moves 3 pixels per frame for 8 frames, so the distance is 24 pixels."
+    assert consistent(think, "24", "regression") is True
+    assert consistent("I see 4 squares.", "5", "numerical") is False
+    assert consistent("Let me count carefully.", "2", "numerical") is None
+
+
+def test_rule_judge_flags_an_ocr_reading_that_contradicts_the_concluded_text():
+    assert consistent("The sign reads EXIT, so the answer is EXIT.", "EXIT", "OCR") is True
+    assert consistent("The sign reads EXIT, so the answer is ENTER.", "ENTER", "OCR") is False
+    assert consistent("The word on the door is PUSH, so the answer is PULL.", "PULL", "OCR") is False
+    assert consistent("The sign reads 'OPEN'.", "OPEN", "OCR") is True
+    assert consistent("The sign reads 'OPEN'.", "CLOSED", "OCR") is False
+    think = "The sign reads STOP. Actually I misread it, so the answer is SHOP."
+    assert consistent(think, "SHOP", "OCR") is True
+    assert consistent("I cannot read the small print clearly.", "SALE", "OCR") is None
+    # Free-form text has no reading to compare: only the conclusion counts, paraphrase is out of reach.
+    think = "So the answer is reading a book. Wait, it is a tablet, so the answer is reading on a tablet."
+    assert consistent(think, "reading on a tablet", "free-form") is True
+    assert consistent(think, "reading a book", "free-form") is False
 
 
 # --- LLM replies and failing judges ------------------------------------------------------------------------
