@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from lightning_veripo.parsing import find_numbers
 from lightning_veripo.records import Rollout, VideoQARecord
 from lightning_veripo.tiny import make_tiny_causal_lm
 from lightning_veripo.verifier import (
@@ -245,6 +246,16 @@ def test_rule_judge_flags_a_stated_number_that_contradicts_the_concluded_one():
     assert consistent(think, "24", "regression") is True
     assert consistent("I see 4 squares.", "5", "numerical") is False
     assert consistent("Let me count carefully.", "2", "numerical") is None
+
+
+def test_find_numbers_gives_every_number_with_its_span():
+    text = "x=2, about 1,200 m, \u22123.5 and 1e999"
+    assert [(text[i:j], v) for i, j, v in find_numbers(text)] == [
+        ("2", 2.0),
+        ("1,200", 1200.0),
+        ("\u22123.5", -3.5),
+    ]
+    assert find_numbers("no digits") == []
 
 
 def test_rule_judge_flags_an_ocr_reading_that_contradicts_the_concluded_text():
