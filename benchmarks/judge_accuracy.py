@@ -20,8 +20,9 @@ Judge specs (`NAME=SPEC` names a row; the default name is the spec):
 Columns, per problem type and overall: n items; `acc(decided)` accuracy on the items the judge decided (deciding
 an item labelled null counts as wrong); `abstain` the fraction of items left unjudged; `acc(strict)` accuracy over
 all items, an abstention counting as wrong unless the label is null; `caught` the fraction of items labelled
-inconsistent that the judge calls inconsistent; `s/item` wall-clock seconds per item (the median of --repeats
-passes, each problem type judged as one batch).
+inconsistent that the judge calls inconsistent; `false alarm` the fraction of items labelled consistent that it
+calls inconsistent (the verifier never picks those as "chosen"); `s/item` wall-clock seconds per item (the median
+of --repeats passes, each problem type judged as one batch).
 """
 
 from __future__ import annotations
@@ -114,6 +115,7 @@ def metrics(labels: list[bool | None], verdicts: list[bool | None], seconds: flo
     decided = [(lab, v) for lab, v in zip(labels, verdicts, strict=True) if v is not None]
     right = sum(lab == v for lab, v in zip(labels, verdicts, strict=True))
     inconsistent = [v for lab, v in zip(labels, verdicts, strict=True) if lab is False]
+    consistent = [v for lab, v in zip(labels, verdicts, strict=True) if lab is True]
 
     def ratio(a: float, b: int) -> float | None:
         return round(a / b, 4) if b else None
@@ -128,6 +130,7 @@ def metrics(labels: list[bool | None], verdicts: list[bool | None], seconds: flo
         "abstention_rate": ratio(n - len(decided), n),
         "accuracy_strict": ratio(right, n),
         "inconsistent_caught": ratio(sum(v is False for v in inconsistent), len(inconsistent)),
+        "false_alarm_rate": ratio(sum(v is False for v in consistent), len(consistent)),
         "seconds_per_item": seconds / n if n else None,
     }
 
@@ -179,14 +182,15 @@ def _fmt(x: float | None, digits: int = 3) -> str:
 def table(name: str, result: dict[str, Any]) -> str:
     rows = [*result["by_problem_type"].items(), ("overall", result["overall"])]
     lines = [
-        f"| {name} | n (T/F/?) | acc(decided) | abstain | acc(strict) | caught | s/item |",
-        "|---|---|---|---|---|---|---|",
+        f"| {name} | n (T/F/?) | acc(decided) | abstain | acc(strict) | caught | false alarm | s/item |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for t, m in rows:
         counts = f"{m['n']} ({m['n_consistent']}/{m['n_inconsistent']}/{m['n_cannot_tell']})"
         lines.append(
             f"| {t} | {counts} | {_fmt(m['accuracy_decided'])} | {_fmt(m['abstention_rate'])} | "
-            f"{_fmt(m['accuracy_strict'])} | {_fmt(m['inconsistent_caught'])} | {m['seconds_per_item']:.2e} |"
+            f"{_fmt(m['accuracy_strict'])} | {_fmt(m['inconsistent_caught'])} | {_fmt(m['false_alarm_rate'])} | "
+            f"{m['seconds_per_item']:.2e} |"
         )
     return "\n".join(lines)
 
