@@ -194,6 +194,7 @@ def iterate(
         if not grpo_only:
             pairs = verifier_dir / "pairs.jsonl"
             if not state.finished(f"{it}/dpo"):
+                _ensure_verifier_files(work / it, judge, pair_config)
                 if not _read_lines(pairs):
                     state.mark(f"{it}/dpo", None, skipped="the verifier built no preference pairs")
                 else:
@@ -202,6 +203,22 @@ def iterate(
                                       discard_solved_fraction, seed + k)
     _print_summary(rows)
     return rows
+
+
+def _ensure_verifier_files(iteration: Path, judge: Judge | None, pair_config: PairConfig | None) -> None:
+    """After a finished GRPO stage, the verifier must have finished too (its stats.json): if the files are
+    missing (e.g. removed by hand), judge the rollouts of GRPO's last checkpoint again; never go on without them."""
+    from lightning_veripo.callbacks.verifier import verify_checkpoint
+
+    verifier, ckpt = iteration / "verifier", iteration / "grpo" / "checkpoints" / "last.ckpt"
+    if (verifier / "stats.json").is_file():
+        return
+    if not ckpt.is_file():
+        raise FileNotFoundError(
+            f"{verifier}/stats.json is missing, so the verifier did not finish, and {ckpt} is gone too: nothing "
+            f"to rebuild the preference pairs from. Remove {iteration.name}/grpo from state.json to run it again."
+        )
+    verify_checkpoint(ckpt, verifier, judge, pair_config)
 
 
 def _discard_solved(stats_path: Path, out: Path, fraction: float, seed: int) -> Path | None:
