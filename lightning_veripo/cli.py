@@ -12,6 +12,7 @@ import sys
 
 from lightning.pytorch.cli import LightningCLI
 
+from lightning_veripo.backbone import PolicyMismatchError
 from lightning_veripo.module import VideoLLMModule
 
 
@@ -64,10 +65,14 @@ def _command(argv: list[str]) -> int | None:
 
 def main(argv: list[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
-    code = _command(args)
-    if code is not None:
-        return code
-    VeripoCLI(args=argv)
+    try:
+        code = _command(args)
+        if code is not None:
+            return code
+        VeripoCLI(args=argv)
+    except PolicyMismatchError as err:  # a checkpoint of another policy: the message says what to set
+        print(f"veripo: error: {err}", file=sys.stderr)
+        return 2
     return 0
 
 

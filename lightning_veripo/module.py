@@ -6,8 +6,11 @@ from typing import Any
 
 import lightning as L
 import torch
+from lightning.pytorch.utilities import rank_zero_warn
 
-from lightning_veripo.backbone import VideoLLM
+from lightning_veripo.backbone import VideoLLM, check_policy
+
+POLICY_KEY = "veripo_policy"  # where a checkpoint keeps VideoLLM.policy_identity()
 
 
 class VideoLLMModule(L.LightningModule):
@@ -15,7 +18,10 @@ class VideoLLMModule(L.LightningModule):
 
     The backbone's weights are loaded in `configure_model` (where sharded strategies want them built).
     Checkpoints hold only the trainable weights (the adapter under LoRA) and the optimizer state; the frozen
-    base comes back from `model_name_or_path` on resume.
+    base comes back from `model_name_or_path` on resume. So a checkpoint also records the policy those weights
+    belong to (`VideoLLM.policy_identity`: base model + merged adapters, in order), and loading it into a
+    backbone built otherwise raises `PolicyMismatchError` naming the settings that rebuild it: a loop stage's
+    checkpoint under a stand-alone config would otherwise evaluate another policy without a word.
     """
 
     strict_loading = False
@@ -43,9 +49,18 @@ class VideoLLMModule(L.LightningModule):
         # FSDP bypasses the state_dict override above; filter here too.
         keep = self._trainable_names()
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
+        checkpoint[POLICY_KEY] = self.backbone.policy_identity()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.configure_model()
+        saved = checkpoint.get(POLICY_KEY)
+        if saved is None:
+            rank_zero_warn(
+                "the checkpoint records no policy (it predates lightning_veripo recording one): nothing checks "
+                "that the base model and merged adapters built here are the ones its weights were trained on"
+            )
+            return
+        check_policy(saved, self.backbone.policy_identity())
 
     def transfer_batch_to_device(self, batch: Any, device: torch.device, dataloader_idx: int) -> Any:
         """Move the tensors of a batch; records, prompts and sampling settings stay as they are."""

@@ -1,5 +1,6 @@
 """`veripo fit --config configs/demo_grpo.yaml` end to end: the real command in a subprocess, its TensorBoard
-scalars and rollout panel, its trainable-only checkpoint, resuming from it, and its config errors.
+scalars and rollout panel, its trainable-only checkpoint, resuming from it, and its config errors; `veripo test`
+on a loop stage's checkpoint (the policy a checkpoint belongs to).
 
 The demo config builds the tiny model and the synthetic data under work/demo/ on first use, so each run happens
 in a temporary directory holding a copy of `configs/`.
@@ -7,7 +8,9 @@ in a temporary directory holding a copy of `configs/`.
 
 from __future__ import annotations
 
+import json
 import math
+import re
 import shutil
 import subprocess
 import sys
@@ -17,8 +20,10 @@ import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from lightning_veripo.backbone import LoRAConfig, VideoLLM
+from lightning_veripo.backbone import LoRAConfig, PolicyMismatchError, VideoLLM, check_policy
 from lightning_veripo.grpo import GRPOModule
+from lightning_veripo.module import POLICY_KEY
+from lightning_veripo.tiny import make_tiny_model
 
 REPO = Path(__file__).resolve().parents[1]
 VERSION_DIR = Path("work/demo/grpo/tensorboard")
@@ -44,7 +49,9 @@ def veripo(*args: str, cwd: Path, timeout: float = 240) -> subprocess.CompletedP
 
 
 def _expect_success(result: subprocess.CompletedProcess) -> None:
-    assert result.returncode == 0, f"exit {result.returncode}\n{result.stdout[-3000:]}\n{result.stderr[-6000:]}"
+    assert result.returncode == 0, (
+        f"exit {result.returncode}\n{result.stdout[-3000:]}\n{result.stderr[-6000:]}"
+    )
 
 
 @pytest.fixture(scope="module")
@@ -52,7 +59,9 @@ def demo_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A directory in which `veripo fit --config configs/demo_grpo.yaml` ran 4 steps (version_0)."""
     cwd = tmp_path_factory.mktemp("demo_grpo")
     shutil.copytree(REPO / "configs", cwd / "configs")
-    _expect_success(veripo("fit", "--config", "configs/demo_grpo.yaml", *QUICK, "--trainer.max_steps", "4", cwd=cwd))
+    _expect_success(
+        veripo("fit", "--config", "configs/demo_grpo.yaml", *QUICK, "--trainer.max_steps", "4", cwd=cwd)
+    )
     return cwd
 
 
@@ -95,7 +104,9 @@ def test_demo_fit_writes_a_rollout_text_panel(demo_run: Path) -> None:
 
 @pytest.mark.slow
 def test_demo_checkpoint_holds_only_the_lora_weights(demo_run: Path) -> None:
-    checkpoint = torch.load(_checkpoint(demo_run / VERSION_DIR / "version_0"), map_location="cpu", weights_only=False)
+    checkpoint = torch.load(
+        _checkpoint(demo_run / VERSION_DIR / "version_0"), map_location="cpu", weights_only=False
+    )
     assert checkpoint["global_step"] == 4
     # The same module as the demo config builds: its trainable parameters are exactly the adapter's.
     backbone = VideoLLM(str(demo_run / "work/demo/tiny-model"), lora=LoRAConfig(r=8, alpha=16)).load()
@@ -121,7 +132,13 @@ def test_print_config_shows_every_grpo_knob(tmp_path: Path) -> None:
     result = veripo("fit", "--config", "configs/demo_grpo.yaml", "--print_config", cwd=tmp_path, timeout=120)
     _expect_success(result)
     assert "class_path: lightning_veripo.grpo.GRPOModule" in result.stdout
-    for knob in ("num_generations: 8", "epsilon_high:", "loss_type: dapo", "dynamic_sampling: true", "temporal:"):
+    for knob in (
+        "num_generations: 8",
+        "epsilon_high:",
+        "loss_type: dapo",
+        "dynamic_sampling: true",
+        "temporal:",
+    ):
         assert knob in result.stdout, knob
     assert not (tmp_path / "work").exists()  # printing the config builds nothing
 
@@ -131,7 +148,9 @@ def test_print_config_shows_every_grpo_knob(tmp_path: Path) -> None:
     [("loss_type", "nope", "loss_type='nope'"), ("los_type", "dapo", "'los_type' is not accepted")],
     ids=["bad-value", "misspelled-key"],
 )
-def test_an_invalid_knob_fails_with_a_message_naming_it(tmp_path: Path, knob: str, value: str, named: str) -> None:
+def test_an_invalid_knob_fails_with_a_message_naming_it(
+    tmp_path: Path, knob: str, value: str, named: str
+) -> None:
     shutil.copytree(REPO / "configs", tmp_path / "configs")
     result = veripo("fit", "--config", "configs/demo_grpo.yaml", f"--model.init_args.{knob}", value,
                     cwd=tmp_path, timeout=120)  # fmt: skip
@@ -148,5 +167,116 @@ def test_veripo_test_evaluates_a_trained_checkpoint_on_a_test_file(demo_run: Pat
     _expect_success(result)
     for metric in ("test/accuracy", "test/format_rate", "test/reasoning_tokens", "test/inconsistency_rate"):
         assert metric in result.stdout, result.stdout[-3000:]
-    missing = veripo("test", "--config", "configs/demo_grpo.yaml", *QUICK, "--ckpt_path", str(ckpt), cwd=demo_run)
+    missing = veripo(
+        "test", "--config", "configs/demo_grpo.yaml", *QUICK, "--ckpt_path", str(ckpt), cwd=demo_run
+    )
     assert missing.returncode != 0 and "test_path" in missing.stderr  # no test file configured: said so
+
+
+# --- which policy a checkpoint belongs to ------------------------------------------------------------------
+# A checkpoint holds only the trainable weights (a stage's adapter); the loop's stages sit on the base model
+# with the earlier stages' adapters merged in. `veripo test` on such a checkpoint with a stand-alone config
+# used to evaluate another policy and report 0.0 everywhere, silently.
+
+
+def _adapter(tiny_model_dir: Path, out: Path, seed: int) -> Path:
+    backbone = VideoLLM(str(tiny_model_dir), lora=LoRAConfig(r=4, alpha=8)).load()
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for name, p in backbone.model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(std=0.02)
+    return backbone.save_pretrained(out)
+
+
+@pytest.fixture(scope="module")
+def adapters(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    root = tmp_path_factory.mktemp("adapters")
+    return _adapter(tiny_model_dir, root / "a", 1), _adapter(tiny_model_dir, root / "b", 2)
+
+
+def test_a_policy_is_its_base_and_its_merged_adapters_by_content_in_order(tiny_model_dir, adapters, tmp_path):
+    a, b = adapters
+
+    def policy(*merged: Path, base: Path = tiny_model_dir) -> dict:
+        return VideoLLM(str(base), merge_adapters=[str(m) for m in merged]).policy_identity()
+
+    check_policy(policy(a, b), policy(a, b))
+    moved = shutil.copytree(a, tmp_path / "moved")  # the same adapter elsewhere is the same policy
+    check_policy(policy(a, b), policy(moved, b))
+
+    flag = "--model.init_args.backbone.init_args.merge_adapters="
+    for built in (policy(), policy(a), policy(b, a), policy(a, b, b)):
+        with pytest.raises(PolicyMismatchError) as refused:
+            check_policy(policy(a, b), built)
+        assert f"'{flag}{json.dumps([str(a.resolve()), str(b.resolve())])}'" in str(refused.value)
+        assert "model_name_or_path" not in str(refused.value)
+
+    other_base = make_tiny_model(tmp_path / "other", hidden_size=32)
+    with pytest.raises(PolicyMismatchError, match=f"model_name_or_path={tiny_model_dir.resolve()}"):
+        check_policy(policy(a), policy(a, base=other_base))
+
+
+def test_a_checkpoint_records_its_policy_and_refuses_another_on_load(tiny_model_dir, adapters, tmp_path):
+    a, _ = adapters
+
+    def module(*merged: Path) -> GRPOModule:
+        lora = LoRAConfig(r=4, alpha=8)
+        return GRPOModule(VideoLLM(str(tiny_model_dir), lora=lora, merge_adapters=[str(m) for m in merged]))
+
+    trained = module(a)
+    trained.configure_model()
+    checkpoint = {"state_dict": trained.state_dict()}
+    trained.on_save_checkpoint(checkpoint)
+    assert checkpoint[POLICY_KEY] == trained.backbone.policy_identity()
+    assert [m["resolved"] for m in checkpoint[POLICY_KEY]["merge_adapters"]] == [str(a.resolve())]
+
+    module(shutil.copytree(a, tmp_path / "copy")).on_load_checkpoint(checkpoint)  # same policy: loads
+    with pytest.raises(PolicyMismatchError, match="merge_adapters="):
+        module().on_load_checkpoint(checkpoint)
+    del checkpoint[POLICY_KEY]  # a checkpoint written before policies were recorded: loads, with a warning
+    with pytest.warns(UserWarning, match="records no policy"):
+        module().on_load_checkpoint(checkpoint)
+
+
+LOOP = ["iterate", "--config", "configs/demo.yaml", "--iterations", "1", "--grpo_only", "true",
+        "--sft.args", json.dumps(["--trainer.max_steps=100", "--trainer.enable_progress_bar=false"]),
+        "--grpo.args", json.dumps(["--trainer.max_steps=2", "--trainer.limit_val_batches=0",
+                                   "--trainer.num_sanity_val_steps=0", "--trainer.enable_progress_bar=false"])]  # fmt: skip
+
+
+def _test_metrics(stdout: str) -> dict[str, float]:
+    """The `test/...` rows of the metrics table `veripo test` prints."""
+    return {k: float(v) for k, v in re.findall(r"(test/\S+)\s*│\s*([-+0-9.eE]+)\s*│", stdout)}
+
+
+@pytest.mark.slow
+def test_veripo_test_on_a_loop_stage_checkpoint_refuses_another_policy_or_reproduces_the_loop(tmp_path):
+    shutil.copytree(REPO / "configs", tmp_path / "configs")
+    _expect_success(veripo(*LOOP, cwd=tmp_path, timeout=900))
+    work = tmp_path / "work/demo/veripo"
+    row = next(
+        r
+        for r in map(json.loads, (work / "metrics.jsonl").read_text().splitlines())
+        if r["stage"] == "iter_1/grpo"
+    )
+    assert row["format_rate"] > 0  # a figure an unmerged policy (format rate 0) could not have given
+    command = ["test", "--config", "configs/demo_grpo.yaml",
+               "--ckpt_path", str(work / "iter_1/grpo/checkpoints/last.ckpt"),
+               "--data.init_args.test_path", "work/demo/data/val.json",
+               "--data.init_args.val_batch_size=16"]  # fmt: skip  # (the loop's eval_batch_size)
+
+    refused = veripo(*command, cwd=tmp_path)  # the issue's command: demo_grpo.yaml merges nothing
+    assert refused.returncode == 2, refused.stderr[-3000:]
+    assert not _test_metrics(refused.stdout)  # no table of zeros
+    fix = re.search(r"'(--model\.init_args\.backbone\.init_args\.merge_adapters=\[.*?\])'", refused.stderr)
+    assert fix and json.loads(fix.group(1).partition("=")[2]) == [str((work / "sft/adapter").resolve())], (
+        refused.stderr
+    )
+
+    matched = veripo(*command, fix.group(1), cwd=tmp_path)  # what the message says to add
+    _expect_success(matched)
+    metrics = _test_metrics(matched.stdout)
+    expected = {f"test/{k}": v for k, v in row.items() if f"test/{k}" in metrics}
+    assert {"test/accuracy", "test/format_rate", "test/inconsistency_rate"} <= expected.keys()
+    assert metrics == pytest.approx(expected, abs=1e-6)
