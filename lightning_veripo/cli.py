@@ -1,37 +1,86 @@
-"""The `veripo` command: LightningCLI fit / validate / test, plus the offline builders.
+"""The `veripo` command: LightningCLI fit / validate / test / predict, the VerIPO loop, and the offline builders.
 
-    veripo fit --config configs/demo_grpo.yaml          # any LightningModule of this package, any YAML
-    veripo iterate --config configs/demo.yaml            # the VerIPO loop: GRPO -> verifier -> DPO, repeated
-    veripo make-tiny-model DIR [--seed 0] [--arch qwen2_5_vl|qwen2_vl|qwen3_vl]   # tiny random Qwen-VL
-    veripo make-synthetic-data DIR --num_train N --num_val M [--seed 0]   # --num-train etc. work too
+veripo --help                                   # every command, one line each
+veripo fit --config configs/demo_grpo.yaml      # any LightningModule of this package, any YAML
+veripo iterate --config configs/demo.yaml       # the VerIPO loop: GRPO -> verifier -> DPO, repeated
+veripo make-tiny-model DIR [--seed 0] [--arch qwen2_5_vl|qwen2_vl|qwen3_vl]   # tiny random Qwen-VL
+veripo make-synthetic-data DIR --num_train N --num_val M [--seed 0]           # --num-train etc. work too
+
+An error under a command ends with a tip naming that command's help (`veripo iterate --help`); an error in a
+loop stage's arguments names `veripo fit --help`, the options a stage takes.
 """
 
 from __future__ import annotations
 
+import difflib
 import sys
+from typing import Any
 
 from lightning.pytorch.cli import LightningCLI
 
 from lightning_veripo.backbone import PolicyMismatchError
 from lightning_veripo.module import VideoLLMModule
 
+# Every command with its line in `veripo --help`: LightningCLI's four, then the plain functions below.
+COMMANDS = {
+    "fit": "train one stage (GRPO, DPO or SFT) from a YAML config",
+    "validate": "evaluate a model or a --ckpt_path on the validation set",
+    "test": "evaluate a model or a --ckpt_path on a test file",
+    "predict": "run a model's predict_step over a data set",
+    "iterate": "run the VerIPO loop: GRPO -> verifier -> DPO, repeated",
+    "make-tiny-model": "write the offline tiny random Qwen-VL to a directory",
+    "make-synthetic-data": "write the synthetic video-QA task to a directory",
+}
+
 
 class VeripoCLI(LightningCLI):
-    """LightningCLI with this package's modules and data modules chosen by `class_path` in the YAML."""
+    """LightningCLI with this package's modules and data modules chosen by `class_path` in the YAML.
 
-    def __init__(self, args: list[str] | dict | None = None, run: bool = True, **kwargs) -> None:
+    Without subcommands (`run=False`, as the loop runs each stage) the parser takes `veripo fit`'s arguments,
+    so its errors point to `veripo fit --help`."""
+
+    def __init__(
+        self,
+        args: list[str] | dict | None = None,
+        run: bool = True,
+        parser_kwargs: dict[str, Any] | None = None,
+        **kwargs,
+    ) -> None:
         import lightning as L
 
+        # the usage line and an error's "run: <prog> --help" tip name this command however it was started
+        parser_kwargs = {"prog": "veripo" if run else "veripo fit", **(parser_kwargs or {})}
         super().__init__(
             model_class=VideoLLMModule,
             datamodule_class=L.LightningDataModule,
             subclass_mode_model=True,
             subclass_mode_data=True,
             save_config_kwargs={"overwrite": True},
+            parser_kwargs=parser_kwargs,
             args=args,
             run=run,
             **kwargs,
         )
+
+
+def overview() -> str:
+    """`veripo --help`: every command with one line."""
+    width = max(map(len, COMMANDS))
+    lines = [
+        "usage: veripo COMMAND [options]",
+        "",
+        "VerIPO for Video-LLMs on PyTorch Lightning.",
+        "",
+        "commands:",
+        *(f"  {name.ljust(width)}  {line}" for name, line in COMMANDS.items()),
+        "",
+        "examples:",
+        "  veripo iterate --config configs/demo.yaml",
+        "  veripo fit --config configs/demo_grpo.yaml",
+        "",
+        "Run `veripo COMMAND --help` for a command's options.",
+    ]
+    return "\n".join(lines)
 
 
 def _underscore_flags(args: list[str]) -> list[str]:
@@ -53,23 +102,43 @@ def _command(argv: list[str]) -> int | None:
     from lightning_veripo.loop import iterate
     from lightning_veripo.tiny import make_tiny_model
 
-    commands = {"make-tiny-model": make_tiny_model, "make-synthetic-data": make_synthetic_data, "iterate": iterate}
+    commands = {
+        "make-tiny-model": make_tiny_model,
+        "make-synthetic-data": make_synthetic_data,
+        "iterate": iterate,
+    }
     if not argv or argv[0] not in commands:
         return None
     args = argv[1:] if argv[0] == "iterate" else _underscore_flags(argv[1:])
-    out = auto_cli(commands[argv[0]], args=args)
+    # prog: usage lines and the "tip: ... run: <prog> --help" of an error name this command, not bare `veripo`
+    out = auto_cli(commands[argv[0]], args=args, prog=f"veripo {argv[0]}")
     if argv[0] != "iterate":
         print(f"wrote {out}")
     return 0
 
 
+def _usage_error(message: str, full: bool = False) -> int:
+    usage = overview() if full else "usage: veripo COMMAND [options]\ntip: `veripo --help` lists the commands"
+    print(f"{usage}\nveripo: error: {message}", file=sys.stderr)
+    return 2
+
+
 def main(argv: list[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
+    if not args:
+        return _usage_error("no command given", full=True)
+    if args[0] in ("-h", "--help"):
+        print(overview())
+        return 0
+    if not args[0].startswith("-") and args[0] not in COMMANDS:
+        close = difflib.get_close_matches(args[0], COMMANDS, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        return _usage_error(f"unknown command {args[0]!r}{hint}")
     try:
         code = _command(args)
         if code is not None:
             return code
-        VeripoCLI(args=argv)
+        VeripoCLI(args=argv)  # None: LightningCLI reads sys.argv itself (a list here would make it warn)
     except PolicyMismatchError as err:  # a checkpoint of another policy: the message says what to set
         print(f"veripo: error: {err}", file=sys.stderr)
         return 2

@@ -1,6 +1,6 @@
 """`veripo fit --config configs/demo_grpo.yaml` end to end: the real command in a subprocess, its TensorBoard
 scalars and rollout panel, its trainable-only checkpoint, resuming from it, and its config errors; `veripo test`
-on a loop stage's checkpoint (the policy a checkpoint belongs to).
+on a loop stage's checkpoint (the policy a checkpoint belongs to); `veripo --help` and the command's errors.
 
 The demo config builds the tiny model and the synthetic data under work/demo/ on first use, so each run happens
 in a temporary directory holding a copy of `configs/`.
@@ -8,6 +8,8 @@ in a temporary directory holding a copy of `configs/`.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import math
 import re
@@ -21,6 +23,7 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from lightning_veripo.backbone import LoRAConfig, PolicyMismatchError, VideoLLM, check_policy
+from lightning_veripo.cli import COMMANDS, VeripoCLI, main
 from lightning_veripo.grpo import GRPOModule
 from lightning_veripo.module import POLICY_KEY
 from lightning_veripo.tiny import make_tiny_model
@@ -280,3 +283,60 @@ def test_veripo_test_on_a_loop_stage_checkpoint_refuses_another_policy_or_reprod
     expected = {f"test/{k}": v for k, v in row.items() if f"test/{k}" in metrics}
     assert {"test/accuracy", "test/format_rate", "test/inconsistency_rate"} <= expected.keys()
     assert metrics == pytest.approx(expected, abs=1e-6)
+
+
+# --- the command itself ------------------------------------------------------------------------------------
+
+
+def test_veripo_help_lists_every_command_with_one_line_each(tmp_path: Path) -> None:
+    result = veripo("--help", cwd=tmp_path, timeout=120)
+    _expect_success(result)
+    listed = re.findall(r"^  (\S+)\s{2,}(\S.*)$", result.stdout, flags=re.MULTILINE)
+    commands = [name for name, _ in listed if not name.startswith("veripo")]
+    assert commands == [
+        "fit",
+        "validate",
+        "test",
+        "predict",
+        "iterate",
+        "make-tiny-model",
+        "make-synthetic-data",
+    ]
+    assert "veripo COMMAND --help" in result.stdout
+
+
+@pytest.mark.parametrize("command", list(COMMANDS))
+def test_every_listed_command_has_its_own_help(command: str, capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(SystemExit) as done:
+        main([command, "--help"])
+    assert done.value.code == 0
+    usage = capsys.readouterr().out
+    assert usage.startswith("usage: veripo") and command in usage.split("\n", 1)[0]
+
+
+def test_a_typo_under_iterate_points_to_iterate_help(tmp_path: Path) -> None:
+    shutil.copytree(REPO / "configs", tmp_path / "configs")
+    result = veripo("iterate", "--config", "configs/demo.yaml", "--iteratons", "1", cwd=tmp_path, timeout=120)
+    assert result.returncode != 0
+    assert "--iteratons" in result.stderr
+    assert "run: veripo iterate --help" in result.stderr and "run: veripo --help" not in result.stderr
+    assert not (tmp_path / "work").exists()  # it stops before building anything
+
+
+def test_an_unknown_or_missing_command_is_named_with_the_list_of_commands(
+    capsys: pytest.CaptureFixture,
+) -> None:
+    assert main(["itrate"]) == 2
+    assert "unknown command 'itrate' (did you mean 'iterate'?)" in capsys.readouterr().err
+    assert main([]) == 2
+    err = capsys.readouterr().err
+    assert "no command given" in err and "make-synthetic-data" in err
+
+
+def test_an_error_in_a_loop_stage_arguments_points_to_fit_help(tmp_path: Path) -> None:
+    shutil.copytree(REPO / "configs", tmp_path / "configs")
+    with pytest.raises(SystemExit), contextlib.redirect_stderr(io.StringIO()) as err:
+        VeripoCLI(
+            args=["--config", str(tmp_path / "configs/demo_grpo.yaml"), "--trainer.max_stepz=3"], run=False
+        )
+    assert "run: veripo fit --help" in err.getvalue() and "max_stepz" in err.getvalue()
