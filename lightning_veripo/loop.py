@@ -20,6 +20,7 @@ import json
 import os
 import random
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -133,7 +134,12 @@ def iterate(
     eval_sampling: FrameSampling | None = None,
     eval_max_new_tokens: int = 256,
     eval_batch_size: int = 8,
+    eval_num_samples: int = 0,
+    eval_temperature: float = 1.0,
+    min_questions_with_pairs: int = 1,
     make_tiny_if_missing: bool = False,
+    tiny_size: str = "tiny",
+    eval_base: bool = False,
     seed: int = 0,
 ) -> list[dict[str, Any]]:
     """Run the VerIPO loop into `work_dir`; returns the per-stage evaluation rows (also in metrics.jsonl).
@@ -148,33 +154,63 @@ def iterate(
         discard_solved_fraction: share of the always-solved questions dropped from the next GRPO fit (paper: 80%).
         grpo_only: the baseline: GRPO fits only (no verifier, no DPO), for the same number of iterations.
         judge / pair_config: the Rollout-Aware Verifier's judge (default: rules) and pair rules.
-        eval_*: evaluation decoding (greedy) settings.
-        make_tiny_if_missing: build the offline tiny model at `base_model` if it does not exist (the demo).
+        eval_*: evaluation settings: greedy decoding, plus `eval_num_samples` sampled completions per question
+            at `eval_temperature` when > 0 (the `sampled_*` metrics and `pass_at_k`).
+        min_questions_with_pairs: a DPO stage runs only when the verifier's pairs cover at least this many
+            questions; below it the stage is skipped with a warning (a handful of questions over-fits DPO).
+        eval_base: evaluate the starting checkpoint itself first (a "base" row: what the fits start from).
+        make_tiny_if_missing: build the offline tiny model at `base_model` if it does not exist (the demo), of
+            `tiny_size` (a preset of lightning_veripo.tiny.SIZES: "tiny" or "small").
     """
-    from lightning_veripo.backbone import VideoLLM
     from lightning_veripo.callbacks.verifier import VerifierCallback
     from lightning_veripo.evaluate import evaluate
 
     work = Path(work_dir)
     work.mkdir(parents=True, exist_ok=True)
-    if make_tiny_if_missing:
-        VideoLLM(base_model, make_tiny_if_missing=True).load()
+    if make_tiny_if_missing and not (Path(base_model).expanduser() / "config.json").exists():
+        from lightning_veripo.tiny import make_tiny_model
+
+        make_tiny_model(Path(base_model).expanduser(), size=tiny_size)
     state = LoopState(work)
     tensorboard = work / "tensorboard"
     sampling = eval_sampling or FrameSampling()
     rows: list[dict[str, Any]] = [json.loads(x) for x in _read_lines(work / "metrics.jsonl")]
 
+    def evaluate_base() -> None:
+        """The "base" row: the starting checkpoint itself. Runs once, after the first fit has written the data
+        (the demo's synthetic set is made by its stages' data modules)."""
+        if not eval_base or state.finished("base"):
+            return
+        from lightning_veripo.backbone import VideoLLM
+
+        base = VideoLLM(base_model).load()
+        metrics = evaluate(base, val_path, sampling, eval_max_new_tokens, eval_batch_size, judge,
+                           num_samples=eval_num_samples, temperature=eval_temperature, seed=seed)  # fmt: skip
+        del base
+        row = {"stage": "base", "index": len(rows), "step": 0, "train_s": 0.0, "train_cpu_s": 0.0, "wall_s": 0.0,
+               **metrics, "rss_mb": _rss_mb()}  # fmt: skip
+        rows.append(row)
+        _log_eval(tensorboard, row)
+        _write_lines_atomic(work / "metrics.jsonl", [json.dumps(r) for r in rows])
+        state.mark("base", None, steps=0, step=0)
+
     def fit(name: str, stage: Stage, extra: list[str] | None = None, callbacks: list[Any] | None = None) -> None:
         if state.finished(name):
             return
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         offset = state.step()
         module, steps = run_stage(name, stage, work / name, base_model, state.adapters(), tensorboard, extra,
                                   callbacks, step_offset=offset)  # fmt: skip
         adapter = str(module.backbone.save_pretrained(work / name / "adapter"))
-        metrics = evaluate(module.backbone, val_path, sampling, eval_max_new_tokens, eval_batch_size, judge)
-        row = {"stage": name, "index": len(rows), "step": offset + steps,
-               "wall_s": round(time.perf_counter() - start, 3), **metrics, "rss_mb": _rss_mb()}  # fmt: skip
+        train_s, train_cpu_s = time.perf_counter() - start, time.process_time() - cpu_start
+        evaluate_base()
+        eval_start = time.perf_counter()
+        metrics = evaluate(module.backbone, val_path, sampling, eval_max_new_tokens, eval_batch_size, judge,
+                           num_samples=eval_num_samples, temperature=eval_temperature, seed=seed)  # fmt: skip
+        row = {"stage": name, "index": len(rows), "step": offset + steps, "train_s": round(train_s, 3),
+               "train_cpu_s": round(train_cpu_s, 3),
+               "wall_s": round(train_s + time.perf_counter() - eval_start, 3), **metrics,
+               "rss_mb": _rss_mb()}  # fmt: skip
         rows.append(row)
         _log_eval(tensorboard, row)
         _write_lines_atomic(work / "metrics.jsonl", [json.dumps(r) for r in rows])
@@ -195,13 +231,18 @@ def iterate(
             pairs = verifier_dir / "pairs.jsonl"
             if not state.finished(f"{it}/dpo"):
                 _ensure_verifier_files(work / it, judge, pair_config)
-                if not _read_lines(pairs):
-                    state.mark(f"{it}/dpo", None, skipped="the verifier built no preference pairs")
+                covered = _questions_with_pairs(pairs)
+                if covered < min_questions_with_pairs:
+                    why = (f"the verifier's pairs cover {covered} question(s), fewer than "
+                           f"min_questions_with_pairs={min_questions_with_pairs}")  # fmt: skip
+                    warnings.warn(f"{it}/dpo skipped: {why}", stacklevel=1)
+                    state.mark(f"{it}/dpo", None, skipped=why)
                 else:
                     fit(f"{it}/dpo", dpo, [f"--data.init_args.pairs_path={pairs}"])
             exclude = _discard_solved(verifier_dir / "stats.json", work / it / "exclude_ids.json",
                                       discard_solved_fraction, seed + k)
-    _print_summary(rows)
+    evaluate_base()
+    _print_summary(rows, _majority_accuracy(val_path))
     return rows
 
 
@@ -229,6 +270,11 @@ def _discard_solved(stats_path: Path, out: Path, fraction: float, seed: int) -> 
     drop = random.Random(seed).sample(solved, int(len(solved) * fraction))
     _write_json_atomic(out, sorted(drop))
     return out
+
+
+def _questions_with_pairs(pairs: Path) -> int:
+    """How many distinct questions the pairs file holds pairs for (0 if it is missing or empty)."""
+    return len({json.loads(line)["record"]["problem_id"] for line in _read_lines(pairs)})
 
 
 def _rss_mb() -> float:
@@ -265,8 +311,22 @@ def _log_eval(tensorboard: Path, row: dict[str, Any]) -> None:
                 writer.add_scalar(f"eval/{key}", value, row["step"])
 
 
-def _print_summary(rows: list[dict[str, Any]]) -> None:
-    keys = ["accuracy", "format_rate", "reasoning_tokens", "inconsistency_rate", "acc_cons", "wall_s"]
-    print("\n" + " | ".join(["stage".ljust(14)] + [k[:12].rjust(12) for k in keys]))
+def _majority_accuracy(val_path: str) -> float | None:
+    """The accuracy of always giving the evaluation set's most common answer (None if it cannot be read)."""
+    try:
+        answers = [str(r["solution"]).strip() for r in json.loads(Path(val_path).read_text())]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return max(answers.count(a) for a in set(answers)) / len(answers) if answers else None
+
+
+def _print_summary(rows: list[dict[str, Any]], majority: float | None = None) -> None:
+    keys = ["accuracy", "sampled_accuracy", "format_rate", "reasoning_tokens", "inconsistency_rate", "acc_cons",
+            "wall_s"]  # fmt: skip
+    names = ["accuracy", "sampled acc", "format", "think tokens", "inconsistent", "acc-cons", "wall s"]
+    print("\n" + " | ".join(["stage".ljust(12)] + [n.rjust(12) for n in names]))
     for row in rows:
-        print(" | ".join([row["stage"].ljust(14)] + [f"{row.get(k, float('nan')):12.3f}" for k in keys]))
+        cells = [f"{row[k]:12.3f}" if isinstance(row.get(k), (int, float)) else "-".rjust(12) for k in keys]
+        print(" | ".join([row["stage"].ljust(12)] + cells))
+    if majority is not None:
+        print(f"(always answering the most common answer scores {majority:.3f})")

@@ -96,6 +96,13 @@ def _seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+# Named decoder sizes. "tiny" (~210k parameters) is what the unit tests use; "small" (~0.5M) is the smallest that
+# learns to read the synthetic videos within a few hundred supervised steps on 2 CPU cores (the effectiveness
+# lab and the demo; see benchmarks/RESULTS.md, loop_vs_grpo): the tiny one stays blind for 1200+ steps.
+SIZES: dict[str, dict[str, int]] = {
+    "tiny": {"hidden_size": 64, "num_layers": 2},
+    "small": {"hidden_size": 128, "num_layers": 2},
+}
 Arch = Literal["qwen2_5_vl", "qwen2_vl", "qwen3_vl"]
 ARCHS: tuple[str, ...] = get_args(Arch)
 
@@ -209,8 +216,11 @@ def make_tiny_model(
     vision_depth: int = 1,
     vocab_size: int = 512,
     arch: Arch = "qwen2_5_vl",
+    size: str | None = None,
 ) -> Path:
     """Write a tiny random Qwen-VL (model, tokenizer, processor) to `out_dir`; deterministic per seed.
+
+    `size` names a preset of SIZES ("tiny", "small") that sets `hidden_size` and `num_layers`.
 
     `arch` picks the architecture: "qwen2_5_vl" (Qwen2.5-VL, the default), "qwen2_vl" (Qwen2-VL) or
     "qwen3_vl" (Qwen3-VL, dense). Loadable with `AutoModelForImageTextToText.from_pretrained(out_dir)` and
@@ -218,6 +228,10 @@ def make_tiny_model(
     """
     from transformers import AutoModelForImageTextToText
 
+    if size is not None:
+        if size not in SIZES:
+            raise ValueError(f"make_tiny_model: unknown size={size!r}; expected one of {sorted(SIZES)}")
+        hidden_size, num_layers = SIZES[size]["hidden_size"], SIZES[size]["num_layers"]
     tok = build_tokenizer(vocab_size)
     config = _vl_config(arch, tok, hidden_size, num_layers, vision_depth)  # an unknown arch raises here
     out = Path(out_dir)
@@ -233,7 +247,9 @@ def make_tiny_model(
     return out
 
 
-def make_tiny_causal_lm(out_dir: str | Path, seed: int = 0, hidden_size: int = 64, num_layers: int = 2) -> Path:
+def make_tiny_causal_lm(
+    out_dir: str | Path, seed: int = 0, hidden_size: int = 64, num_layers: int = 2
+) -> Path:
     """Write a tiny random text-only causal LM (Qwen2 architecture) + tokenizer, e.g. as an offline judge."""
     from transformers import Qwen2Config, Qwen2ForCausalLM
 

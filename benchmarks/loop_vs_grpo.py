@@ -1,0 +1,328 @@
+"""Does the VerIPO loop make a model better than GRPO alone? Both arms from one warm start, seeds, held-out data.
+
+For each seed: a small random Qwen2.5-VL (`make_tiny_model(seed=..., size="small")`) is warm-started by a short
+supervised fit on the synthetic task's chain of thought (`process` + solution). Stopped early, it reads the video
+partially and often answers against its own reasoning (optionally more so with `answer_noise`, the share of
+targets whose answer contradicts their reasoning). From that one warm start two arms
+run with the same GRPO settings and the same number of GRPO steps:
+
+- `grpo`: GRPO fits only (`iterate(grpo_only=True)`), `iterations` of them;
+- `loop`: the VerIPO loop, `iterations` x (GRPO fit -> Rollout-Aware Verifier -> DPO fit), 80% of the
+  always-solved questions dropped from the next GRPO fit.
+
+Every stage's policy is evaluated on the held-out split (`test.json`, never used to choose a setting; `--split
+val` evaluates on the development split instead, for tuning): greedy accuracy, sampled accuracy (8 samples per
+question at T=1), pass@8, inconsistency rate (rule judge; greedy and sampled), reasoning tokens, Acc-Cons, against
+the arm's cumulative training wall time (fits + verifier; evaluation excluded, the loop's DPO time included) and
+optimiser steps. The warm start is also evaluated on a control where every question gets another record's video
+(paths rotated): the margin over it is how much the policy reads the video.
+
+    python benchmarks/loop_vs_grpo.py --task colour_direction --seeds 0 1 2        # the full run (~20 min a task)
+    python benchmarks/loop_vs_grpo.py --task colour --quick --seeds 0              # a few minutes
+    python benchmarks/loop_vs_grpo.py --task colour --split val ...                # tune on the development split
+
+Writes `benchmarks/results/loop_vs_grpo_<task>[_quick].json` (settings, one row per arm x seed x stage, the
+warm start's control, summaries with 95% intervals over seeds) and a PNG plot beside it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shutil
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+RESULTS = REPO / "benchmarks" / "results"
+METRICS = ("accuracy", "sampled_accuracy", "pass_at_k", "inconsistency_rate", "sampled_inconsistency_rate",
+           "reasoning_tokens", "sampled_reasoning_tokens", "acc_cons", "sampled_acc_cons", "format_rate")  # fmt: skip
+
+
+@dataclass
+class Setting:
+    """Everything an arm depends on; both arms of a run share one Setting."""
+
+    num_train: int = 128
+    num_val: int = 128  # the development split: settings are chosen on it
+    num_test: int = 128  # the held-out split: results are reported on it
+    model_size: str = "small"  # lightning_veripo.tiny.SIZES
+    sft_steps: int = 500
+    sft_lr: float = 2e-3
+    answer_noise: float = 0.0
+    iterations: int = 2
+    grpo_steps: int = 32  # per iteration
+    grpo_lr: float = 3e-3
+    num_generations: int = 8
+    grpo_batch_size: int = 2
+    max_new_tokens: int = 48
+    dpo_epochs: int = 2
+    dpo_lr: float = 5e-4
+    min_questions_with_pairs: int = 8
+    eval_samples: int = 8
+
+
+QUICK = dict(num_val=64, num_test=64, iterations=1, grpo_steps=24, eval_samples=4)
+
+
+def _quiet() -> list[str]:
+    return ["--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false",
+            "--trainer.limit_val_batches=0", "--trainer.num_sanity_val_steps=0"]  # fmt: skip
+
+
+def stages(setting: Setting, data: Path, seed: int) -> dict[str, Any]:
+    """The SFT, GRPO and DPO stages of one seed (the demo's configs with the lab's overrides)."""
+    from lightning_veripo.loop import Stage
+
+    common = [f"--seed_everything={seed}", *_quiet(),
+              "--model.init_args.backbone.init_args.make_tiny_if_missing=false"]  # fmt: skip
+    videoqa = [f"--data.init_args.train_path={data / 'train.json'}", "--data.init_args.synthetic=null"]
+    sft = Stage(str(REPO / "configs/demo_sft.yaml"), [
+        *common, *videoqa, f"--trainer.max_steps={setting.sft_steps}", f"--model.init_args.lr={setting.sft_lr}",
+        f"--model.init_args.answer_noise={setting.answer_noise}", f"--model.init_args.seed={seed}"])  # fmt: skip
+    grpo = Stage(str(REPO / "configs/demo_grpo.yaml"), [
+        *common, *videoqa, "--data.init_args.val_path=null", f"--trainer.max_steps={setting.grpo_steps}",
+        f"--model.init_args.lr={setting.grpo_lr}", f"--model.init_args.num_generations={setting.num_generations}",
+        f"--data.init_args.batch_size={setting.grpo_batch_size}",
+        f"--model.init_args.max_new_tokens={setting.max_new_tokens}",
+        "--model.init_args.log_rollouts_every_n_steps=0"])  # fmt: skip
+    dpo = Stage(str(REPO / "configs/demo_dpo.yaml"), [
+        *common, f"--trainer.max_epochs={setting.dpo_epochs}", f"--model.init_args.lr={setting.dpo_lr}"])  # fmt: skip
+    return {"sft": sft, "grpo": grpo, "dpo": dpo}
+
+
+def _loop_kwargs(setting: Setting, eval_path: Path, seed: int) -> dict[str, Any]:
+    from lightning_veripo.data.videoqa import FrameSampling
+
+    return dict(
+        eval_sampling=FrameSampling(num_frames=4, min_pixels=3136, max_pixels=3136),
+        eval_max_new_tokens=setting.max_new_tokens, eval_batch_size=16, eval_num_samples=setting.eval_samples,
+        min_questions_with_pairs=setting.min_questions_with_pairs, val_path=str(eval_path), seed=seed,
+    )  # fmt: skip
+
+
+def rotated_videos(path: Path, out: Path) -> Path:
+    """The control: the same questions, each with the next record's video (a policy blind to the video
+    scores the same here; one that reads it drops toward chance)."""
+    records = json.loads(path.read_text())
+    paths = [r["path"] for r in records]
+    rotated = [
+        dict(r, path=str((path.parent / p).absolute()))
+        for r, p in zip(records, paths[1:] + paths[:1], strict=True)
+    ]
+    out.write_text(json.dumps(rotated, indent=1))
+    return out
+
+
+def run_seed(
+    task: str, setting: Setting, seed: int, work: Path, eval_path: Path, data: Path, arms: tuple[str, ...]
+) -> dict[str, Any]:
+    """The warm start of one seed, its control, then both arms; returns rows and the control's metrics."""
+    from lightning_veripo.backbone import VideoLLM
+    from lightning_veripo.evaluate import evaluate
+    from lightning_veripo.loop import iterate
+    from lightning_veripo.tiny import make_tiny_model
+
+    model = work / f"model_{seed}"
+    if not (model / "config.json").exists():
+        make_tiny_model(model, seed=seed, size=setting.model_size)
+    st = stages(setting, data, seed)
+    warm = work / f"seed_{seed}" / "warm"
+    kwargs = _loop_kwargs(setting, eval_path, seed)
+    iterate(str(model), st["grpo"], st["dpo"], work_dir=str(warm), iterations=0, sft=st["sft"], **kwargs)
+    state = json.loads((warm / "state.json").read_text())
+    policy = VideoLLM(str(model), merge_adapters=[s["adapter"] for s in state["finished"]])
+    policy.load()
+    control = evaluate(policy, str(rotated_videos(eval_path, work / f"seed_{seed}" / "control.json")),
+                       kwargs["eval_sampling"], setting.max_new_tokens, 16, num_samples=setting.eval_samples,
+                       seed=seed)  # fmt: skip
+    del policy
+    rows = []
+    warm_row = json.loads((warm / "metrics.jsonl").read_text().splitlines()[0])
+    if not arms:
+        rows.append({"task": task, "arm": "warm", "seed": seed, "stage": "sft", "wall_s": 0.0, "steps": 0,
+                     **{k: warm_row.get(k) for k in METRICS}})  # fmt: skip
+    for arm in arms:
+        arm_dir = work / f"seed_{seed}" / arm
+        if not (arm_dir / "state.json").exists():
+            shutil.rmtree(arm_dir, ignore_errors=True)
+            shutil.copytree(warm, arm_dir)  # the same warm start: its stage is finished there
+        out = iterate(str(model), st["grpo"], st["dpo"], work_dir=str(arm_dir), iterations=setting.iterations,
+                      grpo_only=arm == "grpo", **kwargs)  # fmt: skip
+        finished = {s["stage"]: s for s in json.loads((arm_dir / "state.json").read_text())["finished"]}
+        wall, cpu, steps0 = 0.0, 0.0, out[0]["step"]
+        for row in out:
+            if row["stage"] != "sft":
+                wall, cpu = wall + row["train_s"], cpu + row["train_cpu_s"]
+            rows.append({"task": task, "arm": arm, "seed": seed, "stage": row["stage"],
+                         "wall_s": round(wall, 2), "cpu_s": round(cpu, 2), "steps": row["step"] - steps0,
+                         **{k: row.get(k) for k in METRICS}})  # fmt: skip
+        for name, s in finished.items():
+            if s.get("skipped"):
+                rows.append({"task": task, "arm": arm, "seed": seed, "stage": name, "skipped": s["skipped"]})
+        stats = [json.loads(p.read_text()) for p in sorted(arm_dir.glob("iter_*/verifier/stats.json"))]
+        for k, st_ in enumerate(stats, start=1):
+            keys = ("num_rollouts", "pairs", "questions_with_pairs", "accuracy", "inconsistent_rate")
+            rows.append({"task": task, "arm": arm, "seed": seed, "stage": f"iter_{k}/verifier",
+                         "verifier": {x: st_.get(x) for x in keys}})  # fmt: skip
+    return {"rows": rows, "control": {"seed": seed, **{k: control.get(k) for k in METRICS}}}
+
+
+def interval95(values: list[float]) -> tuple[float, float]:
+    """Mean and the half-width of a 95% t-interval over seeds (0 for one seed)."""
+    mean = statistics.fmean(values)
+    if len(values) < 2:
+        return mean, 0.0
+    t = {2: 12.71, 3: 4.303, 4: 3.182, 5: 2.776, 6: 2.571, 7: 2.447, 8: 2.365}.get(len(values), 2.0)
+    return mean, t * statistics.stdev(values) / math.sqrt(len(values))
+
+
+def summarise(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per arm x stage: mean and 95% half-width over seeds of every metric, wall time and steps."""
+    out = []
+    evaluated = [r for r in rows if "accuracy" in r and r.get("accuracy") is not None]
+    keys = sorted({(r["arm"], r["stage"]) for r in evaluated}, key=lambda k: (k[0], _stage_order(k[1])))
+    for arm, stage in keys:
+        these = [r for r in evaluated if r["arm"] == arm and r["stage"] == stage]
+        entry: dict[str, Any] = {"arm": arm, "stage": stage, "seeds": len(these)}
+        for key in ("wall_s", "cpu_s", "steps", *METRICS):
+            values = [float(r[key]) for r in these if r.get(key) is not None]
+            if values:
+                mean, half = interval95(values)
+                entry[key] = round(mean, 4)
+                entry[f"{key}_ci95"] = round(half, 4)
+        out.append(entry)
+    return out
+
+
+def _stage_order(stage: str) -> tuple[int, int]:
+    if stage == "sft":
+        return (0, 0)
+    k, kind = stage.split("/")
+    return (int(k.split("_")[1]), {"grpo": 1, "verifier": 2, "dpo": 3}[kind])
+
+
+def print_table(summary: list[dict[str, Any]], control: list[dict[str, Any]]) -> None:
+    cols = ("accuracy", "sampled_accuracy", "pass_at_k", "inconsistency_rate", "sampled_inconsistency_rate",
+            "sampled_reasoning_tokens", "sampled_acc_cons")  # fmt: skip
+    short = ("greedy acc", "sampled acc", "pass@k", "incons.", "sampled incons.", "think tok", "acc-cons")
+    print(f"\n{'arm':5} {'stage':11} {'wall s':>8} {'steps':>6} " + " ".join(f"{c:>15}" for c in short))
+    for e in summary:
+        cells = [f"{e.get(c, float('nan')):.3f}±{e.get(c + '_ci95', 0):.3f}".rjust(15) for c in cols]
+        print(f"{e['arm']:5} {e['stage']:11} {e['wall_s']:8.1f} {e['steps']:6.0f} " + " ".join(cells))
+    for key in ("accuracy", "sampled_accuracy"):
+        mean, half = interval95([c[key] for c in control])
+        print(f"control (videos rotated), warm start: {key} {mean:.3f}±{half:.3f}")
+
+
+def plot(summary: list[dict[str, Any]], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = (("accuracy", "greedy accuracy"), ("sampled_accuracy", "sampled accuracy (T=1)"),
+              ("sampled_inconsistency_rate", "inconsistency (sampled, rule judge)"))  # fmt: skip
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4))
+    for ax, (key, label) in zip(axes, panels, strict=True):
+        for arm, colour in (("grpo", "tab:blue"), ("loop", "tab:red")):
+            pts = [e for e in summary if e["arm"] == arm and key in e]
+            x = [e["wall_s"] for e in pts]
+            y = [e[key] for e in pts]
+            half = [e.get(f"{key}_ci95", 0.0) for e in pts]
+            name = "GRPO alone" if arm == "grpo" else "VerIPO loop"
+            ax.plot(x, y, marker="o", color=colour, label=name)
+            ax.fill_between(x, [a - h for a, h in zip(y, half, strict=True)], [a + h for a, h in zip(y, half, strict=True)],
+                            color=colour, alpha=0.2)  # fmt: skip
+            for e in pts:
+                ax.annotate(e["stage"].replace("iter_", "i"), (e["wall_s"], e[key]), fontsize=7)
+        ax.set_xlabel("training wall time, s (cumulative; evaluation excluded)")
+        ax.set_title(label)
+        ax.grid(alpha=0.3)
+    axes[0].legend()
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--task", default="colour_direction", help="a synthetic task: colour, direction, count, "
+                        "colour_direction")  # fmt: skip
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--quick", action="store_true", help="small splits, one iteration (a few minutes)")
+    parser.add_argument(
+        "--split",
+        choices=("test", "val"),
+        default="test",
+        help="evaluate on the held-out test split (report) or the development split (tune)",
+    )
+    parser.add_argument(
+        "--work", type=Path, default=None, help="work directory (default: a fresh one in /tmp)"
+    )
+    parser.add_argument("--out", type=Path, default=None, help="JSON path (PNG beside it)")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--warm-only", action="store_true", help="only the warm start and its control")
+    parser.add_argument("--arms", nargs="+", choices=("grpo", "loop"), default=["grpo", "loop"])
+    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="override a Setting field")
+    args = parser.parse_args(argv)
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    import torch
+
+    torch.set_num_threads(args.threads)
+    from lightning_veripo.data.synthetic import TASKS, make_synthetic_data
+
+    if args.task not in TASKS:
+        parser.error(f"--task {args.task!r}: expected one of {TASKS}")
+    fields = {**(QUICK if args.quick else {})}
+    for item in args.set:
+        key, _, value = item.partition("=")
+        if key not in Setting.__dataclass_fields__:
+            parser.error(
+                f"--set {item!r}: unknown setting {key!r}; known: {sorted(Setting.__dataclass_fields__)}"
+            )
+        kind = type(Setting.__dataclass_fields__[key].default)
+        fields[key] = kind(value)
+    setting = Setting(**fields)
+    work = args.work or Path(f"/tmp/loop_vs_grpo_{args.task}_{int(time.time())}")
+    data = work / "data"
+    if not (data / "train.json").exists():
+        make_synthetic_data(data, setting.num_train, setting.num_val, seed=1000, tasks=[args.task],
+                            num_test=setting.num_test)  # fmt: skip
+    eval_path = data / ("test.json" if args.split == "test" else "val.json")
+    rows: list[dict[str, Any]] = []
+    control: list[dict[str, Any]] = []
+    start = time.perf_counter()
+    for seed in args.seeds:
+        arms = () if args.warm_only else tuple(args.arms)
+        result = run_seed(args.task, setting, seed, work, eval_path, data, arms)
+        rows += result["rows"]
+        control.append(result["control"])
+    summary = summarise(rows)
+    print_table(summary, control)
+    suffix = ("_quick" if args.quick else "") + ("_dev" if args.split == "val" else "")
+    suffix += "_warm" if args.warm_only else ""
+    out = args.out or RESULTS / f"loop_vs_grpo_{args.task}{suffix}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    report = {"task": args.task, "split": args.split, "seeds": args.seeds, "setting": asdict(setting),
+              "command": " ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])]),
+              "total_s": round(time.perf_counter() - start, 1), "threads": args.threads,
+              "control": control, "summary": summary, "rows": rows}  # fmt: skip
+    out.write_text(json.dumps(report, indent=1))
+    if not args.warm_only:
+        questions = setting.num_test if args.split == "test" else setting.num_val
+        title = f"{args.task}: VerIPO loop vs GRPO alone ({len(args.seeds)} seeds, {questions} questions)"
+        plot(summary, out.with_suffix(".png"), title)
+    print(f"wrote {out}" + ("" if args.warm_only else f" and {out.with_suffix('.png')}"))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
