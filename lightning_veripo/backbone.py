@@ -430,7 +430,7 @@ class VideoLLM(nn.Module):
         inputs = self._expand_prompt_inputs(batch, num_samples, vision)
         prompt_len = inputs["input_ids"].shape[1]
         was_training = model.training
-        checkpointing = getattr(self.hf_model, "is_gradient_checkpointing", False)
+        checkpointing = _activation_checkpointing(self.hf_model)
         if checkpointing:
             self.hf_model.gradient_checkpointing_disable()
         model.eval()
@@ -533,6 +533,13 @@ class VideoLLM(nn.Module):
 
 class PolicyMismatchError(ValueError):
     """A checkpoint's trainable weights were trained on another base model or other merged adapters."""
+
+
+def _activation_checkpointing(model: nn.Module) -> bool:
+    """Whether gradient (activation) checkpointing is on: `is_activation_checkpointing` where transformers has
+    it, else `is_gradient_checkpointing` (a deprecated alias that warns in the versions that have both)."""
+    on = getattr(model, "is_activation_checkpointing", None)
+    return bool(getattr(model, "is_gradient_checkpointing", False) if on is None else on)
 
 
 _ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")

@@ -16,9 +16,11 @@ import difflib
 import sys
 from typing import Any
 
+from lightning.pytorch import Trainer
 from lightning.pytorch.cli import LightningCLI
 
 from lightning_veripo.backbone import PolicyMismatchError
+from lightning_veripo.console import fix_progress_bar
 from lightning_veripo.module import VideoLLMModule
 
 # Every command with its line in `veripo --help`: LightningCLI's four, then the plain functions below.
@@ -61,6 +63,12 @@ class VeripoCLI(LightningCLI):
             run=run,
             **kwargs,
         )
+
+    def instantiate_trainer(self, **kwargs: Any) -> Trainer:
+        """Lightning's trainer, its rich progress bar reading `Epoch 12` (not `Epoch 12/-2`) under `max_steps`."""
+        trainer = super().instantiate_trainer(**kwargs)
+        fix_progress_bar(trainer)
+        return trainer
 
 
 def overview() -> str:

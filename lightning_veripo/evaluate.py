@@ -9,6 +9,7 @@ from typing import Any
 
 import torch
 from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
 
 from lightning_veripo.backbone import VideoLLM
 from lightning_veripo.data.videoqa import FrameSampling, VideoQACollator, VideoQADataset
@@ -30,13 +31,15 @@ def evaluate(
     num_samples: int = 0,
     temperature: float = 1.0,
     seed: int = 0,
+    progress: bool = False,
 ) -> dict[str, float]:
     """Metrics of `backbone` (loaded) on the records of `path`, as plain floats.
 
     Greedy metrics under their plain names (`accuracy`, `inconsistency_rate`, ...). With `num_samples` > 0,
     also the same metrics over `num_samples` sampled completions per question at `temperature` (prefixed
     `sampled_`, each sample counted once) and `pass_at_k`: the share of questions with at least one correct
-    sample (k = num_samples). Sampling is seeded by `seed` and leaves the global random state untouched."""
+    sample (k = num_samples). Sampling is seeded by `seed` and leaves the global random state untouched.
+    `progress` shows a progress bar (stderr) counting the questions evaluated."""
     dataset = VideoQADataset(path, root, sampling)
     loader = DataLoader(
         dataset, batch_size=batch_size, collate_fn=VideoQACollator(backbone.processor, sampling)
@@ -45,7 +48,8 @@ def evaluate(
     judge = judge or RuleJudge()
     device = next(backbone.hf_model.parameters()).device
     solved, questions = 0, 0
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+    bar = tqdm(total=len(dataset), desc="evaluate", unit="question", disable=not progress, dynamic_ncols=True)
+    with bar, torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(seed)
         for batch in loader:
             batch: dict[str, Any] = {
@@ -58,6 +62,7 @@ def evaluate(
             )
             update_reasoning_metrics(greedy, completions.text, records, backbone.tokenizer, judge)
             if num_samples <= 0:
+                bar.update(len(records))
                 continue
             completions = backbone.generate(
                 batch, num_samples=num_samples, max_new_tokens=max_new_tokens, temperature=temperature,
@@ -70,6 +75,7 @@ def evaluate(
             )
             solved += int((correct.view(len(records), num_samples).max(dim=1).values >= 1.0).sum())
             questions += len(records)
+            bar.update(len(records))
     out = {k: float(v) for k, v in greedy.compute().items()}
     if num_samples > 0:
         out.update({f"sampled_{k}": float(v) for k, v in sampled.compute().items() if "/" not in k})

@@ -12,21 +12,26 @@ overriding the backbone: the base model plus the adapters of the finished stages
 LoRA adapter (so "adapter disabled" is exactly the stage's starting policy: the reference of GRPO's KL and of
 DPO). Weights pass between stages as adapter directories. `state.json` records the finished stages; running the
 same command again skips them, and resumes an interrupted fit from its `last.ckpt`.
+
+The console (lightning_veripo.console): a header per stage, a line for each stage skipped and why, evaluation
+progress on stderr; the stage x metric table and where the results are on stdout; the library noise that
+repeats at every stage silenced.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
 import time
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from lightning.pytorch.callbacks import ModelCheckpoint
 
+from lightning_veripo.console import header, held_back, plural, quiet, say
 from lightning_veripo.data.videoqa import FrameSampling
 from lightning_veripo.verifier.judges import Judge, RuleJudge
 from lightning_veripo.verifier.pairs import PairConfig
@@ -81,10 +86,12 @@ def run_stage(
     extra_args: list[str] | None = None,
     callbacks: list[Any] | None = None,
     step_offset: int = 0,
+    title: str | None = None,
 ) -> tuple[Any, int]:
     """One LightningCLI fit from the current policy; resumes from `stage_dir/checkpoints/last.ckpt` if present.
 
-    Its TensorBoard curves start at x = `step_offset` (the steps of the stages before it).
+    Its TensorBoard curves start at x = `step_offset` (the steps of the stages before it). With a `title`, a
+    header (what runs, from which policy, on what data, how many steps) is printed before the fit.
     Returns the fitted LightningModule (its backbone holds the new policy) and the fit's optimizer steps."""
     from lightning_veripo.cli import VeripoCLI
 
@@ -104,8 +111,13 @@ def run_stage(
         *stage.args,
         *(extra_args or []),
     ]  # fmt: skip
-    cli = VeripoCLI(args=args, run=False)
     ckpt_dir = stage_dir / "checkpoints"
+    last = ckpt_dir / "last.ckpt"
+    with held_back() if title is not None else contextlib.nullcontext():  # the header before Lightning's lines
+        cli = VeripoCLI(args=args, run=False)
+        if title is not None:
+            first, *details = _describe_fit(cli, stage, base_model, adapters, stage_dir, last)
+            header(f"{title}: {first}", *details)
     # Checkpoint callbacks run last (as Trainer orders them), so a checkpoint holds the state the other
     # callbacks reached at that step, e.g. the VerifierCallback's rollouts of the step just taken.
     existing = cli.trainer.callbacks
@@ -113,9 +125,57 @@ def run_stage(
     others = [c for c in existing if not isinstance(c, ModelCheckpoint)]
     every_step = ModelCheckpoint(dirpath=ckpt_dir, save_last=True, every_n_train_steps=1)
     cli.trainer.callbacks = [*others, *(callbacks or []), *checkpoints, every_step]
-    last = ckpt_dir / "last.ckpt"
     cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=str(last) if last.exists() else None)
     return cli.model, cli.trainer.global_step
+
+
+def _describe_fit(cli: Any, stage: Stage, base_model: str, adapters: list[str], stage_dir: Path,
+                  last: Path) -> list[str]:  # fmt: skip
+    """A stage header's lines: the fit and its length, the policy it starts from, its data, where it writes."""
+    model, data, trainer = cli.model, cli.datamodule, cli.trainer
+    kind = type(model).__name__.removesuffix("Module") or type(model).__name__
+    max_steps, max_epochs = trainer.max_steps, trainer.max_epochs
+    per_epoch = ""
+    pairs = getattr(data, "pairs_path", None)
+    num_pairs = len(_read_lines(Path(pairs))) if pairs else None
+    batch = getattr(data, "batch_size", None)
+    if num_pairs is not None and batch:
+        per_epoch = f" of {plural(-(-num_pairs // batch), 'batch')}"
+    if max_steps is not None and max_steps > 0:
+        length = plural(max_steps, "step")
+        if max_epochs is not None and max_epochs >= 0:
+            length = f"{plural(max_epochs, 'epoch')}{per_epoch}, at most {length}"
+    elif max_epochs is not None and max_epochs >= 0:
+        length = f"{plural(max_epochs, 'epoch')}{per_epoch}"
+    else:
+        length = "no step or epoch limit"
+    lines = [f"{kind} fit of {stage.config}: {length}"]
+    merged = [_stage_of(a) for a in adapters]
+    policy = f"{base_model} + the adapters of {', '.join(merged)}" if merged else base_model
+    lines.append(f"from:  {policy}")
+    if num_pairs is not None:
+        what = f"{plural(num_pairs, 'preference pair')} from {pairs}"
+    else:
+        what = str(getattr(data, "train_path", None) or type(data).__name__)
+        exclude = getattr(data, "exclude_ids_file", None)
+        if exclude and Path(exclude).is_file():
+            what += f", less {plural(len(json.loads(Path(exclude).read_text())), 'always-solved question')}"
+    if batch:
+        what += f"; batch {batch}"
+    generations = getattr(model, "num_generations", None)
+    if isinstance(generations, int):
+        what += f" x {generations} rollouts"
+    lines.append(f"data:  {what}")
+    resume = f" (resuming from {last})" if last.exists() else ""
+    lines.append(f"into:  {stage_dir}{resume}")
+    return lines
+
+
+def _stage_of(adapter: str) -> str:
+    """`work/iter_1/grpo/adapter` -> `iter_1/grpo`: the stage that left an adapter (its last two path parts
+    when the stage is an iteration's, else its directory's name)."""
+    parts = Path(adapter).parts[:-1]
+    return "/".join(parts[-2:]) if len(parts) >= 2 and parts[-2].startswith("iter_") else parts[-1]
 
 
 def iterate(
@@ -157,7 +217,7 @@ def iterate(
         eval_*: evaluation settings: greedy decoding, plus `eval_num_samples` sampled completions per question
             at `eval_temperature` when > 0 (the `sampled_*` metrics and `pass_at_k`).
         min_questions_with_pairs: a DPO stage runs only when the verifier's pairs cover at least this many
-            questions; below it the stage is skipped with a warning (a handful of questions over-fits DPO).
+            questions; below it the stage is skipped, saying why (a handful of questions over-fits DPO).
         eval_base: evaluate the starting checkpoint itself first (a "base" row: what the fits start from).
         make_tiny_if_missing: build the offline tiny model at `base_model` if it does not exist (the demo), of
             `tiny_size` (a preset of lightning_veripo.tiny.SIZES: "tiny" or "small").
@@ -170,11 +230,43 @@ def iterate(
     if make_tiny_if_missing and not (Path(base_model).expanduser() / "config.json").exists():
         from lightning_veripo.tiny import make_tiny_model
 
+        say(f"building the offline tiny model ({tiny_size}) at {base_model}")
         make_tiny_model(Path(base_model).expanduser(), size=tiny_size)
     state = LoopState(work)
     tensorboard = work / "tensorboard"
     sampling = eval_sampling or FrameSampling()
     rows: list[dict[str, Any]] = [json.loads(x) for x in _read_lines(work / "metrics.jsonl")]
+    per_iteration = ["grpo"] if grpo_only else ["grpo", "dpo"]
+    plan = [*(["sft"] if sft else []), *(["activation"] if activation else []),
+            *(f"iter_{k}/{s}" for k in range(1, iterations + 1) for s in per_iteration)]  # fmt: skip
+
+    def label(name: str) -> str:
+        return f"[{plan.index(name) + 1}/{len(plan)}] {name}"
+
+    def finished_before(name: str) -> bool:
+        """True (and says so) when state.json has the stage from an earlier run of the same command."""
+        entry = next((s for s in state.data["finished"] if s["stage"] == name), None)
+        if entry is None:
+            return False
+        what = "skipped" if entry.get("skipped") else "finished"
+        why = f": {entry['skipped']}" if entry.get("skipped") else ""
+        say(f"== {label(name) if name in plan else name}: {what} in an earlier run ({state.path}){why}")
+        return True
+
+    def run_evaluation(backbone: Any) -> dict[str, float]:
+        samples = f", {eval_num_samples} samples per question at T={eval_temperature}" if eval_num_samples else ""
+        say(f"   evaluating on {val_path} (greedy{samples})")
+        return evaluate(backbone, val_path, sampling, eval_max_new_tokens, eval_batch_size, judge,
+                        num_samples=eval_num_samples, temperature=eval_temperature, seed=seed, progress=True)  # fmt: skip
+
+    def record(row: dict[str, Any], name: str, adapter: str | None, **info: Any) -> None:
+        rows.append(row)
+        _log_eval(tensorboard, row)
+        _write_lines_atomic(work / "metrics.jsonl", [json.dumps(r) for r in rows])
+        state.mark(name, adapter, **info)
+        sampled = f", sampled accuracy {row['sampled_accuracy']:.3f}" if "sampled_accuracy" in row else ""
+        say(f"   {name}: accuracy {row['accuracy']:.3f}{sampled}, format {row['format_rate']:.3f}, "
+            f"inconsistent {row['inconsistency_rate']:.3f} (train {row['train_s']:.1f} s, total {row['wall_s']:.1f} s)")  # fmt: skip
 
     def evaluate_base() -> None:
         """The "base" row: the starting checkpoint itself. Runs once, after the first fit has written the data
@@ -183,66 +275,64 @@ def iterate(
             return
         from lightning_veripo.backbone import VideoLLM
 
+        header("base: the starting checkpoint", f"model: {base_model}")
         base = VideoLLM(base_model).load()
-        metrics = evaluate(base, val_path, sampling, eval_max_new_tokens, eval_batch_size, judge,
-                           num_samples=eval_num_samples, temperature=eval_temperature, seed=seed)  # fmt: skip
+        metrics = run_evaluation(base)
         del base
         row = {"stage": "base", "index": len(rows), "step": 0, "train_s": 0.0, "train_cpu_s": 0.0, "wall_s": 0.0,
                **metrics, "rss_mb": _rss_mb()}  # fmt: skip
-        rows.append(row)
-        _log_eval(tensorboard, row)
-        _write_lines_atomic(work / "metrics.jsonl", [json.dumps(r) for r in rows])
-        state.mark("base", None, steps=0, step=0)
+        record(row, "base", None, steps=0, step=0)
 
     def fit(name: str, stage: Stage, extra: list[str] | None = None, callbacks: list[Any] | None = None) -> None:
-        if state.finished(name):
+        if finished_before(name):
             return
         start, cpu_start = time.perf_counter(), time.process_time()
         offset = state.step()
         module, steps = run_stage(name, stage, work / name, base_model, state.adapters(), tensorboard, extra,
-                                  callbacks, step_offset=offset)  # fmt: skip
+                                  callbacks, step_offset=offset, title=label(name))  # fmt: skip
         adapter = str(module.backbone.save_pretrained(work / name / "adapter"))
         train_s, train_cpu_s = time.perf_counter() - start, time.process_time() - cpu_start
         evaluate_base()
         eval_start = time.perf_counter()
-        metrics = evaluate(module.backbone, val_path, sampling, eval_max_new_tokens, eval_batch_size, judge,
-                           num_samples=eval_num_samples, temperature=eval_temperature, seed=seed)  # fmt: skip
+        metrics = run_evaluation(module.backbone)
         row = {"stage": name, "index": len(rows), "step": offset + steps, "train_s": round(train_s, 3),
                "train_cpu_s": round(train_cpu_s, 3),
                "wall_s": round(train_s + time.perf_counter() - eval_start, 3), **metrics,
                "rss_mb": _rss_mb()}  # fmt: skip
-        rows.append(row)
-        _log_eval(tensorboard, row)
-        _write_lines_atomic(work / "metrics.jsonl", [json.dumps(r) for r in rows])
-        state.mark(name, adapter, steps=steps, step=offset + steps)
+        record(row, name, adapter, steps=steps, step=offset + steps)
 
-    if sft is not None:
-        fit("sft", sft)
-    if activation is not None:
-        fit("activation", activation)
-    exclude: Path | None = None
-    for k in range(1, iterations + 1):
-        it = f"iter_{k}"
-        extra = [f"--data.init_args.exclude_ids_file={exclude}"] if exclude is not None else []
-        verifier_dir = work / it / "verifier"
-        callbacks = [] if grpo_only else [VerifierCallback(judge=judge or RuleJudge(), pair_config=pair_config or PairConfig(), out_dir=str(verifier_dir))]
-        fit(f"{it}/grpo", grpo, extra, callbacks)
-        if not grpo_only:
-            pairs = verifier_dir / "pairs.jsonl"
-            if not state.finished(f"{it}/dpo"):
-                _ensure_verifier_files(work / it, judge, pair_config)
-                covered = _questions_with_pairs(pairs)
-                if covered < min_questions_with_pairs:
-                    why = (f"the verifier's pairs cover {covered} question(s), fewer than "
-                           f"min_questions_with_pairs={min_questions_with_pairs}")  # fmt: skip
-                    warnings.warn(f"{it}/dpo skipped: {why}", stacklevel=1)
-                    state.mark(f"{it}/dpo", None, skipped=why)
-                else:
-                    fit(f"{it}/dpo", dpo, [f"--data.init_args.pairs_path={pairs}"])
-            exclude = _discard_solved(verifier_dir / "stats.json", work / it / "exclude_ids.json",
-                                      discard_solved_fraction, seed + k)
-    evaluate_base()
-    _print_summary(rows, _majority_accuracy(val_path))
+    with quiet():
+        if eval_base and state.finished("base"):
+            finished_before("base")
+        if sft is not None:
+            fit("sft", sft)
+        if activation is not None:
+            fit("activation", activation)
+        exclude: Path | None = None
+        for k in range(1, iterations + 1):
+            it = f"iter_{k}"
+            extra = [f"--data.init_args.exclude_ids_file={exclude}"] if exclude is not None else []
+            verifier_dir = work / it / "verifier"
+            callbacks = [] if grpo_only else [VerifierCallback(judge=judge or RuleJudge(), pair_config=pair_config or PairConfig(), out_dir=str(verifier_dir))]
+            fit(f"{it}/grpo", grpo, extra, callbacks)
+            if not grpo_only:
+                pairs = verifier_dir / "pairs.jsonl"
+                if not finished_before(f"{it}/dpo"):
+                    _ensure_verifier_files(work / it, judge, pair_config)
+                    _say_verifier(f"{it}/verifier", verifier_dir)
+                    covered = _questions_with_pairs(pairs)
+                    if covered < min_questions_with_pairs:
+                        why = (f"the verifier's pairs cover {covered} question(s), fewer than "
+                               f"min_questions_with_pairs={min_questions_with_pairs}")  # fmt: skip
+                        say(f"== {label(f'{it}/dpo')} skipped: {why}")
+                        state.mark(f"{it}/dpo", None, skipped=why)
+                    else:
+                        fit(f"{it}/dpo", dpo, [f"--data.init_args.pairs_path={pairs}"])
+                exclude = _discard_solved(verifier_dir / "stats.json", work / it / "exclude_ids.json",
+                                          discard_solved_fraction, seed + k)
+        evaluate_base()
+    _print_summary(rows, _majority_accuracy(val_path), title=f"evaluation on {val_path} after each stage")
+    _print_where(work)
     return rows
 
 
@@ -320,11 +410,29 @@ def _majority_accuracy(val_path: str) -> float | None:
     return max(answers.count(a) for a in set(answers)) / len(answers) if answers else None
 
 
-def _print_summary(rows: list[dict[str, Any]], majority: float | None = None) -> None:
+def _say_verifier(name: str, verifier_dir: Path) -> None:
+    """One line on what the verifier of a GRPO stage found (from its stats.json)."""
+    stats = json.loads((verifier_dir / "stats.json").read_text())
+    say(f"== {name}: judged {plural(stats['num_rollouts'], 'rollout')} of "
+        f"{plural(stats['num_questions'], 'question')}: {plural(stats['pairs'], 'preference pair')} over "
+        f"{plural(stats['questions_with_pairs'], 'question')} ({verifier_dir / 'pairs.jsonl'})")  # fmt: skip
+
+
+def _print_where(work: Path) -> None:
+    """The closing lines: where the results are, and the TensorBoard command."""
+    print(f"\nresults in {work}:")
+    print(f"  {work / 'metrics.jsonl'}  the evaluation after every stage, one JSON line each")
+    print(f"  {work / 'state.json'}  the finished stages: the same command again resumes after them")
+    print(f"  {work}/<stage>/adapter, {work}/iter_<k>/verifier  each stage's LoRA adapter, the verifier's files")
+    print(f"TensorBoard: tensorboard --logdir {work / 'tensorboard'}", flush=True)
+
+
+def _print_summary(rows: list[dict[str, Any]], majority: float | None = None, title: str | None = None) -> None:
+    print(f"\n{title}:" if title else "")
     keys = ["accuracy", "sampled_accuracy", "format_rate", "reasoning_tokens", "inconsistency_rate", "acc_cons",
             "wall_s"]  # fmt: skip
     names = ["accuracy", "sampled acc", "format", "think tokens", "inconsistent", "acc-cons", "wall s"]
-    print("\n" + " | ".join(["stage".ljust(12)] + [n.rjust(12) for n in names]))
+    print(" | ".join(["stage".ljust(12)] + [n.rjust(12) for n in names]))
     for row in rows:
         cells = [f"{row[k]:12.3f}" if isinstance(row.get(k), (int, float)) else "-".rjust(12) for k in keys]
         print(" | ".join([row["stage"].ljust(12)] + cells))
