@@ -261,14 +261,11 @@ class VideoLLM(nn.Module):
     @property
     def end_token_ids(self) -> list[int]:
         """Tokens that end a completion: end-of-turn and end-of-text."""
-        ids = self.token_ids(["<|im_end|>", "<|endoftext|>"])
-        eos = self.tokenizer.eos_token_id
-        return sorted(set(ids + ([eos] if eos is not None else [])))
+        return end_token_ids(self.tokenizer)
 
     @property
     def pad_token_id(self) -> int:
-        pad = self.tokenizer.pad_token_id
-        return pad if pad is not None else self.end_token_ids[0]
+        return pad_token_id(self.tokenizer)
 
     def trainable_parameters(self) -> Iterator[nn.Parameter]:
         return (p for p in self._require().parameters() if p.requires_grad)
@@ -476,18 +473,9 @@ class VideoLLM(nn.Module):
         return Completions(ids=ids, mask=mask, text=text, truncated=truncated)
 
     def tokenize_completions(self, texts: list[str], add_end: bool = True) -> Completions:
-        """Token ids of given completion texts (e.g. preference pairs), right-padded, end-of-turn appended."""
-        end = self.tokenizer.convert_tokens_to_ids("<|im_end|>") if "<|im_end|>" in self.tokenizer.get_vocab() else None
-        rows = []
-        for t in texts:
-            ids = self.tokenizer(t, add_special_tokens=False)["input_ids"]
-            if add_end and end is not None:
-                ids = ids + [end]
-            rows.append(torch.tensor(ids or [self.pad_token_id], dtype=torch.long))
-        ids = nn.utils.rnn.pad_sequence(rows, batch_first=True, padding_value=self.pad_token_id)
-        lengths = torch.tensor([len(r) for r in rows])
-        mask = (torch.arange(ids.shape[1])[None, :] < lengths[:, None]).long()
-        return Completions(ids=ids, mask=mask, text=list(texts), truncated=torch.zeros(len(rows), dtype=torch.bool))
+        """Token ids of given completion texts (e.g. preference pairs), right-padded, end-of-turn appended
+        (the module-level `tokenize_completions` with this backbone's tokenizer)."""
+        return tokenize_completions(self.tokenizer, texts, add_end)
 
     # ------------------------------------------------------------------ scoring
     def sequence_logprobs(
@@ -540,6 +528,42 @@ def _activation_checkpointing(model: nn.Module) -> bool:
     it, else `is_gradient_checkpointing` (a deprecated alias that warns in the versions that have both)."""
     on = getattr(model, "is_activation_checkpointing", None)
     return bool(getattr(model, "is_gradient_checkpointing", False) if on is None else on)
+
+
+END_OF_TURN = "<|im_end|>"
+
+
+def end_token_ids(tokenizer: Any) -> list[int]:
+    """Tokens that end a completion: end-of-turn, end-of-text and the tokenizer's eos, those it has."""
+    vocab = tokenizer.get_vocab()
+    ids = [vocab[t] for t in (END_OF_TURN, "<|endoftext|>") if t in vocab]
+    eos = tokenizer.eos_token_id
+    return sorted(set(ids + ([eos] if eos is not None else [])))
+
+
+def pad_token_id(tokenizer: Any) -> int:
+    """The tokenizer's pad token, else its first end token."""
+    pad = tokenizer.pad_token_id
+    return pad if pad is not None else end_token_ids(tokenizer)[0]
+
+
+def tokenize_completions(tokenizer: Any, texts: list[str], add_end: bool = True) -> Completions:
+    """Completion texts -> `Completions`: token ids right-padded with `pad_token_id`, the end-of-turn token
+    appended when `add_end` (and the vocabulary has it), as generation ends them; nothing truncated. The one
+    tokenization of given completions: SFT targets (`VideoLLM.tokenize_completions`) and DPO's chosen and
+    rejected texts (`PreferenceCollator`)."""
+    end = tokenizer.get_vocab().get(END_OF_TURN) if add_end else None
+    pad = pad_token_id(tokenizer)
+    rows = []
+    for text in texts:
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        if end is not None:
+            ids = ids + [end]
+        rows.append(torch.tensor(ids or [pad], dtype=torch.long))
+    ids = nn.utils.rnn.pad_sequence(rows, batch_first=True, padding_value=pad)  # [B, T]
+    lengths = torch.tensor([len(r) for r in rows])
+    mask = (torch.arange(ids.shape[1])[None, :] < lengths[:, None]).long()  # [B, T]
+    return Completions(ids=ids, mask=mask, text=list(texts), truncated=torch.zeros(len(rows), dtype=torch.bool))
 
 
 _ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")

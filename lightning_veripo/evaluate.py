@@ -13,8 +13,7 @@ from tqdm.auto import tqdm
 
 from lightning_veripo.backbone import VideoLLM
 from lightning_veripo.data.videoqa import FrameSampling, VideoQACollator, VideoQADataset
-from lightning_veripo.grpo import update_reasoning_metrics
-from lightning_veripo.metrics import ReasoningMetrics
+from lightning_veripo.metrics import ReasoningMetrics, update_reasoning_metrics
 from lightning_veripo.rewards import accuracy_reward
 from lightning_veripo.verifier.judges import Judge, RuleJudge
 

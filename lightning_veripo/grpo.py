@@ -28,12 +28,11 @@ import torch
 from lightning_veripo import losses
 from lightning_veripo.backbone import Completions, VideoLLM, map_vision_items, select_vision_items
 from lightning_veripo.loggers import logged_step
-from lightning_veripo.metrics import ReasoningMetrics
+from lightning_veripo.metrics import ReasoningMetrics, update_reasoning_metrics  # the latter was here once
 from lightning_veripo.module import VideoLLMModule
-from lightning_veripo.parsing import extract_answer, extract_think, is_well_formed
 from lightning_veripo.records import Rollout, VideoQARecord
 from lightning_veripo.rewards import RewardSet, accuracy_reward
-from lightning_veripo.verifier.judges import Judge, JudgeItem, RuleJudge
+from lightning_veripo.verifier.judges import Judge, RuleJudge
 
 
 class Scores(NamedTuple):
@@ -464,24 +463,6 @@ class GRPOModule(VideoLLMModule):
     def on_test_epoch_end(self) -> None:
         self.log_dict({f"test/{k}": v for k, v in self.test_metrics.compute().items()})
         self.test_metrics.reset()
-
-
-def update_reasoning_metrics(
-    metrics: ReasoningMetrics, texts: list[str], records: list[VideoQARecord], tokenizer: Any, judge: Judge
-) -> None:
-    """Score completions for evaluation: accuracy, reasoning tokens, format, judged consistency."""
-    accuracy = torch.tensor([accuracy_reward(t, r) for t, r in zip(texts, records, strict=True)])
-    think = [extract_think(t) or "" for t in texts]
-    think_tokens = torch.tensor([len(tokenizer(t, add_special_tokens=False)["input_ids"]) for t in think])
-    well_formed = torch.tensor([float(is_well_formed(t)) for t in texts])
-    items = [
-        JudgeItem(problem_id=r.problem_id, question=r.problem, options=r.options, reasoning=extract_think(t),
-                  answer=extract_answer(t), completion=t, problem_type=r.problem_type)
-        for t, r in zip(texts, records, strict=True)
-    ]  # fmt: skip
-    verdicts = judge.judge(items)
-    metrics.update([r.problem_type for r in records], accuracy, think_tokens, well_formed,
-                   [v.consistent for v in verdicts])
 
 
 def select_prompts(

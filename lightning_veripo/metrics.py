@@ -1,11 +1,17 @@
-"""torchmetrics for the claims VerIPO makes: accuracy by problem type, reasoning length, format, consistency."""
+"""torchmetrics for the claims VerIPO makes: accuracy by problem type, reasoning length, format, consistency;
+and `update_reasoning_metrics`, which scores completions into them (evaluation, and GRPO's validation/test)."""
 
 from __future__ import annotations
+
+from typing import Any
 
 import torch
 from torchmetrics import Metric
 
-from lightning_veripo.records import PROBLEM_TYPES
+from lightning_veripo.parsing import extract_answer, extract_think, is_well_formed
+from lightning_veripo.records import PROBLEM_TYPES, VideoQARecord
+from lightning_veripo.rewards import accuracy_reward
+from lightning_veripo.verifier.judges import Judge, JudgeItem
 
 
 def metric_key(problem_type: str) -> str:
@@ -65,3 +71,21 @@ class ReasoningMetrics(Metric):
             if self.count[k] > 0:
                 out[f"accuracy/{metric_key(pt)}"] = self.correct[k] / self.count[k]
         return {k: v.float() for k, v in out.items()}
+
+
+def update_reasoning_metrics(
+    metrics: ReasoningMetrics, texts: list[str], records: list[VideoQARecord], tokenizer: Any, judge: Judge
+) -> None:
+    """Score completions for evaluation: accuracy, reasoning tokens, format, judged consistency."""
+    accuracy = torch.tensor([accuracy_reward(t, r) for t, r in zip(texts, records, strict=True)])
+    think = [extract_think(t) or "" for t in texts]
+    think_tokens = torch.tensor([len(tokenizer(t, add_special_tokens=False)["input_ids"]) for t in think])
+    well_formed = torch.tensor([float(is_well_formed(t)) for t in texts])
+    items = [
+        JudgeItem(problem_id=r.problem_id, question=r.problem, options=r.options, reasoning=extract_think(t),
+                  answer=extract_answer(t), completion=t, problem_type=r.problem_type)
+        for t, r in zip(texts, records, strict=True)
+    ]  # fmt: skip
+    verdicts = judge.judge(items)
+    metrics.update([r.problem_type for r in records], accuracy, think_tokens, well_formed,
+                   [v.consistent for v in verdicts])

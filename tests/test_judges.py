@@ -496,3 +496,23 @@ def test_openai_judge_without_start_check_records_connection_errors():
     judge = OpenAIJudge(url, "judge", timeout_s=0.5, max_retries=1, backoff_s=0.01, check_on_start=False)
     (verdict,) = judge.judge([item("So the answer is B.", "B")])
     assert verdict.consistent is None and "refused" in verdict.rationale.lower()
+
+
+def test_the_llm_judges_live_beside_the_rule_judge_and_keep_their_old_paths() -> None:
+    """TransformersJudge and OpenAIJudge moved to verifier/llm_judges.py; the old module path (configs'
+    class_path) and the package still give the same objects."""
+    import jsonargparse
+
+    from lightning_veripo import verifier
+    from lightning_veripo.verifier import judges, llm_judges
+
+    for name in ("TransformersJudge", "OpenAIJudge", "judge_prompt", "parse_verdict", "JUDGE_INSTRUCTION"):
+        assert getattr(judges, name) is getattr(llm_judges, name), name
+    assert verifier.OpenAIJudge is llm_judges.OpenAIJudge and verifier.TransformersJudge is TransformersJudge
+    assert llm_judges.OpenAIJudge.__module__ == "lightning_veripo.verifier.llm_judges"
+    assert not hasattr(judges, "NoSuchJudge")
+    judge = jsonargparse.ArgumentParser()
+    judge.add_argument("--judge", type=verifier.Judge)
+    config = judge.parse_args(["--judge", json.dumps({"class_path": "lightning_veripo.verifier.judges.OpenAIJudge",
+                                                      "init_args": {"base_url": "http://x:1", "model": "m"}})])  # fmt: skip
+    assert isinstance(judge.instantiate_classes(config).judge, llm_judges.OpenAIJudge)

@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from lightning_veripo.grpo import update_reasoning_metrics
-from lightning_veripo.metrics import ReasoningMetrics
+from lightning_veripo import grpo
+from lightning_veripo.metrics import ReasoningMetrics, update_reasoning_metrics
 from lightning_veripo.parsing import extract_think, is_well_formed
 from lightning_veripo.records import Rollout, VideoQARecord
 from lightning_veripo.rewards import accuracy_reward
@@ -225,3 +225,7 @@ def test_reasoning_tokens_are_counted_with_the_real_tokenizer(tiny_model_dir: Pa
     assert sum(c > 0 for c in counts) == 8
     assert _computed(metrics)["reasoning_tokens"] == pytest.approx(sum(counts) / len(texts))
     assert _computed(metrics)["accuracy"] == pytest.approx(EXPECTED["accuracy"])
+
+
+def test_update_reasoning_metrics_is_still_importable_from_grpo() -> None:
+    assert grpo.update_reasoning_metrics is update_reasoning_metrics

@@ -124,7 +124,7 @@ def test_relative_media_paths_resolve_against_the_pairs_file(tmp_path: Path, syn
 @pytest.mark.parametrize(
     ("corrupt", "message"),
     [
-        (lambda p: "{not json", "invalid JSON"),
+        (lambda p: "{not json", "not a JSON line"),  # the verifier's reader, as for its own files
         (lambda p: "[1, 2]", "expected a JSON object"),
         (lambda p: {k: v for k, v in p.items() if k != "rejected"}, "missing field(s) ['rejected']"),
         (lambda p: dict(p, record={k: v for k, v in p["record"].items() if k != "solution"}), "['solution']"),
@@ -151,6 +151,26 @@ def test_a_bad_line_names_the_file_and_line(
         read_pairs(path)
     assert str(info.value).startswith(f"{path}:3: ") or str(info.value).startswith(f"{path}:3 (")
     assert message in str(info.value)
+
+
+def test_a_line_that_is_not_utf8_names_the_file_and_line(tmp_path: Path, synthetic_dir: Path) -> None:
+    good = json.dumps(make_pair(synthetic_dir, 0, "a", "b", None)).encode()
+    path = tmp_path / "pairs.jsonl"
+    path.write_bytes(good + b"\n" + good.replace(b'"a"', b'"\xff"') + b"\n")
+    with pytest.raises(PreferenceError, match=rf"^{path}:2: not UTF-8 text"):
+        read_pairs(path)
+
+
+def test_pairs_are_read_as_the_verifier_reads_them(tmp_path: Path, synthetic_dir: Path) -> None:
+    """The same file through the verifier's reader and the data module's: the same pairs, the same keys."""
+    from lightning_veripo.data.preference import pair_key
+    from lightning_veripo.verifier.run import read_pairs as verifier_read_pairs
+
+    lines = [make_pair(synthetic_dir, 0, "a", "b", [0, 2, 4, 6]), make_pair(synthetic_dir, 1, "c", "d", None)]
+    path = write_lines(tmp_path / "pairs.jsonl", lines)
+    pairs, keys = read_pairs(path)
+    assert pairs == verifier_read_pairs(path)
+    assert keys == [pair_key(line) for line in path.read_text().splitlines()]
 
 
 def test_frame_indices_beyond_the_video_name_the_pair(tmp_path: Path, synthetic_dir: Path) -> None:

@@ -4,11 +4,13 @@ One line of `pairs.jsonl` is a `lightning_veripo.verifier.pairs.PreferencePair` 
 the question's `record`, the `prompt`, the `sampling` the rollouts were generated with, the `chosen` and
 `rejected` completion texts and the `reason` the pair exists. The policy must be scored on the pixels it saw
 while sampling, so when `sampling["frames_indices"]` is recorded the video is decoded at exactly those frames;
-otherwise `FrameSampling` picks them. Every problem with a line (bad JSON, a missing field, a missing video)
-raises a `PreferenceError` that names `file:line`.
+otherwise `FrameSampling` picks them. The file is read with the verifier's reader
+(`lightning_veripo.verifier.run.read_jsonl`); every problem with a line (not UTF-8, not JSON, a missing field,
+a missing video) raises a `PreferenceError` that names `file:line`.
 
 A batch is the prompt batch `VideoQACollator` builds (one left-padded prompt per pair) plus `chosen` and
-`rejected` `Completions` (right-padded, end-of-turn token appended) and a stable `pair_keys` entry per pair.
+`rejected` `Completions` (`lightning_veripo.backbone.tokenize_completions`, the same tokenization as
+`VideoLLM.tokenize_completions`) and a stable `pair_keys` entry per pair.
 """
 
 from __future__ import annotations
@@ -16,15 +18,15 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import numpy as np
-import torch
 from torch.utils.data import DataLoader, Dataset
 
-from lightning_veripo.backbone import Completions
+from lightning_veripo.backbone import tokenize_completions
 from lightning_veripo.data.videoqa import REQUIRED_FIELDS as RECORD_FIELDS
 from lightning_veripo.data.videoqa import (
     FrameSampling,
@@ -36,8 +38,8 @@ from lightning_veripo.data.videoqa import (
 )
 from lightning_veripo.records import DATA_TYPES
 from lightning_veripo.verifier.pairs import PreferencePair
+from lightning_veripo.verifier.run import read_jsonl
 
-END_OF_TURN = "<|im_end|>"
 PAIR_FIELDS = tuple(f.name for f in dataclasses.fields(PreferencePair))
 
 
@@ -47,7 +49,11 @@ class PreferenceError(ValueError):
 
 def pair_key(raw_line: str) -> str:
     """A stable key for one pair: the hash of its canonical JSON (same pair, same key, wherever it sits)."""
-    canonical = json.dumps(json.loads(raw_line), sort_keys=True, ensure_ascii=False)
+    return _key(json.loads(raw_line))
+
+
+def _key(raw: Any) -> str:
+    canonical = json.dumps(raw, sort_keys=True, ensure_ascii=False)
     return hashlib.sha256(canonical.encode("utf-8")).hexdigest()[:24]
 
 
@@ -109,18 +115,19 @@ def read_pairs(path: str | Path, root: str | Path | None = None) -> tuple[list[P
         )
     root = Path(root) if root is not None else path.parent
     pairs, keys = [], []
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"{path}:{lineno}"
-            try:
-                raw = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise PreferenceError(f"{where}: invalid JSON ({e.msg} at column {e.colno})") from e
-            pairs.append(parse_pair(raw, where, root))
-            keys.append(pair_key(line))
+    for lineno, raw in _json_lines(path):
+        pairs.append(parse_pair(raw, f"{path}:{lineno}", root))
+        keys.append(_key(raw))
     return pairs, keys
+
+
+def _json_lines(path: Path) -> Iterator[tuple[int, Any]]:
+    """The verifier's reader (a line that is not UTF-8 or not JSON names `file:line`), its errors as
+    PreferenceError."""
+    try:
+        yield from read_jsonl(path)
+    except ValueError as e:
+        raise PreferenceError(str(e)) from e
 
 
 def load_video_at(path: str, frames_indices: list[int]) -> tuple[np.ndarray, dict[str, Any]]:
@@ -170,27 +177,6 @@ class PreferenceDataset(Dataset):
         except VideoQAError as e:
             raise PreferenceError(f"{self.path} pair #{index} (problem_id={pair.problem_id!r}): {e}") from e
         return {**sample, "video": frames, "video_metadata": meta}
-
-
-def tokenize_completions(tokenizer: Any, texts: list[str], end_token: str = END_OF_TURN) -> Completions:
-    """Completion texts -> right-padded ids with the end-of-turn token appended (as `VideoLLM.tokenize_completions`)."""
-    vocab = tokenizer.get_vocab()
-    end = vocab.get(end_token)
-    pad = tokenizer.pad_token_id
-    if pad is None:
-        pad = end if end is not None else tokenizer.eos_token_id
-    rows = []
-    for text in texts:
-        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-        if end is not None:
-            ids = ids + [end]
-        rows.append(torch.tensor(ids or [pad], dtype=torch.long))
-    ids = torch.nn.utils.rnn.pad_sequence(rows, batch_first=True, padding_value=pad)  # [B, T]
-    lengths = torch.tensor([len(r) for r in rows])
-    mask = (torch.arange(ids.shape[1])[None, :] < lengths[:, None]).long()  # [B, T]
-    return Completions(
-        ids=ids, mask=mask, text=list(texts), truncated=torch.zeros(len(rows), dtype=torch.bool)
-    )
 
 
 class PreferenceCollator:

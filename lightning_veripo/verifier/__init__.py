@@ -2,15 +2,8 @@
 
 from typing import Any
 
-from lightning_veripo.verifier.judges import (
-    Judge,
-    JudgeItem,
-    JudgeUnavailableError,
-    OpenAIJudge,
-    RuleJudge,
-    TransformersJudge,
-    Verdict,
-)
+from lightning_veripo.verifier.judges import Judge, JudgeItem, JudgeUnavailableError, RuleJudge, Verdict
+from lightning_veripo.verifier.llm_judges import OpenAIJudge, TransformersJudge
 from lightning_veripo.verifier.pairs import (
     REASONS,
     SKIP_REASONS,

@@ -22,7 +22,7 @@ import json
 import os
 import tempfile
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -167,7 +167,10 @@ def run_verifier_from_files(
     )
 
 
-def _read_jsonl(path: str | Path) -> Iterable[tuple[int, dict[str, Any]]]:
+def read_jsonl(path: str | Path) -> Iterator[tuple[int, Any]]:
+    """(line number, decoded JSON) for every non-blank line of a JSONL file, read as bytes: a line that is not
+    UTF-8 or not JSON raises ValueError naming `file:line` (a file cut short by a kill shows as its last line).
+    The reader of every JSONL file the verifier writes, and of pairs.jsonl in `PreferenceDataset`."""
     with open(path, "rb") as f:
         for lineno, raw in enumerate(f, 1):
             try:
@@ -186,7 +189,7 @@ def _read_jsonl(path: str | Path) -> Iterable[tuple[int, dict[str, Any]]]:
 def read_rollouts(path: str | Path) -> list[Rollout]:
     """Rollouts from a rollouts.jsonl; a bad line raises with its file and line number."""
     out = []
-    for lineno, d in _read_jsonl(path):
+    for lineno, d in read_jsonl(path):
         try:
             out.append(Rollout.from_dict(d))
         except (KeyError, TypeError, ValueError) as err:  # ValueError: dict() of a JSON string
@@ -198,13 +201,13 @@ def read_rollouts(path: str | Path) -> list[Rollout]:
 
 def read_verdicts(path: str | Path) -> list[dict[str, Any]]:
     """The lines of a verdicts.jsonl: the rollout key (problem_id, step, sample_index) plus the verdict fields."""
-    return [d for _, d in _read_jsonl(path)]
+    return [d for _, d in read_jsonl(path)]
 
 
 def read_pairs(path: str | Path) -> list[PreferencePair]:
     """Preference pairs from a pairs.jsonl; a bad line raises with its file and line number."""
     out = []
-    for lineno, d in _read_jsonl(path):
+    for lineno, d in read_jsonl(path):
         try:
             out.append(PreferencePair.from_dict(d))
         except (KeyError, TypeError, ValueError) as err:
