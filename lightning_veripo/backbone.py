@@ -240,7 +240,9 @@ class VideoLLM(nn.Module):
 
     def _require(self) -> nn.Module:
         if self.model is None:
-            raise RuntimeError("VideoLLM is not loaded: call .load() (LightningModules do it in configure_model)")
+            raise RuntimeError(
+                "VideoLLM is not loaded: call .load() (LightningModules do it in configure_model)"
+            )
         return self.model
 
     @property
@@ -357,7 +359,9 @@ class VideoLLM(nn.Module):
             mine: list[int] = []
             while count > 0:
                 if item >= len(item_tokens):
-                    raise ValueError(f"more {modality} placeholder tokens in the prompts than {modality} inputs")
+                    raise ValueError(
+                        f"more {modality} placeholder tokens in the prompts than {modality} inputs"
+                    )
                 count -= item_tokens[item]
                 mine.append(item)
                 item += 1
@@ -449,7 +453,9 @@ class VideoLLM(nn.Module):
             )
         finally:
             if checkpointing:
-                self.hf_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+                self.hf_model.gradient_checkpointing_enable(
+                    gradient_checkpointing_kwargs={"use_reentrant": False}
+                )
             model.train(was_training)
         return self.completions_from_ids(out[:, prompt_len:], max_new_tokens)
 
@@ -563,11 +569,21 @@ def tokenize_completions(tokenizer: Any, texts: list[str], add_end: bool = True)
     ids = nn.utils.rnn.pad_sequence(rows, batch_first=True, padding_value=pad)  # [B, T]
     lengths = torch.tensor([len(r) for r in rows])
     mask = (torch.arange(ids.shape[1])[None, :] < lengths[:, None]).long()  # [B, T]
-    return Completions(ids=ids, mask=mask, text=list(texts), truncated=torch.zeros(len(rows), dtype=torch.bool))
+    return Completions(
+        ids=ids, mask=mask, text=list(texts), truncated=torch.zeros(len(rows), dtype=torch.bool)
+    )
 
 
 _ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
-_LORA_SETTINGS = ("r", "lora_alpha", "use_rslora", "use_dora", "rank_pattern", "alpha_pattern", "target_modules")
+_LORA_SETTINGS = (
+    "r",
+    "lora_alpha",
+    "use_rslora",
+    "use_dora",
+    "rank_pattern",
+    "alpha_pattern",
+    "target_modules",
+)
 
 
 def _absolute(location: str) -> str:

@@ -176,7 +176,9 @@ class DPOModule(VideoLLMModule):
             tokens_per_pair = None
             if self._trainer is not None and self.trainer.world_size > 1:  # the global batch's token count
                 tokens_per_pair = self.all_gather(chosen_lengths).float().mean()
-            total = total + self.sft_weight * losses.dpo_sft_loss(policy.chosen, chosen_lengths, tokens_per_pair)
+            total = total + self.sft_weight * losses.dpo_sft_loss(
+                policy.chosen, chosen_lengths, tokens_per_pair
+            )
         assert rewards is not None
         detached = PairLogps(*(t.detach() for t in policy))
         return DPOOutput(total.mean(), total.detach(), *rewards, detached, reference)

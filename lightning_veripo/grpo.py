@@ -121,16 +121,24 @@ class GRPOModule(VideoLLMModule):
         if advantage_scale not in losses.ADVANTAGE_SCALES:
             problems.append(f"advantage_scale={advantage_scale!r} not in {losses.ADVANTAGE_SCALES}")
         if importance_sampling_level not in losses.IMPORTANCE_SAMPLING_LEVELS:
-            problems.append(f"importance_sampling_level={importance_sampling_level!r} not in "
-                            f"{losses.IMPORTANCE_SAMPLING_LEVELS}")
+            problems.append(
+                f"importance_sampling_level={importance_sampling_level!r} not in "
+                f"{losses.IMPORTANCE_SAMPLING_LEVELS}"
+            )
         if num_iterations < 1 or accumulate_grad_batches < 1:
             problems.append("num_iterations and accumulate_grad_batches must be >= 1")
         if num_iterations > 1 and accumulate_grad_batches > 1:
-            problems.append("num_iterations > 1 takes one optimiser step per pass: set accumulate_grad_batches=1")
+            problems.append(
+                "num_iterations > 1 takes one optimiser step per pass: set accumulate_grad_batches=1"
+            )
         if overlong_buffer < 0 or overlong_buffer >= max_new_tokens:
-            problems.append(f"overlong_buffer={overlong_buffer} must lie in [0, max_new_tokens={max_new_tokens})")
+            problems.append(
+                f"overlong_buffer={overlong_buffer} must lie in [0, max_new_tokens={max_new_tokens})"
+            )
         if beta != 0.0 and backbone.lora is None and not backbone.reference_copy:
-            problems.append(f"beta={beta} needs a reference policy: full fine-tuning with reference_copy=False has none")
+            problems.append(
+                f"beta={beta} needs a reference policy: full fine-tuning with reference_copy=False has none"
+            )
         if problems:
             raise ValueError("GRPOModule: " + "; ".join(problems))
         self.automatic_optimization = False
@@ -181,7 +189,9 @@ class GRPOModule(VideoLLMModule):
         t_score = time.perf_counter() - t0 - t_generate
 
         any_kept = bool(kept.any())
-        loss, stats = self._optimise(batch, completions, advantages, keep, any_kept, vision, batch_idx, records)
+        loss, stats = self._optimise(
+            batch, completions, advantages, keep, any_kept, vision, batch_idx, records
+        )
         t_optimise = time.perf_counter() - t0 - t_generate - t_score
 
         self._log_step(completions, scores, advantages, keep, stats, loss, (t_generate, t_score, t_optimise))
@@ -224,7 +234,10 @@ class GRPOModule(VideoLLMModule):
         total = total.to(device)
         accuracy = components.get("accuracy")
         if accuracy is None:
-            accuracy = torch.tensor([accuracy_reward(t, r) for t, r in zip(completions.text, expanded, strict=True)], device=device)
+            accuracy = torch.tensor(
+                [accuracy_reward(t, r) for t, r in zip(completions.text, expanded, strict=True)],
+                device=device,
+            )
         lengths = completions.mask.sum(-1).float()
         if self.overlong_buffer > 0:
             start = self.max_new_tokens - self.overlong_buffer
@@ -246,19 +259,31 @@ class GRPOModule(VideoLLMModule):
         return Scores(components, total, accuracy.float())
 
     def _temporal_bonus(
-        self, batch: dict[str, Any], vision: dict[str, Any] | None, records: list[VideoQARecord], accuracy: torch.Tensor
+        self,
+        batch: dict[str, Any],
+        vision: dict[str, Any] | None,
+        records: list[VideoQARecord],
+        accuracy: torch.Tensor,
     ) -> torch.Tensor:
         """T-GRPO: sample on frames in shuffled order; reward correct ordered rollouts when order helped."""
         G = self.num_generations
         if vision is None:
             vision = self.backbone.encode_vision(batch, requires_grad=False)
-        shuffled = {**vision, "video": shuffle_video_features(vision["video"], batch["video_grid_thw"], self.global_step)}
+        shuffled = {
+            **vision,
+            "video": shuffle_video_features(vision["video"], batch["video_grid_thw"], self.global_step),
+        }
         with self._naming_failures(records, "temporal (shuffled-frame) generation"):
             completions = self._sample(batch, shuffled)
         expanded = [r for r in records for _ in range(G)]
-        shuffled_acc = torch.tensor(
-            [accuracy_reward(t, r) for t, r in zip(completions.text, expanded, strict=True)], device=accuracy.device
-        ).view(-1, G).mean(1, keepdim=True)
+        shuffled_acc = (
+            torch.tensor(
+                [accuracy_reward(t, r) for t, r in zip(completions.text, expanded, strict=True)],
+                device=accuracy.device,
+            )
+            .view(-1, G)
+            .mean(1, keepdim=True)
+        )
         ordered = accuracy.view(-1, G)
         helped = (ordered.mean(1, keepdim=True) >= self.temporal_mu * shuffled_acc).float()
         return (self.temporal_alpha * (ordered > 0).float() * helped).flatten()
@@ -294,7 +319,12 @@ class GRPOModule(VideoLLMModule):
         sched = self.lr_schedulers()
         G = self.num_generations
         zero = torch.zeros((), device=advantages.device)
-        stats: dict[str, torch.Tensor] = {"clip_ratio_low": zero, "clip_ratio_high": zero, "clip_ratio": zero, "kl": zero}
+        stats: dict[str, torch.Tensor] = {
+            "clip_ratio_low": zero,
+            "clip_ratio_high": zero,
+            "clip_ratio": zero,
+            "kl": zero,
+        }
         loss = zero
         step_now = (batch_idx + 1) % self.accumulate_grad_batches == 0
         # Under DDP/FSDP every rank must run the backward pass when any rank does, or the gradient all-reduce
@@ -310,7 +340,9 @@ class GRPOModule(VideoLLMModule):
             if self.mask_truncated_completions:
                 mask = mask * (~completions.truncated[rows]).long()[:, None]
             adv = advantages[rows]
-            with self._naming_failures([r for r, k in zip(records, keep.tolist(), strict=True) if k], "log-prob pass"):
+            with self._naming_failures(
+                [r for r, k in zip(records, keep.tolist(), strict=True) if k], "log-prob pass"
+            ):
                 old = ref = None
                 if self.num_iterations > 1:
                     old = self._logps(sub_batch, ids, mask, sub_vision, reference=False, grad=False)
@@ -344,8 +376,13 @@ class GRPOModule(VideoLLMModule):
             sched.step()
 
     def _logps(
-        self, batch: dict[str, Any], ids: torch.Tensor, mask: torch.Tensor, vision: dict[str, Any] | None,
-        reference: bool, grad: bool,
+        self,
+        batch: dict[str, Any],
+        ids: torch.Tensor,
+        mask: torch.Tensor,
+        vision: dict[str, Any] | None,
+        reference: bool,
+        grad: bool,
     ) -> torch.Tensor:
         if vision is not None and not self.backbone.freeze_vision and grad:
             vision = None  # trainable vision tower: re-encode (once per prompt) with gradient
@@ -365,19 +402,30 @@ class GRPOModule(VideoLLMModule):
             return None
 
         def __exit__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> bool:
-            if isinstance(exc, Exception):  # IndexError / TypeError from a bad batch too; not KeyboardInterrupt
+            if isinstance(
+                exc, Exception
+            ):  # IndexError / TypeError from a bad batch too; not KeyboardInterrupt
                 raise RuntimeError(f"GRPO {self.what} failed for problem_id(s) {self.ids}: {exc}") from exc
             return False
 
     # ------------------------------------------------------------------ records and logging
     def _rollouts(
-        self, batch: dict[str, Any], completions: Completions, scores: Scores, advantages: torch.Tensor, step: int
+        self,
+        batch: dict[str, Any],
+        completions: Completions,
+        scores: Scores,
+        advantages: torch.Tensor,
+        step: int,
     ) -> list[Rollout]:
         G = self.num_generations
         group_acc = scores.accuracy.view(-1, G).mean(1)
         out = []
-        sampling = {"temperature": self.temperature, "top_p": self.top_p, "top_k": self.top_k,
-                    "max_new_tokens": self.max_new_tokens}
+        sampling = {
+            "temperature": self.temperature,
+            "top_p": self.top_p,
+            "top_k": self.top_k,
+            "max_new_tokens": self.max_new_tokens,
+        }
         for i in range(completions.ids.shape[0]):
             p = i // G
             n = int(completions.mask[i].sum())
@@ -398,8 +446,14 @@ class GRPOModule(VideoLLMModule):
         return out
 
     def _log_step(
-        self, completions: Completions, scores: Scores, advantages: torch.Tensor, keep: torch.Tensor,
-        stats: dict[str, torch.Tensor], loss: torch.Tensor, times: tuple[float, float, float],
+        self,
+        completions: Completions,
+        scores: Scores,
+        advantages: torch.Tensor,
+        keep: torch.Tensor,
+        stats: dict[str, torch.Tensor],
+        loss: torch.Tensor,
+        times: tuple[float, float, float],
     ) -> None:
         lengths = completions.mask.sum(-1).float()
         n = len(lengths)
@@ -472,7 +526,11 @@ def select_prompts(
     if keep.all():
         return batch, vision
     idx = keep.nonzero().flatten()
-    out = {k: batch[k][idx] for k in ("input_ids", "attention_mask", "mm_token_type_ids") if batch.get(k) is not None}
+    out = {
+        k: batch[k][idx]
+        for k in ("input_ids", "attention_mask", "mm_token_type_ids")
+        if batch.get(k) is not None
+    }
     sub_vision: dict[str, Any] | None = {} if vision is not None else None
     for modality, pixel_key, grid_key, extra in (
         ("video", "pixel_values_videos", "video_grid_thw", "second_per_grid_ts"),

@@ -59,7 +59,9 @@ class LoopState:
 
     def __init__(self, work_dir: Path) -> None:
         self.path = work_dir / "state.json"
-        self.data: dict[str, Any] = json.loads(self.path.read_text()) if self.path.exists() else {"finished": []}
+        self.data: dict[str, Any] = (
+            json.loads(self.path.read_text()) if self.path.exists() else {"finished": []}
+        )
 
     def finished(self, stage: str) -> bool:
         return any(s["stage"] == stage for s in self.data["finished"])
@@ -113,7 +115,9 @@ def run_stage(
     ]  # fmt: skip
     ckpt_dir = stage_dir / "checkpoints"
     last = ckpt_dir / "last.ckpt"
-    with held_back() if title is not None else contextlib.nullcontext():  # the header before Lightning's lines
+    with (
+        held_back() if title is not None else contextlib.nullcontext()
+    ):  # the header before Lightning's lines
         cli = VeripoCLI(args=args, run=False)
         if title is not None:
             first, *details = _describe_fit(cli, stage, base_model, adapters, stage_dir, last)
@@ -254,7 +258,9 @@ def iterate(
         return True
 
     def run_evaluation(backbone: Any) -> dict[str, float]:
-        samples = f", {eval_num_samples} samples per question at T={eval_temperature}" if eval_num_samples else ""
+        samples = (
+            f", {eval_num_samples} samples per question at T={eval_temperature}" if eval_num_samples else ""
+        )
         say(f"   evaluating on {val_path} (greedy{samples})")
         return evaluate(backbone, val_path, sampling, eval_max_new_tokens, eval_batch_size, judge,
                         num_samples=eval_num_samples, temperature=eval_temperature, seed=seed, progress=True)  # fmt: skip
@@ -283,7 +289,9 @@ def iterate(
                **metrics, "rss_mb": _rss_mb()}  # fmt: skip
         record(row, "base", None, steps=0, step=0)
 
-    def fit(name: str, stage: Stage, extra: list[str] | None = None, callbacks: list[Any] | None = None) -> None:
+    def fit(
+        name: str, stage: Stage, extra: list[str] | None = None, callbacks: list[Any] | None = None
+    ) -> None:
         if finished_before(name):
             return
         start, cpu_start = time.perf_counter(), time.process_time()
@@ -313,7 +321,17 @@ def iterate(
             it = f"iter_{k}"
             extra = [f"--data.init_args.exclude_ids_file={exclude}"] if exclude is not None else []
             verifier_dir = work / it / "verifier"
-            callbacks = [] if grpo_only else [VerifierCallback(judge=judge or RuleJudge(), pair_config=pair_config or PairConfig(), out_dir=str(verifier_dir))]
+            callbacks = (
+                []
+                if grpo_only
+                else [
+                    VerifierCallback(
+                        judge=judge or RuleJudge(),
+                        pair_config=pair_config or PairConfig(),
+                        out_dir=str(verifier_dir),
+                    )
+                ]
+            )
             fit(f"{it}/grpo", grpo, extra, callbacks)
             if not grpo_only:
                 pairs = verifier_dir / "pairs.jsonl"
@@ -328,8 +346,12 @@ def iterate(
                         state.mark(f"{it}/dpo", None, skipped=why)
                     else:
                         fit(f"{it}/dpo", dpo, [f"--data.init_args.pairs_path={pairs}"])
-                exclude = _discard_solved(verifier_dir / "stats.json", work / it / "exclude_ids.json",
-                                          discard_solved_fraction, seed + k)
+                exclude = _discard_solved(
+                    verifier_dir / "stats.json",
+                    work / it / "exclude_ids.json",
+                    discard_solved_fraction,
+                    seed + k,
+                )
         evaluate_base()
     _print_summary(rows, _majority_accuracy(val_path), title=f"evaluation on {val_path} after each stage")
     _print_where(work)
@@ -423,11 +445,15 @@ def _print_where(work: Path) -> None:
     print(f"\nresults in {work}:")
     print(f"  {work / 'metrics.jsonl'}  the evaluation after every stage, one JSON line each")
     print(f"  {work / 'state.json'}  the finished stages: the same command again resumes after them")
-    print(f"  {work}/<stage>/adapter, {work}/iter_<k>/verifier  each stage's LoRA adapter, the verifier's files")
+    print(
+        f"  {work}/<stage>/adapter, {work}/iter_<k>/verifier  each stage's LoRA adapter, the verifier's files"
+    )
     print(f"TensorBoard: tensorboard --logdir {work / 'tensorboard'}", flush=True)
 
 
-def _print_summary(rows: list[dict[str, Any]], majority: float | None = None, title: str | None = None) -> None:
+def _print_summary(
+    rows: list[dict[str, Any]], majority: float | None = None, title: str | None = None
+) -> None:
     print(f"\n{title}:" if title else "")
     keys = ["accuracy", "sampled_accuracy", "format_rate", "reasoning_tokens", "inconsistency_rate", "acc_cons",
             "wall_s"]  # fmt: skip

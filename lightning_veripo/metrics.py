@@ -87,5 +87,10 @@ def update_reasoning_metrics(
         for t, r in zip(texts, records, strict=True)
     ]  # fmt: skip
     verdicts = judge.judge(items)
-    metrics.update([r.problem_type for r in records], accuracy, think_tokens, well_formed,
-                   [v.consistent for v in verdicts])
+    metrics.update(
+        [r.problem_type for r in records],
+        accuracy,
+        think_tokens,
+        well_formed,
+        [v.consistent for v in verdicts],
+    )

@@ -220,7 +220,9 @@ def test_arch_reference_with_the_adapter_disabled_is_the_base_model(arch_model, 
 # ---------------------------------------------------------------------- GRPO training
 
 
-def _fit_grpo(backbone: VideoLLM, synthetic_dir: Path, reward: str, steps: int, **options: Any) -> RecordSteps:
+def _fit_grpo(
+    backbone: VideoLLM, synthetic_dir: Path, reward: str, steps: int, **options: Any
+) -> RecordSteps:
     module = GRPOModule(
         backbone, rewards=RewardSet([f"rewards_for_tests.{reward}"]), num_generations=G, max_new_tokens=6,
         lr=1e-2, log_rollouts_every_n_steps=0, **options,
@@ -256,9 +258,7 @@ def test_arch_grpo_takes_training_steps_that_move_the_adapter(arch_backbone, syn
     assert any(not torch.equal(before[n], after[n]) for n in before if "lora_B" in n)
 
 
-def test_arch_grpo_dynamic_sampling_drops_a_group_and_trains_on_the_rest(
-    arch_backbone, synthetic_dir
-):
+def test_arch_grpo_dynamic_sampling_drops_a_group_and_trains_on_the_rest(arch_backbone, synthetic_dir):
     record = _fit_grpo(arch_backbone, synthetic_dir, "constant_for_colour_questions", steps=1)
 
     assert record.metrics[0]["train/groups_dropped"] == 0.5

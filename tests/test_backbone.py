@@ -406,7 +406,9 @@ def test_model_path_under_home_is_expanded(tmp_path, monkeypatch, tiny_model_dir
     assert backbone.hf_model.config.model_type == "qwen2_5_vl"
 
 
-def test_full_fine_tuning_without_reference_copy_keeps_one_model_and_refuses_reference_use(tiny_model_dir) -> None:
+def test_full_fine_tuning_without_reference_copy_keeps_one_model_and_refuses_reference_use(
+    tiny_model_dir,
+) -> None:
     from lightning_veripo.grpo import GRPOModule
 
     with_copy = VideoLLM(str(tiny_model_dir)).load()

@@ -57,7 +57,9 @@ def _lines(text: str) -> list[str]:
 
 
 @pytest.mark.slow
-def test_iterate_prints_a_header_per_stage_progress_the_summary_and_where_the_results_are(tmp_path: Path) -> None:
+def test_iterate_prints_a_header_per_stage_progress_the_summary_and_where_the_results_are(
+    tmp_path: Path,
+) -> None:
     shutil.copytree(REPO / "configs", tmp_path / "configs")
     (tmp_path / "fast.yaml").write_text(FAST_YAML)
     run = _iterate(tmp_path)
@@ -159,7 +161,9 @@ def test_the_progress_bar_of_a_fit_bounded_by_steps_does_not_read_epoch_minus_tw
         bar._trainer = SimpleNamespace(max_epochs=max_epochs)
         assert bar._get_train_description(12) == expected
     # the default rich bar of a trainer becomes this one, its settings kept; a subclass is left alone
-    trainer = Trainer(max_steps=5, logger=False, enable_checkpointing=False, callbacks=[RichProgressBar(leave=True)])
+    trainer = Trainer(
+        max_steps=5, logger=False, enable_checkpointing=False, callbacks=[RichProgressBar(leave=True)]
+    )
     fix_progress_bar(trainer)
     bars = [c for c in trainer.callbacks if isinstance(c, RichProgressBar)]
     assert len(bars) == 1 and type(bars[0]) is StepsRichProgressBar and bars[0]._leave

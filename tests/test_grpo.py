@@ -67,8 +67,13 @@ def test_grpo_raises_a_trivially_learnable_reward(tiny_model_dir: Path, syntheti
     G = 8 or lr 1e-2 some seeds collapse onto other tokens before the reward takes off.
     """
     L.seed_everything(0)
-    lora = LoRAConfig(r=4, alpha=32, target_modules=(
-        r".*(language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)|lm_head)"))
+    lora = LoRAConfig(
+        r=4,
+        alpha=32,
+        target_modules=(
+            r".*(language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)|lm_head)"
+        ),
+    )
     backbone = VideoLLM(str(tiny_model_dir), lora=lora)
     module = _grpo(backbone, "contains_answer_tag", num_generations=16, max_new_tokens=8, lr=5e-3)
     record = _fit(module, _datamodule(synthetic_dir, frame_sampling, shuffle=True), max_steps=36)
@@ -87,14 +92,18 @@ def test_shared_vision_gives_the_loss_and_lora_gradients_of_reencoding_per_rollo
 ) -> None:
     torch.manual_seed(0)
     for name, p in backbone.model.named_parameters():
-        if "lora_B" in name:  # B = 0 would leave lora_A without gradient and the policy equal to the reference
+        if (
+            "lora_B" in name
+        ):  # B = 0 would leave lora_A without gradient and the policy equal to the reference
             p.data.normal_(0.0, 0.05)
     completions = backbone.generate(video_batch, num_samples=G, max_new_tokens=MAX_NEW_TOKENS)
     advantages = torch.linspace(-1.0, 1.0, completions.ids.shape[0])
 
     results = []
     for share in (True, False):
-        module = GRPOModule(backbone, num_generations=G, max_new_tokens=MAX_NEW_TOKENS, beta=0.1, share_vision=share)
+        module = GRPOModule(
+            backbone, num_generations=G, max_new_tokens=MAX_NEW_TOKENS, beta=0.1, share_vision=share
+        )
         vision = backbone.encode_vision(video_batch, requires_grad=False) if share else None
         args = (video_batch, completions.ids, completions.mask, vision)
         ref = module._logps(*args, reference=True, grad=False)
@@ -176,9 +185,15 @@ def test_second_iteration_clips_the_ratio_to_the_old_policy_asymmetrically(
         max_new_tokens=MAX_NEW_TOKENS, lr=5e-2, num_iterations=2, epsilon_low=0.2, epsilon_high=0.28,
         log_rollouts_every_n_steps=0,
     )  # fmt: skip
-    record = _fit(module, _datamodule(synthetic_dir, frame_sampling), max_steps=2)  # one optimiser step per pass
+    record = _fit(
+        module, _datamodule(synthetic_dir, frame_sampling), max_steps=2
+    )  # one optimiser step per pass
 
-    assert [(ref, grad) for ref, grad, _, _ in module.passes] == [(False, False), (False, True), (False, True)]
+    assert [(ref, grad) for ref, grad, _, _ in module.passes] == [
+        (False, False),
+        (False, True),
+        (False, True),
+    ]
     (_, _, old, mask), (_, _, first, _), (_, _, second, _) = module.passes
     torch.testing.assert_close(first, old)  # the first pass is the old policy: ratio 1
     assert (second - old).abs().max() > 1e-4  # after one update the ratio moves away from 1
@@ -213,7 +228,9 @@ def test_training_step_returns_rollouts_with_what_the_verifier_needs(
     record = _fit(module, _datamodule(synthetic_dir, frame_sampling), max_steps=1)
 
     rollouts = record.outputs[0]["rollouts"]
-    assert [r.record.problem_id for r in rollouts] == ["train-colour-00000"] * G + ["train-direction-00001"] * G
+    assert [r.record.problem_id for r in rollouts] == ["train-colour-00000"] * G + [
+        "train-direction-00001"
+    ] * G
     assert [r.sample_index for r in rollouts] == list(range(G)) * 2
     for r in rollouts:
         assert r.step == 0
@@ -268,7 +285,11 @@ def test_constructor_lists_every_invalid_setting() -> None:
     ],
 )
 def test_optional_bonus_is_logged_as_a_reward_component(
-    backbone: VideoLLM, synthetic_dir: Path, frame_sampling: FrameSampling, options: dict[str, Any], component: str
+    backbone: VideoLLM,
+    synthetic_dir: Path,
+    frame_sampling: FrameSampling,
+    options: dict[str, Any],
+    component: str,
 ) -> None:
     module = GRPOModule(backbone, num_generations=G, max_new_tokens=MAX_NEW_TOKENS, log_rollouts_every_n_steps=0,
                         **options)  # fmt: skip

@@ -94,7 +94,7 @@ def test_run_verifier_writes_the_four_files_with_their_schemas(tmp_path):
     verdicts = read_verdicts(tmp_path / "verdicts.jsonl")
     assert set(verdicts[0]) == {
         "problem_id", "step", "sample_index", "consistent", "repetitive", "truncated", "missing_tags",
-        "repeated_fraction", "rationale", "raw", "judge", "latency_s",
+        "repeated_fraction", "rationale", "raw", "judge", "latency_s", "probability",
     }  # fmt: skip
     assert [v["consistent"] for v in verdicts] == [True, True, True, True, True, False]
     pairs = read_pairs(tmp_path / "pairs.jsonl")
@@ -110,6 +110,7 @@ def test_run_verifier_writes_the_four_files_with_their_schemas(tmp_path):
         "unjudged": 0,
         "consistent_rate": 5 / 6,
         "inconsistent_rate": 1 / 6,
+        "decided_by": {"rule": 1.0},
         "repetitive_rate": 0.0,
         "truncated_rate": 0.0,
         "accuracy": 5 / 6,

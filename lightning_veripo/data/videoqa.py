@@ -131,7 +131,9 @@ def validate_record(raw: Any, index: int, source: Path, root: Path) -> VideoQARe
     if missing:
         raise VideoQAError(f"{where}: missing field(s) {missing}")
     if raw["problem_type"] not in PROBLEM_TYPES:
-        raise VideoQAError(f"{where}: unknown problem_type {raw['problem_type']!r}; expected one of {PROBLEM_TYPES}")
+        raise VideoQAError(
+            f"{where}: unknown problem_type {raw['problem_type']!r}; expected one of {PROBLEM_TYPES}"
+        )
     if raw["data_type"] not in DATA_TYPES:
         raise VideoQAError(f"{where}: unknown data_type {raw['data_type']!r}; expected one of {DATA_TYPES}")
     options = raw.get("options") or []
@@ -191,8 +193,13 @@ def load_video(path: str, sampling: FrameSampling) -> tuple[np.ndarray, dict[str
         raise
     except Exception as e:  # decord raises its own DECORDError / RuntimeError on corrupt files
         raise VideoQAError(f"{path}: cannot decode video ({type(e).__name__}: {e})") from e
-    meta = {"total_num_frames": total, "fps": fps, "frames_indices": indices,
-            "width": int(frames.shape[2]), "height": int(frames.shape[1])}
+    meta = {
+        "total_num_frames": total,
+        "fps": fps,
+        "frames_indices": indices,
+        "width": int(frames.shape[2]),
+        "height": int(frames.shape[1]),
+    }
     return frames, meta
 
 
@@ -220,7 +227,12 @@ def build_prompt(record: VideoQARecord) -> str:
 
 def build_messages(record: VideoQARecord) -> list[dict[str, Any]]:
     """Chat messages for one record: one user turn with the visual first, then the prompt text."""
-    return [{"role": "user", "content": [{"type": record.data_type}, {"type": "text", "text": build_prompt(record)}]}]
+    return [
+        {
+            "role": "user",
+            "content": [{"type": record.data_type}, {"type": "text", "text": build_prompt(record)}],
+        }
+    ]
 
 
 class VideoQADataset(Dataset):
@@ -337,7 +349,8 @@ class VideoQACollator:
         out["prompts"] = texts
         out["sampling"] = [
             {"frames_indices": s["video_metadata"]["frames_indices"], "fps": s["video_metadata"]["fps"]}
-            if "video" in s else {}
+            if "video" in s
+            else {}
             for s in samples
         ]
         return out
@@ -353,8 +366,12 @@ def order(dataset: Dataset, shuffle: bool, trainer: Any) -> dict[str, Any]:
     world = getattr(trainer, "world_size", 1) if trainer is not None else 1
     if world <= 1:
         return {"shuffle": shuffle}
-    seed = int(os.environ.get("PL_GLOBAL_SEED", 0))  # what `seed_everything` set, as Lightning's own sampler uses
-    sampler = DistributedSampler(dataset, num_replicas=world, rank=trainer.global_rank, shuffle=shuffle, seed=seed)
+    seed = int(
+        os.environ.get("PL_GLOBAL_SEED", 0)
+    )  # what `seed_everything` set, as Lightning's own sampler uses
+    sampler = DistributedSampler(
+        dataset, num_replicas=world, rank=trainer.global_rank, shuffle=shuffle, seed=seed
+    )
     return {"sampler": sampler}
 
 
@@ -404,8 +421,13 @@ class VideoQADataModule(L.LightningDataModule):
         from lightning_veripo.data.synthetic import make_synthetic_data
 
         spec = self.synthetic
-        make_synthetic_data(Path(self.train_path).parent, spec.num_train, spec.num_val, spec.seed,
-                            tuple(spec.tasks or ("colour",)))
+        make_synthetic_data(
+            Path(self.train_path).parent,
+            spec.num_train,
+            spec.num_val,
+            spec.seed,
+            tuple(spec.tasks or ("colour",)),
+        )
 
     def _dataset(self, split: str) -> VideoQADataset:
         if split not in self.datasets:
@@ -426,7 +448,9 @@ class VideoQADataModule(L.LightningDataModule):
         module = self.trainer.lightning_module if self.trainer is not None else None
         backbone = getattr(module, "backbone", None)
         if backbone is None or backbone.processor is None:
-            raise RuntimeError("VideoQADataModule needs processor_path, or a LightningModule with a loaded backbone")
+            raise RuntimeError(
+                "VideoQADataModule needs processor_path, or a LightningModule with a loaded backbone"
+            )
         return backbone.processor
 
     def _loader(self, split: str, batch_size: int, shuffle: bool) -> DataLoader:

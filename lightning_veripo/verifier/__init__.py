@@ -3,7 +3,7 @@
 from typing import Any
 
 from lightning_veripo.verifier.judges import Judge, JudgeItem, JudgeUnavailableError, RuleJudge, Verdict
-from lightning_veripo.verifier.llm_judges import OpenAIJudge, TransformersJudge
+from lightning_veripo.verifier.llm_judges import HybridJudge, OpenAIJudge, TransformersJudge
 from lightning_veripo.verifier.pairs import (
     REASONS,
     SKIP_REASONS,
@@ -46,6 +46,7 @@ __all__ = [
     "Judge",
     "JudgeItem",
     "JudgeUnavailableError",
+    "HybridJudge",
     "OpenAIJudge",
     "PairConfig",
     "PairStats",

@@ -73,6 +73,7 @@ class Verdict:
     raw: str = ""  # the judge's raw output (LLM text, HTTP body), "" for the rule judge
     judge: str = ""
     latency_s: float = 0.0
+    probability: float | None = None  # P(consistent), where the judge gives one (LLM, mode="likelihood")
 
     @property
     def judged(self) -> bool:
@@ -105,6 +106,7 @@ class _Decision(NamedTuple):
     rationale: str
     raw: str
     latency_s: float
+    probability: float | None = None
 
 
 class _RolloutJudge:
@@ -144,6 +146,7 @@ class _RolloutJudge:
             for i, d in zip(chunk, decisions, strict=True):
                 v = verdicts[i]
                 v.consistent, v.rationale, v.raw, v.latency_s = d.consistent, d.rationale, d.raw, d.latency_s
+                v.probability = d.probability
         return verdicts
 
     def _rule_checks(self, item: JudgeItem) -> Verdict:
@@ -623,7 +626,14 @@ class RuleJudge(_RolloutJudge):
 
 # --- LLM judges: in lightning_veripo.verifier.llm_judges, re-exported here (loaded on first use, since that
 # module builds on this one) so that imports and config class paths naming this module keep working.
-_LLM_NAMES = ("JUDGE_INSTRUCTION", "OpenAIJudge", "TransformersJudge", "judge_prompt", "parse_verdict")
+_LLM_NAMES = (
+    "JUDGE_INSTRUCTION",
+    "HybridJudge",
+    "OpenAIJudge",
+    "TransformersJudge",
+    "judge_prompt",
+    "parse_verdict",
+)
 
 
 def __getattr__(name: str) -> Any:

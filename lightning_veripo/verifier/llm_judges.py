@@ -1,6 +1,10 @@
 """The LLM judges of the Rollout-Aware Verifier: a small local transformers model (`TransformersJudge`) or an
 OpenAI-compatible server such as vLLM or SGLang (`OpenAIJudge`) reads each rollout and answers whether its
 reasoning leads to its answer; `judge_prompt` is the question they are asked, `parse_verdict` reads the reply.
+Both decide in one of two modes: `generate` (write `VERDICT: ...`, parsed) or `likelihood` (compare the
+probabilities of the two verdict words as the reply's start: one forward pass, or one token's top_logprobs, per
+rollout; the probability goes into the verdict). `HybridJudge` lets the rule judge decide where it can and asks an
+LLM judge only about the rollouts the rules leave unjudged.
 
 They share the rule judge's skeleton (lightning_veripo.verifier.judges: rule checks for every rollout, a failed
 batch recorded as unjudged) and return the same `Verdict`. `lightning_veripo.verifier.judges` re-exports
@@ -11,15 +15,26 @@ from __future__ import annotations
 
 import http.client
 import json
+import math
 import re
+import threading
 import time
 import urllib.error
 import urllib.parse
 import urllib.request
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from lightning_veripo.verifier.judges import JudgeItem, JudgeUnavailableError, _Decision, _RolloutJudge
+from lightning_veripo.verifier.judges import (
+    Judge,
+    JudgeItem,
+    JudgeUnavailableError,
+    RuleJudge,
+    Verdict,
+    _Decision,
+    _RolloutJudge,
+)
 
 JUDGE_INSTRUCTION = (
     "You check a model's answer to a video question. You cannot see the video. Judge only whether the "
@@ -29,8 +44,18 @@ _VERDICT = re.compile(r"verdict\W{0,8}(inconsistent|not\s+consistent|consistent)
 _REASON = re.compile(r"reason\W{0,8}(\S.*)", re.I)
 
 
-def judge_prompt(item: JudgeItem, max_reasoning_chars: int) -> str:
-    """The consistency question for one rollout. Long reasoning keeps its tail, where the conclusion is."""
+MODES = ("generate", "likelihood")
+VERDICT_WORDS = ("CONSISTENT", "INCONSISTENT")
+_ASK_LINES = (
+    "Does the reasoning lead to this final answer? Reply with exactly two lines:\n"
+    "VERDICT: CONSISTENT or VERDICT: INCONSISTENT\nREASON: <one short sentence>"
+)
+_ASK_WORD = "Does the reasoning lead to this final answer? Reply with one word: CONSISTENT or INCONSISTENT."
+
+
+def judge_prompt(item: JudgeItem, max_reasoning_chars: int, one_word: bool = False) -> str:
+    """The consistency question for one rollout. Long reasoning keeps its tail, where the conclusion is.
+    `one_word` asks for the bare verdict word, whose first token the likelihood mode scores."""
     reasoning = item.reasoning or ""
     if len(reasoning) > max_reasoning_chars:
         reasoning = "…" + reasoning[-max_reasoning_chars:]
@@ -39,8 +64,7 @@ def judge_prompt(item: JudgeItem, max_reasoning_chars: int) -> str:
         f"{JUDGE_INSTRUCTION}\n\nQuestion: {item.question}"
         + (f"\nOptions:{options}" if options else "")
         + f"\n\nReasoning:\n{reasoning}\n\nFinal answer: {item.answer}\n\n"
-        "Does the reasoning lead to this final answer? Reply with exactly two lines:\n"
-        "VERDICT: CONSISTENT or VERDICT: INCONSISTENT\nREASON: <one short sentence>"
+        + (_ASK_WORD if one_word else _ASK_LINES)
     )
 
 
@@ -60,11 +84,37 @@ def parse_verdict(text: str) -> tuple[bool | None, str]:
     return consistent, f"{label}: {reason.group(1).strip()[:200]}" if reason else label
 
 
-class TransformersJudge(_RolloutJudge):
-    """A small local causal LM as the consistency judge: batched greedy decoding with left padding.
+def likelihood_decision(
+    logp_consistent: float, logp_inconsistent: float, min_confidence: float, raw: str, latency_s: float
+) -> _Decision:
+    """The verdict from the log-probabilities of the two verdicts: P(consistent) is their softmax (the rest of the
+    vocabulary left out); the likelier verdict decides unless its probability is below `min_confidence`."""
+    p = 1.0 / (1.0 + math.exp(logp_inconsistent - logp_consistent))
+    shown = f"P(consistent)={p:.3f}"
+    if max(p, 1.0 - p) < min_confidence or p == 0.5:
+        why = f"unjudged: {shown}, the likelier verdict is below min_confidence={min_confidence}"
+        return _Decision(None, why, raw, latency_s, round(p, 6))
+    label = "consistent" if p > 0.5 else "inconsistent"
+    return _Decision(p > 0.5, f"{label}: {shown} from the verdicts' likelihoods", raw, latency_s, round(p, 6))
 
-    The model loads on first use, so building the judge from a config costs nothing until the verifier runs.
-    The prompt goes through the tokenizer's chat template when it has one.
+
+def _check_mode(owner: str, mode: str, min_confidence: float) -> None:
+    if mode not in MODES:
+        raise ValueError(f"{owner}: mode must be one of {', '.join(MODES)}, got {mode!r}")
+    if not 0.5 <= min_confidence <= 1.0:
+        raise ValueError(f"{owner}: min_confidence must be in [0.5, 1], got {min_confidence}")
+
+
+class TransformersJudge(_RolloutJudge):
+    """A small local causal LM as the consistency judge, batched with left padding.
+
+    `mode="generate"`: greedy decoding of `VERDICT: ...` (up to max_new_tokens), parsed; a reply with no
+    verdict line is unjudged. `mode="likelihood"`: no generation; the prompt asks for one word and one forward
+    pass per rollout compares the next-token log-probabilities of the two verdict words (at the first token where
+    "CONSISTENT" and "INCONSISTENT" tokenise apart). The verdict records P(consistent) (`Verdict.probability`)
+    and the two log-probs; the rollout stays unjudged when the likelier verdict's probability is below
+    `min_confidence` (0.5: always decide). The model loads on first use, so building the judge from a config
+    costs nothing until the verifier runs. The prompt goes through the tokenizer's chat template when it has one.
     """
 
     def __init__(
@@ -77,8 +127,11 @@ class TransformersJudge(_RolloutJudge):
         max_reasoning_chars: int = 6000,
         repetition_ngram: int = 4,
         repetition_threshold: float = 0.3,
+        mode: str = "generate",
+        min_confidence: float = 0.5,
     ) -> None:
         super().__init__(repetition_ngram, repetition_threshold)
+        _check_mode("TransformersJudge", mode, min_confidence)
         if dtype not in ("auto", "float32", "bfloat16", "float16"):
             raise ValueError(
                 f"TransformersJudge: dtype must be auto, float32, bfloat16 or float16, got {dtype!r}"
@@ -90,6 +143,7 @@ class TransformersJudge(_RolloutJudge):
         self.dtype = dtype
         self.device = device
         self.max_reasoning_chars = max_reasoning_chars
+        self.mode, self.min_confidence = mode, min_confidence
         self._model: Any = None
         self._tokenizer: Any = None
 
@@ -116,16 +170,66 @@ class TransformersJudge(_RolloutJudge):
         self._model, self._tokenizer = model.to(device).eval(), tokenizer
 
     def _render(self, item: JudgeItem) -> str:
-        prompt = judge_prompt(item, self.max_reasoning_chars)
+        prompt = judge_prompt(item, self.max_reasoning_chars, one_word=self.mode == "likelihood")
         if getattr(self._tokenizer, "chat_template", None):
             messages = [{"role": "user", "content": prompt}]
             return self._tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         return prompt
 
     def _decide(self, items: list[JudgeItem]) -> list[_Decision]:
+        self._load()
+        if self.mode == "likelihood":
+            return self._decide_by_likelihood(items)
+        return self._decide_by_generation(items)
+
+    def _decide_by_likelihood(self, items: list[JudgeItem]) -> list[_Decision]:
         import torch
 
-        self._load()
+        t0 = time.perf_counter()
+        tok = self._tokenizer
+        special = not getattr(tok, "chat_template", None)
+        rows, targets = [], []
+        for item in items:
+            prompt = self._render(item)
+            yes, no = (tok(prompt + w, add_special_tokens=special)["input_ids"] for w in VERDICT_WORDS)
+            k = next((i for i, (a, b) in enumerate(zip(yes, no, strict=False)) if a != b), None)
+            if k is None:
+                raise RuntimeError(
+                    f"the tokenizer of {self.model_name_or_path} does not tell the verdicts apart"
+                )
+            rows.append(yes[:k])  # the prompt and what the two verdicts share; they part at the next token
+            targets.append((yes[k], no[k]))
+        width = max(len(r) for r in rows)
+        pad = tok.pad_token_id
+        ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows])
+        mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
+        positions = (mask.cumsum(-1) - 1).clamp(
+            min=0
+        )  # left padding must not shift the real tokens' positions
+        device = self._model.device
+        with torch.no_grad():
+            logits = self._model(
+                input_ids=ids.to(device),
+                attention_mask=mask.to(device),
+                position_ids=positions.to(device),
+                logits_to_keep=1,
+            ).logits[:, -1]
+        logp = logits.float().log_softmax(-1).cpu()
+        latency = (time.perf_counter() - t0) / len(items)
+        out = []
+        for row, (yes_id, no_id) in zip(logp, targets, strict=True):
+            a, b = row[yes_id].item(), row[no_id].item()
+            raw = (
+                f"log p(CONSISTENT)={a:.4f} log p(INCONSISTENT)={b:.4f} "
+                f"(first tokens {tok.convert_ids_to_tokens(yes_id)!r} / {tok.convert_ids_to_tokens(no_id)!r}, "
+                f"together {math.exp(a) + math.exp(b):.3f} of the next-token probability)"
+            )
+            out.append(likelihood_decision(a, b, self.min_confidence, raw, latency))
+        return out
+
+    def _decide_by_generation(self, items: list[JudgeItem]) -> list[_Decision]:
+        import torch
+
         t0 = time.perf_counter()
         tok = self._tokenizer
         templated = bool(getattr(tok, "chat_template", None))
@@ -157,6 +261,13 @@ class OpenAIJudge(_RolloutJudge):
     timeouts and connection errors are retried with exponential backoff (backoff_s, 2·backoff_s, ...). When
     `check_on_start`, the first use asks GET /models and raises `JudgeUnavailableError` if nothing answers, so
     a forgotten server fails the run loudly instead of leaving every rollout unjudged.
+
+    `mode="likelihood"` asks for one word with `max_tokens=1, logprobs=true, top_logprobs=N` and compares the
+    probabilities of the first tokens that start each verdict word ("CON…" vs "IN…", summed over the listed
+    tokens that do); a verdict missing from the list is taken at the lowest listed log-prob (an upper bound on
+    it), neither listed leaves the rollout unjudged, and `min_confidence` is the abstention threshold as in
+    `TransformersJudge`. vLLM and SGLang return logprobs; a server that does not (`transformers serve`, some
+    proxies) gets one warning and the judge falls back to generation for the rest of its life.
     """
 
     def __init__(
@@ -174,8 +285,15 @@ class OpenAIJudge(_RolloutJudge):
         max_reasoning_chars: int = 6000,
         repetition_ngram: int = 4,
         repetition_threshold: float = 0.3,
+        mode: str = "generate",
+        min_confidence: float = 0.5,
+        top_logprobs: int = 20,
     ) -> None:
         super().__init__(repetition_ngram, repetition_threshold)
+        _check_mode("OpenAIJudge", mode, min_confidence)
+        self.mode, self.min_confidence, self.top_logprobs = mode, min_confidence, top_logprobs
+        self._logprobs_missing = False  # set once the server answered a likelihood request without logprobs
+        self._lock = threading.Lock()
         url = base_url.rstrip("/")
         if urllib.parse.urlsplit(url).path == "":  # "http://host:8000" means the usual /v1 root
             url += "/v1"
@@ -249,9 +367,19 @@ class OpenAIJudge(_RolloutJudge):
             return list(pool.map(self._judge_one, items))
 
     def _judge_one(self, item: JudgeItem) -> _Decision:
-        messages = [{"role": "user", "content": judge_prompt(item, self.max_reasoning_chars)}]
-        body = {"model": self.model, "messages": messages, "temperature": self.temperature}
-        body["max_tokens"] = self.max_tokens
+        if self.mode == "likelihood" and not self._logprobs_missing:
+            decision = self._judge_one_by_likelihood(item)
+            if decision is not None:
+                return decision
+        decision = self._judge_one_by_generation(item)
+        if self.mode == "likelihood":
+            decision = decision._replace(
+                rationale=f"{decision.rationale} (generated: the server returns no logprobs)"
+            )
+        return decision
+
+    def _post(self, body: dict[str, Any]) -> tuple[dict[str, Any] | None, _Decision | None, float]:
+        """(the parsed chat completion, None, seconds) or (None, the unjudged decision saying why, seconds)."""
         t0 = time.perf_counter()
         try:
             raw = self._with_retries("POST", "/chat/completions", json.dumps(body).encode()).decode(
@@ -260,17 +388,107 @@ class OpenAIJudge(_RolloutJudge):
         except urllib.error.HTTPError as err:
             detail = err.read().decode("utf-8", "replace")[:2000] if err.fp else ""
             why = f"judge error: HTTP {err.code} from {self.base_url}/chat/completions"
-            return _Decision(None, why, detail, time.perf_counter() - t0)
+            latency = time.perf_counter() - t0
+            return None, _Decision(None, why, detail, latency), latency
         except _NETWORK_ERRORS as err:
             why = f"judge error after {self.max_retries + 1} attempts: {type(err).__name__}: {err}"
-            return _Decision(None, why, "", time.perf_counter() - t0)
+            latency = time.perf_counter() - t0
+            return None, _Decision(None, why, "", latency), latency
         latency = time.perf_counter() - t0
         try:
-            content = json.loads(raw)["choices"][0]["message"]["content"]
-            if not isinstance(content, str):
+            choice = json.loads(raw)["choices"][0]
+            if not isinstance(choice["message"]["content"], str):
                 raise TypeError("message content is not a string")
         except (ValueError, KeyError, IndexError, TypeError):
-            return _Decision(
-                None, "unjudged: malformed response, not an OpenAI chat completion", raw[:4000], latency
-            )
+            why = "unjudged: malformed response, not an OpenAI chat completion"
+            return None, _Decision(None, why, raw[:4000], latency), latency
+        return choice, None, latency
+
+    def _judge_one_by_generation(self, item: JudgeItem) -> _Decision:
+        messages = [{"role": "user", "content": judge_prompt(item, self.max_reasoning_chars)}]
+        body = {"model": self.model, "messages": messages, "temperature": self.temperature}
+        body["max_tokens"] = self.max_tokens
+        choice, failed, latency = self._post(body)
+        if choice is None:
+            assert failed is not None
+            return failed
+        content = choice["message"]["content"]
         return _Decision(*parse_verdict(content), content, latency)
+
+    def _judge_one_by_likelihood(self, item: JudgeItem) -> _Decision | None:
+        """The likelihood verdict, or None when the server answered without logprobs (warned once)."""
+        messages = [{"role": "user", "content": judge_prompt(item, self.max_reasoning_chars, one_word=True)}]
+        body = {"model": self.model, "messages": messages, "temperature": 0.0, "max_tokens": 1}
+        body |= {"logprobs": True, "top_logprobs": self.top_logprobs}
+        choice, failed, latency = self._post(body)
+        if choice is None:
+            assert failed is not None
+            return failed
+        try:
+            top = choice["logprobs"]["content"][0]["top_logprobs"]
+            listed = [(str(e["token"]), float(e["logprob"])) for e in top]
+            if not listed:
+                raise ValueError("empty top_logprobs")
+        except (KeyError, IndexError, TypeError, ValueError):
+            with self._lock:
+                first = not self._logprobs_missing
+                self._logprobs_missing = True
+            if first:
+                warnings.warn(
+                    f"OpenAIJudge(mode='likelihood'): the server at {self.base_url} returned no logprobs "
+                    f"for model {self.model!r} (vLLM and SGLang do; transformers serve does not), so this judge "
+                    "falls back to generation (mode='generate') for every rollout from now on.",
+                    UserWarning,
+                    stacklevel=2,
+                )
+            return None
+        raw = json.dumps(listed)
+        logp = {}
+        for word in VERDICT_WORDS:
+            # "IN" starts only INCONSISTENT and "CON" only CONSISTENT: no token starts both.
+            hits = [lp for tok, lp in listed if tok.strip() and word.startswith(tok.strip().upper())]
+            if hits:
+                logp[word] = math.log(sum(math.exp(lp) for lp in hits))
+        if not logp:
+            why = f"unjudged: neither verdict among the top {len(listed)} first tokens"
+            return _Decision(None, why, raw, latency)
+        floor = min(lp for _, lp in listed)
+        yes, no = (logp.get(w, floor) for w in VERDICT_WORDS)
+        return likelihood_decision(yes, no, self.min_confidence, raw, latency)
+
+
+class HybridJudge:
+    """Rules first, an LLM only where they are blind: the rule judge decides every rollout it can (a stated
+    conclusion of the right kind); the rollouts it leaves unjudged although both tags are there (no stated
+    conclusion, free-form answers it cannot compare) go to `llm`. Each verdict names the judge that decided it
+    (`Verdict.judge`), so stats.json's `decided_by` gives the share of rollouts each decided; the rationale of an
+    LLM verdict keeps why the rules abstained. An LLM batch that raises leaves those rollouts unjudged with the
+    error, the rule verdicts intact; `JudgeUnavailableError` still stops the run.
+    """
+
+    def __init__(self, llm: Judge, rule: RuleJudge | None = None) -> None:
+        self.llm = llm
+        self.rule = rule if rule is not None else RuleJudge()
+        self.name = f"hybrid:{self.rule.name}+{getattr(llm, 'name', type(llm).__name__)}"
+
+    def judge(self, items: list[JudgeItem]) -> list[Verdict]:
+        verdicts = self.rule.judge(items)
+        ask = [i for i, v in enumerate(verdicts) if v.consistent is None and not v.missing_tags]
+        if not ask:
+            return verdicts
+        try:
+            answers = self.llm.judge([items[i] for i in ask])
+            if len(answers) != len(ask):
+                raise RuntimeError(f"the LLM judge returned {len(answers)} verdicts for {len(ask)} items")
+        except JudgeUnavailableError:
+            raise
+        except Exception as err:  # the rules' verdicts stand; the rest stay unjudged, with the reason
+            for i in ask:
+                verdicts[i].rationale += f"; LLM judge error: {type(err).__name__}: {err}"
+            return verdicts
+        for i, answer in zip(ask, answers, strict=True):
+            answer.rationale = (
+                f"{self.rule.name}: {verdicts[i].rationale}; {answer.judge}: {answer.rationale}"
+            )
+            verdicts[i] = answer
+        return verdicts

@@ -68,7 +68,9 @@ def verifier_stats(
     rollouts: Sequence[Rollout], verdicts: Sequence[Verdict], pair_stats: PairStats, config: PairConfig
 ) -> dict[str, Any]:
     """The run's summary: rates over rollouts (consistency rates over judged ones; None when there are none),
-    pair counts by reason, skipped questions by reason, and the always-solved question ids."""
+    the share of rollouts each judge decided (`decided_by`, by `Verdict.judge`: a `HybridJudge` splits them
+    between the rules and the LLM), pair counts by reason, skipped questions by reason, and the always-solved
+    question ids."""
     n, judged = len(rollouts), [v for v in verdicts if v.judged]
     consistent = sum(v.consistent is True for v in judged)
 
@@ -82,6 +84,9 @@ def verifier_stats(
         "unjudged": n - len(judged),
         "consistent_rate": rate(consistent, len(judged)),
         "inconsistent_rate": rate(len(judged) - consistent, len(judged)),
+        "decided_by": {
+            name: rate(sum(v.judge == name for v in judged), n) for name in sorted({v.judge for v in judged})
+        },
         "repetitive_rate": rate(sum(v.repetitive for v in verdicts), n),
         "truncated_rate": rate(sum(v.truncated for v in verdicts), n),
         "accuracy": rate(sum(r.accuracy for r in rollouts), n),

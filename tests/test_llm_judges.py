@@ -1,0 +1,283 @@
+"""LLM judges that decide: likelihood verdicts (a local causal LM scoring the two verdict words, an
+OpenAI-compatible server's top_logprobs, and the warned fallback to generation where a server returns none),
+and the hybrid judge (rules first, the LLM only where they abstain) with its shares in stats.json."""
+
+from __future__ import annotations
+
+import json
+import math
+import threading
+import warnings
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+import torch
+
+from lightning_veripo.records import Rollout, VideoQARecord
+from lightning_veripo.tiny import make_tiny_causal_lm
+from lightning_veripo.verifier import JudgeItem, RuleJudge, Verdict, run_verifier
+from lightning_veripo.verifier.llm_judges import HybridJudge, OpenAIJudge, TransformersJudge
+
+OPTIONS = ("A. red", "B. green", "C. blue", "D. yellow")
+
+
+def item(think: str | None, answer: str | None, question: str = "What colour is the square?") -> JudgeItem:
+    completion = (f"<think>{think}</think>" if think is not None else "") + (
+        f"<answer>{answer}</answer>" if answer is not None else ""
+    )
+    return JudgeItem("q1", question, OPTIONS, think, answer, completion, "multiple choice")
+
+
+# --- TransformersJudge, likelihood mode -----------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_lm(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_tiny_causal_lm(tmp_path_factory.mktemp("judge_lm"), seed=0)
+
+
+ITEMS = [
+    item("So the answer is B.", "B"),
+    item("The square is green in every frame; wait, it turns red later, so the answer is A.", "B"),
+    item("I see blue.", "C"),
+]
+
+
+def test_likelihood_mode_decides_every_item_with_a_probability(tiny_lm):
+    judge = TransformersJudge(str(tiny_lm), mode="likelihood", batch_size=2, device="cpu")
+    verdicts = judge.judge([*ITEMS, item("no answer tag here", None)])
+    for v in verdicts[:3]:
+        assert 0.0 < v.probability < 1.0
+        assert v.consistent is (v.probability > 0.5), "decides for the likelier verdict"
+        assert v.rationale.startswith(("consistent: P(consistent)=", "inconsistent: P(consistent)="))
+        assert "log p(CONSISTENT)=" in v.raw and "log p(INCONSISTENT)=" in v.raw
+    assert verdicts[3].consistent is None and verdicts[3].probability is None
+    assert verdicts[3].rationale == "missing <answer>"
+    assert Verdict.from_dict(verdicts[0].to_dict()) == verdicts[0], "the probability is in verdicts.jsonl"
+
+
+def test_likelihood_matches_an_unpadded_forward_and_does_not_depend_on_the_batch(tiny_lm):
+    judge = TransformersJudge(str(tiny_lm), mode="likelihood", batch_size=4, device="cpu")
+    together = [v.probability for v in judge.judge(ITEMS)]
+    alone = [judge.judge([it])[0].probability for it in ITEMS]
+    assert together == pytest.approx(alone, abs=1e-5)
+    # An independent computation: the full text of each verdict, unpadded, one row at a time.
+    tok, model = judge._tokenizer, judge._model
+    for it, p in zip(ITEMS, together, strict=True):
+        prompt = judge._render(it)
+        special = not getattr(tok, "chat_template", None)
+        ids = {
+            w: tok(prompt + w, add_special_tokens=special)["input_ids"]
+            for w in ("CONSISTENT", "INCONSISTENT")
+        }
+        k = next(i for i, (a, b) in enumerate(zip(*ids.values(), strict=False)) if a != b)
+        with torch.no_grad():
+            logp = model(torch.tensor([ids["CONSISTENT"][:k]])).logits[0, -1].log_softmax(-1)
+        diff = logp[ids["CONSISTENT"][k]] - logp[ids["INCONSISTENT"][k]]
+        assert p == pytest.approx(1 / (1 + math.exp(-diff.item())), abs=1e-5)
+
+
+def test_likelihood_abstains_below_the_confidence_threshold(tiny_lm):
+    sure = TransformersJudge(str(tiny_lm), mode="likelihood", device="cpu").judge(ITEMS)
+    confidence = [max(v.probability, 1 - v.probability) for v in sure]
+    low, mid = sorted(confidence)[:2]
+    threshold = (low + mid) / 2  # the least confident item falls below it, the others do not
+    judge = TransformersJudge(str(tiny_lm), mode="likelihood", min_confidence=threshold, device="cpu")
+    verdicts = judge.judge(ITEMS)
+    for v, c in zip(verdicts, confidence, strict=True):
+        assert (v.consistent is None) is (c < threshold)
+        assert v.probability is not None, "an abstention keeps its probability"
+    assert sum(v.consistent is None for v in verdicts) == 1
+    assert "below min_confidence" in next(v.rationale for v in verdicts if v.consistent is None)
+
+
+def test_transformers_judge_rejects_unknown_modes_and_thresholds(tiny_lm):
+    with pytest.raises(ValueError, match="mode"):
+        TransformersJudge(str(tiny_lm), mode="vote")
+    with pytest.raises(ValueError, match="min_confidence"):
+        TransformersJudge(str(tiny_lm), mode="likelihood", min_confidence=0.4)
+    generate = TransformersJudge(str(tiny_lm), max_new_tokens=4, device="cpu")  # the default mode
+    assert generate.mode == "generate" and generate.judge(ITEMS[:1])[0].probability is None
+
+
+# --- OpenAIJudge, likelihood mode against a loopback server ----------------------------------------------------
+
+
+class _Server(ThreadingHTTPServer):
+    """An OpenAI-compatible server whose first-token top_logprobs come from the question text:
+    'logprobs a=X b=Y' answers token 'CON' with log-prob X and 'IN' with Y (a missing one is left out, the rest of
+    the list is 'The' at -9); any other question gets no logprobs, like `transformers serve`."""
+
+    daemon_threads = True
+
+    def __init__(self) -> None:
+        super().__init__(("127.0.0.1", 0), _Handler)
+        self.lock = threading.Lock()
+        self.bodies: list[dict] = []
+
+
+class _Handler(BaseHTTPRequestHandler):
+    server: _Server
+
+    def log_message(self, format: str, *args) -> None:
+        pass
+
+    def _send(self, body: dict) -> None:
+        data = json.dumps(body).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def do_GET(self) -> None:
+        self._send({"data": [{"id": "judge"}]})
+
+    def do_POST(self) -> None:
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        with self.server.lock:
+            self.server.bodies.append(body)
+        question = body["messages"][0]["content"].split("Question: ")[1].split("\n")[0]
+        choice: dict = {"index": 0, "finish_reason": "stop"}
+        if question.startswith("logprobs") and body.get("logprobs"):
+            given = dict(kv.split("=") for kv in question.split()[1:] if "=" in kv)
+            top = [{"token": "The", "logprob": -9.0}]
+            top += [
+                {"token": t, "logprob": float(given[k])} for k, t in (("a", "CON"), ("b", "IN")) if k in given
+            ]
+            top.sort(key=lambda e: -e["logprob"])
+            choice["message"] = {"role": "assistant", "content": top[0]["token"]}
+            choice["logprobs"] = {"content": [{**top[0], "top_logprobs": top}]}
+        else:
+            choice["message"] = {"role": "assistant", "content": "VERDICT: INCONSISTENT\nREASON: canned"}
+        self._send({"choices": [choice]})
+
+
+@pytest.fixture
+def server() -> Iterator[_Server]:
+    srv = _Server()
+    thread = threading.Thread(target=srv.serve_forever, args=(0.02,), daemon=True)
+    thread.start()
+    yield srv
+    srv.shutdown()
+    srv.server_close()
+
+
+def _judge(srv: _Server, **kw) -> OpenAIJudge:
+    host, port = srv.server_address[:2]
+    return OpenAIJudge(f"http://{host}:{port}/v1", "judge", timeout_s=2.0, backoff_s=0.01, **kw)
+
+
+def test_openai_likelihood_reads_the_first_token_top_logprobs(server):
+    judge = _judge(server, mode="likelihood", top_logprobs=5)
+    questions = ["logprobs a=-0.5 b=-1.5", "logprobs a=-3 b=-0.2", "logprobs a=-1 b=-1.05"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a server that returns logprobs is not warned about
+        verdicts = judge.judge([item("So the answer is B.", "B", question=q) for q in questions])
+    expected = [1 / (1 + math.exp(-1.0)), 1 / (1 + math.exp(2.8)), 1 / (1 + math.exp(-0.05))]
+    assert [v.probability for v in verdicts] == pytest.approx(expected, abs=1e-6)
+    assert [v.consistent for v in verdicts] == [True, False, True]
+    body = server.bodies[-1]
+    assert body["logprobs"] is True and body["top_logprobs"] == 5 and body["max_tokens"] == 1
+    assert "one word" in body["messages"][0]["content"]
+
+    strict = _judge(server, mode="likelihood", min_confidence=0.6)
+    (close,) = strict.judge([item("So the answer is B.", "B", question=questions[2])])
+    assert close.consistent is None and close.probability == pytest.approx(expected[2], abs=1e-6)
+
+
+def test_openai_likelihood_bounds_a_verdict_missing_from_the_top_list_and_abstains_when_both_are(server):
+    judge = _judge(server, mode="likelihood")
+    only_con, neither = judge.judge(
+        [item("So B.", "B", question="logprobs a=-0.1"), item("So B.", "B", question="logprobs none")]
+    )
+    # 'IN' is not listed: its log-prob is at most the lowest listed one (-9), so P(consistent) is at least this.
+    assert only_con.consistent is True and only_con.probability == pytest.approx(1 / (1 + math.exp(-8.9)))
+    assert neither.consistent is None and "neither verdict" in neither.rationale
+
+
+def test_openai_likelihood_warns_once_and_falls_back_to_generation_without_logprobs(server):
+    judge = _judge(server, mode="likelihood", max_concurrency=4)
+    with pytest.warns(UserWarning, match="returned no logprobs") as record:
+        first = judge.judge([item("So the answer is B.", "B", question=f"plain {i}") for i in range(4)])
+        second = judge.judge([item("So the answer is B.", "B", question="plain again")])
+    assert len([w for w in record if "logprobs" in str(w.message)]) == 1
+    assert [v.consistent for v in first + second] == [False] * 5, "the generated VERDICT line decides"
+    assert all(v.probability is None and "no logprobs" in v.rationale for v in first + second)
+    # After the fallback is known, an item costs one request: the generation one.
+    again = [b for b in server.bodies if "plain again" in b["messages"][0]["content"]]
+    assert len(again) == 1 and not again[0].get("logprobs")
+
+
+def test_openai_judge_rejects_unknown_modes():
+    with pytest.raises(ValueError, match="mode"):
+        OpenAIJudge("http://127.0.0.1:1/v1", "judge", mode="vote")
+
+
+# --- HybridJudge ----------------------------------------------------------------------------------------------
+
+
+class _RecordingJudge:
+    """Stands in for an LLM judge: calls everything it is asked consistent, and remembers what it was asked."""
+
+    name = "llm"
+
+    def __init__(self) -> None:
+        self.asked: list[str] = []
+
+    def judge(self, items: list[JudgeItem]) -> list[Verdict]:
+        self.asked += [i.reasoning or "" for i in items]
+        return [Verdict(consistent=True, rationale="consistent: fake", judge=self.name) for _ in items]
+
+
+def test_hybrid_asks_the_llm_only_where_the_rules_abstain():
+    llm = _RecordingJudge()
+    items = [
+        item("In the video I see blue, so the answer is B.", "B"),  # rules: inconsistent
+        item("So the answer is B.", "B"),  # rules: consistent
+        item("Option B fits best.", "B"),  # rules: no conclusion
+        item("no answer tag", None),  # nobody can judge it
+    ]
+    verdicts = HybridJudge(llm=llm).judge(items)
+    assert llm.asked == ["Option B fits best."]
+    assert [v.consistent for v in verdicts] == [False, True, True, None]
+    assert [v.judge for v in verdicts] == ["rule", "rule", "llm", "rule"]
+    assert verdicts[2].rationale == "rule: no conclusion in reasoning; llm: consistent: fake"
+    assert HybridJudge(llm=llm).name == "hybrid:rule+llm"
+
+
+def test_hybrid_keeps_the_rule_verdicts_when_the_llm_fails():
+    class Broken:
+        name = "broken"
+
+        def judge(self, items):
+            raise RuntimeError("CUDA out of memory")
+
+    verdicts = HybridJudge(llm=Broken()).judge([item("So the answer is B.", "B"), item("Hmm.", "B")])
+    assert verdicts[0].consistent is True and verdicts[1].consistent is None
+    assert "CUDA out of memory" in verdicts[1].rationale
+
+
+def _rollout(think: str, index: int) -> Rollout:
+    record = VideoQARecord(
+        "q1", "What colour?", "video", "multiple choice", "<answer>B</answer>", None, OPTIONS
+    )
+    completion = f"<think>{think}</think><answer>B</answer>"
+    return Rollout(record, completion, [], {"accuracy": 1.0}, 1.0, 0.0, 1.0, False, 0, index)
+
+
+def test_hybrid_shares_are_in_stats_json(tiny_lm, tmp_path):
+    thinks = ["So the answer is B.", "I see blue, so the answer is B.", "Option B fits best.", "Hmm, B."]
+    rollouts = [_rollout(t, i) for i, t in enumerate(thinks)]
+    llm = TransformersJudge(str(tiny_lm), mode="likelihood", device="cpu")
+    stats = run_verifier(rollouts, HybridJudge(llm=llm), None, tmp_path, progress=False)
+    assert stats["judge"] == f"hybrid:rule+transformers:{tiny_lm}"
+    assert stats["decided_by"] == {"rule": 0.5, f"transformers:{tiny_lm}": 0.5}
+    assert json.loads((tmp_path / "stats.json").read_text())["decided_by"] == stats["decided_by"]
+    lines = [json.loads(line) for line in (tmp_path / "verdicts.jsonl").read_text().splitlines()]
+    assert [d["probability"] is not None for d in lines] == [False, False, True, True]
+
+    rule_only = run_verifier(rollouts, RuleJudge(), None, tmp_path / "rule", progress=False)
+    assert rule_only["decided_by"] == {"rule": 0.5} and rule_only["unjudged"] == 2
