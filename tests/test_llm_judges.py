@@ -6,7 +6,14 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import shutil
+import socket
+import subprocess
+import sys
 import threading
+import time
+import urllib.request
 import warnings
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -281,3 +288,84 @@ def test_hybrid_shares_are_in_stats_json(tiny_lm, tmp_path):
 
     rule_only = run_verifier(rollouts, RuleJudge(), None, tmp_path / "rule", progress=False)
     assert rule_only["decided_by"] == {"rule": 0.5} and rule_only["unjudged"] == 2
+
+
+# --- OpenAIJudge against a real `transformers serve` on loopback --------------------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def served_tiny_lm(tiny_lm: Path) -> Iterator[tuple[str, subprocess.Popen]]:
+    """`transformers serve` (extra transformers[serving]) serving the tiny causal LM on 127.0.0.1."""
+    pytest.importorskip("fastapi", reason="transformers serve needs the extra transformers[serving]")
+    pytest.importorskip("uvicorn", reason="transformers serve needs the extra transformers[serving]")
+    exe = shutil.which("transformers") or str(Path(sys.executable).with_name("transformers"))
+    port = _free_port()
+    proc = subprocess.Popen(
+        [exe, "serve", str(tiny_lm), "--host", "127.0.0.1", "--port", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
+    url = f"http://127.0.0.1:{port}/v1"
+    deadline = time.monotonic() + 180
+    try:
+        while True:
+            try:
+                urllib.request.urlopen(url + "/models", timeout=2).read()
+                break
+            except OSError:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    err = (
+                        proc.stderr.read().decode(errors="replace")[-2000:] if proc.poll() is not None else ""
+                    )
+                    pytest.fail(f"transformers serve did not come up on {url}: {err}")
+                time.sleep(0.5)
+        yield url, proc
+    finally:
+        proc.kill()
+        proc.wait(timeout=30)
+
+
+@pytest.mark.slow
+def test_openai_judge_against_transformers_serve(served_tiny_lm, tiny_lm, tmp_path):
+    url, proc = served_tiny_lm
+    model = str(tiny_lm)
+    judge = OpenAIJudge(url, model, max_tokens=8, max_concurrency=4, timeout_s=60.0, backoff_s=0.05)
+    judge.check_server()  # GET /models answers
+    items = [item(f"So the answer is {c}.", "B") for c in "ABCD"]
+    verdicts = judge.judge(items)  # concurrently: 4 requests in flight
+    # A random tiny LM writes no VERDICT line: each rollout is unjudged *because of the text*, not an error.
+    assert [v.consistent for v in verdicts] == [None] * 4
+    assert all(v.rationale.startswith("unjudged: no VERDICT line") for v in verdicts), verdicts[0].rationale
+
+    likely = OpenAIJudge(url, model, mode="likelihood", max_tokens=8, timeout_s=60.0)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        answers = likely.judge(items[:2])
+    returned_logprobs = all(v.probability is not None for v in answers)
+    if not returned_logprobs:  # transformers serve ignores logprobs: one warning, then generation
+        assert sum("returned no logprobs" in str(w.message) for w in caught) == 1
+        assert all("no logprobs" in v.rationale for v in answers)
+
+    # The server dies mid-run: the verifier still writes whole files, the lost rollouts unjudged with the error.
+    rollouts = [_rollout(f"So the answer is {c}.", i) for i, c in enumerate("ABCDABCD")]
+    proc.kill()
+    proc.wait(timeout=30)
+    dead = OpenAIJudge(url, model, max_retries=1, backoff_s=0.01, timeout_s=5.0, check_on_start=False)
+    stats = run_verifier(rollouts, HybridJudge(llm=dead), None, tmp_path, progress=False)
+    lines = [json.loads(line) for line in (tmp_path / "verdicts.jsonl").read_text().splitlines()]
+    assert len(lines) == 8 and stats["num_rollouts"] == 8 and (tmp_path / "stats.json").exists()
+    assert stats["decided_by"] == {"rule": 1.0}, (
+        "every rollout here has a stated conclusion: the LLM is not asked"
+    )
+    lost = run_verifier(rollouts[:1], dead, None, tmp_path / "dead", progress=False)
+    (verdict,) = [
+        json.loads(line) for line in (tmp_path / "dead" / "verdicts.jsonl").read_text().splitlines()
+    ]
+    assert lost["unjudged"] == 1 and "judge error after 2 attempts" in verdict["rationale"]
