@@ -132,7 +132,8 @@ class VideoLLM(nn.Module):
         merge_adapters: adapter directories merged into the base weights at load, in order (earlier stages).
         adapter_path: an adapter directory to continue training (instead of a fresh adapter).
         make_tiny_if_missing: if `model_name_or_path` does not exist, build the offline tiny random model
-            there (the embedded demo; never set this for a real checkpoint).
+            there (the embedded demo; never set this for a real checkpoint), of `tiny_size` (a preset of
+            lightning_veripo.tiny.SIZES: "tiny", or "small", which learns to read the synthetic videos).
         reference_copy: under full fine-tuning, keep a frozen copy of the starting weights as the reference
             policy (GRPO's KL when beta > 0, DPO). Set False when nothing needs it (GRPO with beta = 0, DPO with
             precomputed reference log-probs) to save a whole copy of the weights. Ignored under LoRA, whose
@@ -151,6 +152,7 @@ class VideoLLM(nn.Module):
         adapter_path: str | None = None,
         make_tiny_if_missing: bool = False,
         reference_copy: bool = True,
+        tiny_size: str = "tiny",
     ) -> None:
         super().__init__()
         if dtype not in _DTYPES:
@@ -169,6 +171,7 @@ class VideoLLM(nn.Module):
         self.merge_adapters = list(merge_adapters or [])
         self.adapter_path = adapter_path
         self.make_tiny_if_missing = make_tiny_if_missing
+        self.tiny_size = tiny_size
         self.reference_copy = reference_copy
         self.model: nn.Module | None = None
         self.processor: Any = None
@@ -190,7 +193,7 @@ class VideoLLM(nn.Module):
         if self.make_tiny_if_missing and not (Path(path).expanduser() / "config.json").exists():
             from lightning_veripo.tiny import make_tiny_model
 
-            make_tiny_model(Path(path).expanduser())
+            make_tiny_model(Path(path).expanduser(), size=self.tiny_size)
         path = resolve_model_path(path)
         kwargs: dict[str, Any] = {"dtype": _DTYPES[self.dtype_name]}
         if self.attn_implementation:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -52,3 +53,14 @@ def hand_logprobs(
         logp = logits[len(prompt) - 1 : len(prompt) - 1 + len(ids)].float().log_softmax(-1)
         rows.append(logp.gather(-1, ids[:, None]).squeeze(-1) * mask)
     return torch.stack(rows)
+
+
+# What the demo-driven tests add after `veripo iterate --config configs/demo.yaml`: see tests/data/demo_tiny.yaml.
+DEMO_LOOP_TEST_ARGS = ["--config", str(Path(__file__).resolve().parent / "data" / "demo_tiny.yaml")]
+# ... and to the SFT stage's arguments: the small data set and learning rate the tests were sized for.
+DEMO_SFT_TEST_ARGS = ["--model.init_args.lr=0.003", "--data.init_args.synthetic.num_train=32",
+                      "--data.init_args.synthetic.num_val=16"]  # fmt: skip
+# ... and to a stand-alone `veripo fit --config configs/demo_grpo.yaml`.
+DEMO_FIT_TEST_ARGS = ["--model.init_args.backbone.init_args.model_name_or_path=work/demo/tiny-model",
+                      "--model.init_args.backbone.init_args.tiny_size=tiny",
+                      "--data.init_args.synthetic.num_train=16", "--data.init_args.synthetic.num_val=8"]  # fmt: skip

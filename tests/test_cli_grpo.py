@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import DEMO_FIT_TEST_ARGS, DEMO_LOOP_TEST_ARGS, DEMO_SFT_TEST_ARGS
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from lightning_veripo.backbone import LoRAConfig, PolicyMismatchError, VideoLLM, check_policy
@@ -32,7 +33,7 @@ REPO = Path(__file__).resolve().parents[1]
 VERSION_DIR = Path("work/demo/grpo/tensorboard")
 # Small enough for CI: steps of 2 prompts x 4 rollouts of 8 tokens, validation every 2 steps.
 QUICK = ["--trainer.val_check_interval", "2", "--model.init_args.num_generations", "4",
-         "--model.init_args.max_new_tokens", "8", "--trainer.enable_progress_bar", "false"]  # fmt: skip
+         "--model.init_args.max_new_tokens", "8", "--trainer.enable_progress_bar", "false", *DEMO_FIT_TEST_ARGS]  # fmt: skip
 SCALARS = [
     "train/loss", "train/reward", "train/reward_std",
     "train/rewards/accuracy", "train/rewards/accuracy_std", "train/rewards/format", "train/rewards/format_std",
@@ -242,8 +243,8 @@ def test_a_checkpoint_records_its_policy_and_refuses_another_on_load(tiny_model_
         module().on_load_checkpoint(checkpoint)
 
 
-LOOP = ["iterate", "--config", "configs/demo.yaml", "--iterations", "1", "--grpo_only", "true",
-        "--sft.args", json.dumps(["--trainer.max_steps=100", "--trainer.enable_progress_bar=false"]),
+LOOP = ["iterate", "--config", "configs/demo.yaml", "--iterations", "1", "--grpo_only", "true", *DEMO_LOOP_TEST_ARGS,
+        "--sft.args", json.dumps(["--trainer.max_steps=100", "--trainer.enable_progress_bar=false", *DEMO_SFT_TEST_ARGS]),
         "--grpo.args", json.dumps(["--trainer.max_steps=2", "--trainer.limit_val_batches=0",
                                    "--trainer.num_sanity_val_steps=0", "--trainer.enable_progress_bar=false"])]  # fmt: skip
 
@@ -267,7 +268,7 @@ def test_veripo_test_on_a_loop_stage_checkpoint_refuses_another_policy_or_reprod
     command = ["test", "--config", "configs/demo_grpo.yaml",
                "--ckpt_path", str(work / "iter_1/grpo/checkpoints/last.ckpt"),
                "--data.init_args.test_path", "work/demo/data/val.json",
-               "--data.init_args.val_batch_size=16"]  # fmt: skip  # (the loop's eval_batch_size)
+               "--data.init_args.val_batch_size=16", *DEMO_FIT_TEST_ARGS[:2]]  # fmt: skip  # (the loop's eval_batch_size; its tiny model)
 
     refused = veripo(*command, cwd=tmp_path)  # the command: demo_grpo.yaml merges nothing
     assert refused.returncode == 2, refused.stderr[-3000:]

@@ -12,11 +12,12 @@ import time
 from pathlib import Path
 
 import pytest
+from helpers import DEMO_LOOP_TEST_ARGS, DEMO_SFT_TEST_ARGS
 
 REPO = Path(__file__).resolve().parents[1]
 SMALL = [
-    "--iterations", "1",
-    "--sft.args", json.dumps(["--trainer.max_steps=100", "--trainer.enable_progress_bar=false"]),
+    "--iterations", "1", *DEMO_LOOP_TEST_ARGS,
+    "--sft.args", json.dumps(["--trainer.max_steps=100", "--trainer.enable_progress_bar=false", *DEMO_SFT_TEST_ARGS]),
     "--grpo.args", json.dumps(["--trainer.max_steps=3", "--trainer.limit_val_batches=0",
                                "--trainer.num_sanity_val_steps=0", "--trainer.enable_progress_bar=false",
                                "--data.init_args.synthetic.num_train=16", "--data.init_args.synthetic.num_val=8"]),

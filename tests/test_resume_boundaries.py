@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import DEMO_LOOP_TEST_ARGS, DEMO_SFT_TEST_ARGS
 from safetensors.torch import load_file
 
 from lightning_veripo.callbacks.verifier import VerifierCallback
@@ -30,8 +31,8 @@ STAGES = ["sft", "iter_1/grpo", "iter_1/dpo"]
 # One iteration of the demo loop, small: the SFT warm start long enough that GRPO's groups hold right and
 # wrong answers (so the verifier builds pairs and DPO runs), GRPO 3 steps, DPO one epoch.
 ARGS = [
-    "iterate", "--config", "configs/demo.yaml", "--iterations", "1",
-    "--sft.args", json.dumps(["--trainer.max_steps=100", "--trainer.enable_progress_bar=false"]),
+    "iterate", "--config", "configs/demo.yaml", "--iterations", "1", *DEMO_LOOP_TEST_ARGS,
+    "--sft.args", json.dumps(["--trainer.max_steps=100", "--trainer.enable_progress_bar=false", *DEMO_SFT_TEST_ARGS]),
     "--grpo.args", json.dumps(["--trainer.max_steps=3", "--trainer.limit_val_batches=0",
                                "--trainer.num_sanity_val_steps=0", "--trainer.enable_progress_bar=false"]),
     "--dpo.args", json.dumps(["--trainer.max_epochs=1", "--trainer.enable_progress_bar=false"]),
