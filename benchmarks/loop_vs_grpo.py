@@ -53,12 +53,12 @@ class Setting:
     num_val: int = 128  # the development split: settings are chosen on it
     num_test: int = 128  # the held-out split: results are reported on it
     model_size: str = "small"  # lightning_veripo.tiny.SIZES
-    sft_steps: int = 500
+    sft_steps: int = 700
     sft_lr: float = 2e-3
     answer_noise: float = 0.0
     iterations: int = 2
     grpo_steps: int = 32  # per iteration
-    grpo_lr: float = 3e-3
+    grpo_lr: float = 1e-3
     num_generations: int = 8
     grpo_batch_size: int = 2
     max_new_tokens: int = 48
@@ -68,7 +68,7 @@ class Setting:
     eval_samples: int = 8
 
 
-QUICK = dict(num_val=64, num_test=64, iterations=1, grpo_steps=24, eval_samples=4)
+QUICK = dict(num_val=64, iterations=2, grpo_steps=32, eval_samples=4)
 
 
 def _quiet() -> list[str]:
@@ -146,7 +146,7 @@ def run_seed(
     rows = []
     warm_row = json.loads((warm / "metrics.jsonl").read_text().splitlines()[0])
     if not arms:
-        rows.append({"task": task, "arm": "warm", "seed": seed, "stage": "sft", "wall_s": 0.0, "steps": 0,
+        rows.append({"task": task, "arm": "warm", "seed": seed, "stage": "sft", "wall_s": 0.0, "cpu_s": 0.0, "steps": 0,
                      **{k: warm_row.get(k) for k in METRICS}})  # fmt: skip
     for arm in arms:
         arm_dir = work / f"seed_{seed}" / arm
@@ -201,6 +201,57 @@ def summarise(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
+def stage_costs(rows: list[dict[str, Any]], setting: dict[str, Any]) -> dict[str, Any]:
+    """Claim (c): CPU seconds per prompt of the loop's GRPO stages (rollouts + verifier) and of its DPO stages
+    (per pair and epoch), from the cumulative `cpu_s` of consecutive rows; their ratio per seed and pooled."""
+    grpo_prompts = setting["grpo_steps"] * setting["grpo_batch_size"]
+    per_seed = []
+    for seed in sorted({r["seed"] for r in rows if r["arm"] == "loop"}):
+        these = [r for r in rows if r["arm"] == "loop" and r["seed"] == seed]
+        evaluated = [r for r in these if r.get("cpu_s") is not None]
+        pairs = {r["stage"].split("/")[0]: r["verifier"]["pairs"] for r in these if "verifier" in r}
+        grpo, dpo = [], []
+        for before, row in zip(evaluated, evaluated[1:], strict=False):
+            cost = row["cpu_s"] - before["cpu_s"]
+            it, kind = row["stage"].split("/")
+            if kind == "grpo":
+                grpo.append(cost / grpo_prompts)
+            elif kind == "dpo" and pairs.get(it):
+                dpo.append(cost / (pairs[it] * setting["dpo_epochs"]))
+        if grpo and dpo:
+            g, d = statistics.fmean(grpo), statistics.fmean(dpo)
+            per_seed.append({"seed": seed, "grpo_cpu_s_per_prompt": round(g, 4),
+                             "dpo_cpu_s_per_pair_epoch": round(d, 4), "ratio": round(g / d, 2)})  # fmt: skip
+    ratios = [x["ratio"] for x in per_seed]
+    mean, half = interval95(ratios) if ratios else (float("nan"), 0.0)
+    return {"per_seed": per_seed, "ratio": round(mean, 2), "ratio_ci95": round(half, 2)}
+
+
+def paired_differences(rows: list[dict[str, Any]], keys: tuple[str, ...] = ("accuracy", "sampled_accuracy",
+                       "sampled_inconsistency_rate", "sampled_reasoning_tokens")) -> dict[str, Any]:  # fmt: skip
+    """Loop minus GRPO alone after the last stage of each, per seed (the same warm start: a paired comparison),
+    with the mean and 95% interval over seeds."""
+    out: dict[str, Any] = {}
+    final: dict[tuple[str, int], dict[str, Any]] = {}
+    for r in rows:
+        if r.get("accuracy") is not None and r["arm"] in ("grpo", "loop"):
+            key = (r["arm"], r["seed"])
+            if key not in final or _stage_order(r["stage"]) > _stage_order(final[key]["stage"]):
+                final[key] = r
+    seeds = sorted({s for a, s in final if a == "grpo"} & {s for a, s in final if a == "loop"})
+    for key in keys:
+        diffs = [final[("loop", s)][key] - final[("grpo", s)][key] for s in seeds
+                 if final[("loop", s)].get(key) is not None and final[("grpo", s)].get(key) is not None]  # fmt: skip
+        if diffs:
+            mean, half = interval95(diffs)
+            out[key] = {
+                "per_seed": [round(d, 4) for d in diffs],
+                "mean": round(mean, 4),
+                "ci95": round(half, 4),
+            }
+    return out
+
+
 def _stage_order(stage: str) -> tuple[int, int]:
     if stage == "sft":
         return (0, 0)
@@ -212,16 +263,18 @@ def print_table(summary: list[dict[str, Any]], control: list[dict[str, Any]]) ->
     cols = ("accuracy", "sampled_accuracy", "pass_at_k", "inconsistency_rate", "sampled_inconsistency_rate",
             "sampled_reasoning_tokens", "sampled_acc_cons")  # fmt: skip
     short = ("greedy acc", "sampled acc", "pass@k", "incons.", "sampled incons.", "think tok", "acc-cons")
-    print(f"\n{'arm':5} {'stage':11} {'wall s':>8} {'steps':>6} " + " ".join(f"{c:>15}" for c in short))
+    head = f"\n{'arm':5} {'stage':11} {'wall s':>8} {'cpu s':>8} {'steps':>6} "
+    print(head + " ".join(f"{c:>15}" for c in short))
     for e in summary:
         cells = [f"{e.get(c, float('nan')):.3f}±{e.get(c + '_ci95', 0):.3f}".rjust(15) for c in cols]
-        print(f"{e['arm']:5} {e['stage']:11} {e['wall_s']:8.1f} {e['steps']:6.0f} " + " ".join(cells))
+        print(f"{e['arm']:5} {e['stage']:11} {e['wall_s']:8.1f} {e.get('cpu_s', 0.0):8.1f} {e['steps']:6.0f} "
+              + " ".join(cells))  # fmt: skip
     for key in ("accuracy", "sampled_accuracy"):
         mean, half = interval95([c[key] for c in control])
         print(f"control (videos rotated), warm start: {key} {mean:.3f}±{half:.3f}")
 
 
-def plot(summary: list[dict[str, Any]], path: Path, title: str) -> None:
+def plot(summary: list[dict[str, Any]], path: Path, title: str, time_key: str = "cpu_s") -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -233,7 +286,7 @@ def plot(summary: list[dict[str, Any]], path: Path, title: str) -> None:
     for ax, (key, label) in zip(axes, panels, strict=True):
         for arm, colour in (("grpo", "tab:blue"), ("loop", "tab:red")):
             pts = [e for e in summary if e["arm"] == arm and key in e]
-            x = [e["wall_s"] for e in pts]
+            x = [e[time_key] for e in pts]
             y = [e[key] for e in pts]
             half = [e.get(f"{key}_ci95", 0.0) for e in pts]
             name = "GRPO alone" if arm == "grpo" else "VerIPO loop"
@@ -241,8 +294,9 @@ def plot(summary: list[dict[str, Any]], path: Path, title: str) -> None:
             ax.fill_between(x, [a - h for a, h in zip(y, half, strict=True)], [a + h for a, h in zip(y, half, strict=True)],
                             color=colour, alpha=0.2)  # fmt: skip
             for e in pts:
-                ax.annotate(e["stage"].replace("iter_", "i"), (e["wall_s"], e[key]), fontsize=7)
-        ax.set_xlabel("training wall time, s (cumulative; evaluation excluded)")
+                ax.annotate(e["stage"].replace("iter_", "i"), (e[time_key], e[key]), fontsize=7)
+        what = "CPU time of the fits" if time_key == "cpu_s" else "training wall time"
+        ax.set_xlabel(f"{what}, s (cumulative; evaluation excluded)")
         ax.set_title(label)
         ax.grid(alpha=0.3)
     axes[0].legend()
@@ -271,8 +325,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--warm-only", action="store_true", help="only the warm start and its control")
     parser.add_argument("--arms", nargs="+", choices=("grpo", "loop"), default=["grpo", "loop"])
+    parser.add_argument("--from-json", type=Path, default=None,
+                        help="re-summarise, print and plot an earlier run's JSON (rewritten in place)")  # fmt: skip
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="override a Setting field")
     args = parser.parse_args(argv)
+    if args.from_json is not None:
+        return report(json.loads(args.from_json.read_text()), args.from_json)
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     import torch
 
@@ -305,22 +363,36 @@ def main(argv: list[str] | None = None) -> int:
         result = run_seed(args.task, setting, seed, work, eval_path, data, arms)
         rows += result["rows"]
         control.append(result["control"])
-    summary = summarise(rows)
-    print_table(summary, control)
     suffix = ("_quick" if args.quick else "") + ("_dev" if args.split == "val" else "")
     suffix += "_warm" if args.warm_only else ""
     out = args.out or RESULTS / f"loop_vs_grpo_{args.task}{suffix}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    report = {"task": args.task, "split": args.split, "seeds": args.seeds, "setting": asdict(setting),
-              "command": " ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])]),
+    result = {"task": args.task, "split": args.split, "seeds": args.seeds, "setting": asdict(setting),
+              "command": " ".join(["python benchmarks/loop_vs_grpo.py", *(argv if argv is not None else sys.argv[1:])]),
               "total_s": round(time.perf_counter() - start, 1), "threads": args.threads,
-              "control": control, "summary": summary, "rows": rows}  # fmt: skip
-    out.write_text(json.dumps(report, indent=1))
-    if not args.warm_only:
-        questions = setting.num_test if args.split == "test" else setting.num_val
-        title = f"{args.task}: VerIPO loop vs GRPO alone ({len(args.seeds)} seeds, {questions} questions)"
-        plot(summary, out.with_suffix(".png"), title)
-    print(f"wrote {out}" + ("" if args.warm_only else f" and {out.with_suffix('.png')}"))
+              "control": control, "rows": rows}  # fmt: skip
+    return report(result, out)
+
+
+def report(result: dict[str, Any], out: Path) -> int:
+    """Summaries, the paired loop-minus-GRPO differences and the stage costs; print, write JSON and the plot."""
+    rows = result["rows"]
+    result["summary"] = summarise(rows)
+    result["loop_minus_grpo_final"] = paired_differences(rows)
+    result["stage_costs"] = stage_costs(rows, result["setting"])
+    print_table(result["summary"], result["control"])
+    for key, d in result["loop_minus_grpo_final"].items():
+        print(
+            f"loop - GRPO alone after the last stage, {key}: {d['mean']:+.3f} ± {d['ci95']:.3f} (per seed {d['per_seed']})"
+        )
+    costs = result["stage_costs"]
+    print(f"GRPO stage / DPO stage CPU time per prompt: {costs['ratio']:.2f} ± {costs['ratio_ci95']:.2f}x")
+    out.write_text(json.dumps(result, indent=1))
+    if any(r["arm"] in ("grpo", "loop") for r in rows):
+        questions = result["setting"]["num_test" if result["split"] == "test" else "num_val"]
+        title = f"{result['task']}: VerIPO loop vs GRPO alone ({len(result['seeds'])} seeds, {questions} questions)"
+        plot(result["summary"], out.with_suffix(".png"), title)
+    print(f"wrote {out}" + (f" and {out.with_suffix('.png')}" if out.with_suffix(".png").exists() else ""))
     return 0
 
 
