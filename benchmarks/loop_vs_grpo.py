@@ -274,7 +274,10 @@ def print_table(summary: list[dict[str, Any]], control: list[dict[str, Any]]) ->
         print(f"control (videos rotated), warm start: {key} {mean:.3f}±{half:.3f}")
 
 
-def plot(summary: list[dict[str, Any]], path: Path, title: str, time_key: str = "cpu_s") -> None:
+def plot(summary: list[dict[str, Any]], path: Path, title: str, rows: list[dict[str, Any]] | None = None,
+         time_key: str = "cpu_s") -> None:  # fmt: skip
+    """Accuracy and inconsistency against training time: each arm's mean over seeds (thick, labelled by stage),
+    each seed (thin) and the band between the lowest and highest seed."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -282,25 +285,39 @@ def plot(summary: list[dict[str, Any]], path: Path, title: str, time_key: str = 
 
     panels = (("accuracy", "greedy accuracy"), ("sampled_accuracy", "sampled accuracy (T=1)"),
               ("sampled_inconsistency_rate", "inconsistency (sampled, rule judge)"))  # fmt: skip
+    evaluated = [r for r in rows or [] if r.get("accuracy") is not None and r["arm"] in ("grpo", "loop")]
     fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4))
     for ax, (key, label) in zip(axes, panels, strict=True):
         for arm, colour in (("grpo", "tab:blue"), ("loop", "tab:red")):
             pts = [e for e in summary if e["arm"] == arm and key in e]
             x = [e[time_key] for e in pts]
-            y = [e[key] for e in pts]
-            half = [e.get(f"{key}_ci95", 0.0) for e in pts]
             name = "GRPO alone" if arm == "grpo" else "VerIPO loop"
-            ax.plot(x, y, marker="o", color=colour, label=name)
-            ax.fill_between(x, [a - h for a, h in zip(y, half, strict=True)], [a + h for a, h in zip(y, half, strict=True)],
-                            color=colour, alpha=0.2)  # fmt: skip
+            ax.plot(x, [e[key] for e in pts], marker="o", color=colour, linewidth=2, label=f"{name} (mean)")
+            per_seed: dict[int, list[dict[str, Any]]] = {}
+            for r in evaluated:
+                if r["arm"] == arm and r.get(key) is not None:
+                    per_seed.setdefault(r["seed"], []).append(r)
+            for seed_rows in per_seed.values():
+                seed_rows.sort(key=lambda r: _stage_order(r["stage"]))
+                ax.plot([r[time_key] for r in seed_rows], [r[key] for r in seed_rows], color=colour, alpha=0.35,
+                        linewidth=0.8)  # fmt: skip
+            if per_seed:
+                stages = [e["stage"] for e in pts]
+                low = [
+                    min(r[key] for rs in per_seed.values() for r in rs if r["stage"] == st) for st in stages
+                ]
+                high = [
+                    max(r[key] for rs in per_seed.values() for r in rs if r["stage"] == st) for st in stages
+                ]
+                ax.fill_between(x, low, high, color=colour, alpha=0.12)
             for e in pts:
                 ax.annotate(e["stage"].replace("iter_", "i"), (e[time_key], e[key]), fontsize=7)
         what = "CPU time of the fits" if time_key == "cpu_s" else "training wall time"
         ax.set_xlabel(f"{what}, s (cumulative; evaluation excluded)")
         ax.set_title(label)
         ax.grid(alpha=0.3)
-    axes[0].legend()
-    fig.suptitle(title)
+    axes[0].legend(fontsize=8)
+    fig.suptitle(f"{title}; thin lines: seeds, band: lowest to highest seed")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -308,10 +325,14 @@ def plot(summary: list[dict[str, Any]], path: Path, title: str, time_key: str = 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--task", default="colour_direction", help="a synthetic task: colour, direction, count, "
+    parser.add_argument("--task", default="colour", help="a synthetic task: colour, direction, count, "
                         "colour_direction")  # fmt: skip
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--quick", action="store_true", help="small splits, one iteration (a few minutes)")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="64 development questions, 4 samples per question (a few minutes)",
+    )
     parser.add_argument(
         "--split",
         choices=("test", "val"),
@@ -391,7 +412,7 @@ def report(result: dict[str, Any], out: Path) -> int:
     if any(r["arm"] in ("grpo", "loop") for r in rows):
         questions = result["setting"]["num_test" if result["split"] == "test" else "num_val"]
         title = f"{result['task']}: VerIPO loop vs GRPO alone ({len(result['seeds'])} seeds, {questions} questions)"
-        plot(result["summary"], out.with_suffix(".png"), title)
+        plot(result["summary"], out.with_suffix(".png"), title, rows)
     print(f"wrote {out}" + (f" and {out.with_suffix('.png')}" if out.with_suffix(".png").exists() else ""))
     return 0
 
