@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import socket
 import threading
-import time
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -380,6 +379,13 @@ class _JudgeServer(ThreadingHTTPServer):
         self.lock = threading.Lock()
         self.calls: dict[str, int] = {}
         self.in_flight = self.max_in_flight = 0
+        # Synchronisation by events, not sleeps: a test that counts concurrent requests sets `pair_up` (each
+        # request waits there for a partner, so two are in flight together whenever the client allows it),
+        # and "slow" requests are held until `release` is set (the fixture sets it at teardown), so a client
+        # timeout fires however fast or slow the machine is.
+        self.pair_up: threading.Barrier | None = None
+        self.pair_up_broken = False
+        self.release = threading.Event()
 
     def handle_error(self, request, client_address) -> None:  # a client that timed out closed the socket
         pass
@@ -413,7 +419,13 @@ class _Handler(BaseHTTPRequestHandler):
             srv.in_flight += 1
             srv.max_in_flight = max(srv.max_in_flight, srv.in_flight)
         try:
-            time.sleep(1.0 if behaviour == "slow" else 0.05)
+            if behaviour == "slow":
+                srv.release.wait()
+            elif srv.pair_up is not None:
+                try:
+                    srv.pair_up.wait()
+                except threading.BrokenBarrierError:  # no partner came: the client ran one at a time
+                    srv.pair_up_broken = True
             if behaviour == "flaky" and attempt <= 2:
                 return self._send(500, '{"error": "overloaded"}')
             if behaviour == "malformed":
@@ -436,22 +448,28 @@ def server() -> Iterator[_JudgeServer]:
     thread = threading.Thread(target=srv.serve_forever, args=(0.02,), daemon=True)
     thread.start()
     yield srv
+    srv.release.set()
     srv.shutdown()
     srv.server_close()
 
 
 def _judge(srv: _JudgeServer, **kw) -> OpenAIJudge:
     host, port = srv.server_address[:2]
-    options = dict(model="judge", timeout_s=0.5, max_retries=3, backoff_s=0.01) | kw
+    # 30 s: a canned answer from a loopback server takes milliseconds; only the timeout test sets it lower.
+    options = dict(model="judge", timeout_s=30.0, max_retries=3, backoff_s=0.01) | kw
     return OpenAIJudge(f"http://{host}:{port}", **options)
 
 
 def test_openai_judge_reads_canned_verdicts_with_bounded_concurrency(server):
     judge = _judge(server, max_concurrency=2)
+    # Every request waits for a partner (30 s at most, then the barrier breaks and the test fails): with a pool
+    # of 2 workers and 6 items the requests arrive and leave in pairs, so exactly 2 are in flight together.
+    server.pair_up = threading.Barrier(2, timeout=30)
     questions = ["consistent", "inconsistent"] * 3
     verdicts = judge.judge([item("So the answer is B.", "B", question=q) for q in questions])
     assert [v.consistent for v in verdicts] == [True, False] * 3
     assert verdicts[0].rationale == "consistent: canned" and verdicts[0].raw.startswith("VERDICT")
+    assert not server.pair_up_broken
     assert server.max_in_flight == 2
     assert judge.base_url.endswith("/v1")
 
@@ -463,6 +481,8 @@ def test_openai_judge_retries_server_errors_until_success(server):
 
 
 def test_openai_judge_times_out_slow_requests_into_unjudged(server):
+    # The server holds "slow" requests until the test ends (server.release), so each attempt's 0.2 s timeout
+    # fires, whatever the machine's speed.
     (verdict,) = _judge(server, timeout_s=0.2, max_retries=1).judge([item("So B.", "B", question="slow")])
     assert verdict.consistent is None
     assert "timed out" in verdict.rationale and "2 attempts" in verdict.rationale
@@ -485,7 +505,8 @@ def _closed_port() -> int:
 
 def test_openai_judge_fails_loudly_when_no_server_answers_at_start():
     url = f"http://127.0.0.1:{_closed_port()}/v1"
-    judge = OpenAIJudge(url, "judge", timeout_s=0.5, max_retries=1, backoff_s=0.01)
+    # A closed port refuses at once; the timeout only bounds a hang, so it is generous.
+    judge = OpenAIJudge(url, "judge", timeout_s=30.0, max_retries=1, backoff_s=0.01)
     with pytest.raises(JudgeUnavailableError, match="vllm serve") as err:
         judge.judge([item("So the answer is B.", "B")])
     assert url in str(err.value)
@@ -493,7 +514,7 @@ def test_openai_judge_fails_loudly_when_no_server_answers_at_start():
 
 def test_openai_judge_without_start_check_records_connection_errors():
     url = f"http://127.0.0.1:{_closed_port()}/v1"
-    judge = OpenAIJudge(url, "judge", timeout_s=0.5, max_retries=1, backoff_s=0.01, check_on_start=False)
+    judge = OpenAIJudge(url, "judge", timeout_s=30.0, max_retries=1, backoff_s=0.01, check_on_start=False)
     (verdict,) = judge.judge([item("So the answer is B.", "B")])
     assert verdict.consistent is None and "refused" in verdict.rationale.lower()
 
