@@ -35,6 +35,14 @@ NOISE_WARNINGS = (
     r"LightningCLI's args parameter is intended to run from within Python",
     r"Using ModelCheckpoint with manual optimization",
     r"Setting `save_embedding_layers` to `True` as embedding layers found in `target_modules`",
+    # by design, once per stage: the SFT data module has a validation file the SFT module does not use; the frozen
+    # vision tower sits in eval mode; the modules move their own batches (records stay on the host)
+    r"You passed in a `val_dataloader` but have no `validation_step`",
+    r"Found \d+ module\(s\) in eval mode at the start of training",
+    r"You have overridden `transfer_batch_to_device` in `LightningModule` but have passed in a `LightningDataModule`",
+    # deprecations inside Lightning and transformers, not in anything a user of the loop calls
+    r"`isinstance\(treespec, LeafSpec\)` is deprecated",
+    r"`is_gradient_checkpointing` is deprecated",
 )
 # the logger Lightning's rank_zero_info writes to, and what its tips mention
 RANK_ZERO_LOGGER = "lightning.pytorch.utilities.rank_zero"
@@ -126,4 +134,6 @@ def fix_progress_bar(trainer: Any) -> None:
 
 
 def plural(n: int, word: str) -> str:
-    return f"{n} {word}" if n == 1 else f"{n} {word}s"
+    if n == 1:
+        return f"{n} {word}"
+    return f"{n} {word}es" if word.endswith(("s", "x", "ch", "sh")) else f"{n} {word}s"

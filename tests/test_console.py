@@ -40,6 +40,12 @@ NOISE = [
     "Using ModelCheckpoint with manual optimization",  # and its example:
     "self.saved_models[batch_idx]",
     "save_embedding_layers",  # peft, when the SFT adapter (which targets lm_head) is saved
+    "but have no `validation_step`",  # by design in the SFT stage
+    "module(s) in eval mode at the start of training",  # the frozen vision tower
+    "You have overridden `transfer_batch_to_device`",  # the modules move their own batches
+    "LeafSpec",  # deprecations inside Lightning and transformers
+    "is_gradient_checkpointing",
+    "batchs",  # a plural
 ]
 
 
