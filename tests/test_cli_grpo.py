@@ -122,10 +122,15 @@ def test_demo_checkpoint_holds_only_the_lora_weights(demo_run: Path) -> None:
 @pytest.mark.slow
 def test_demo_fit_resumes_from_its_checkpoint(demo_run: Path) -> None:
     ckpt = _checkpoint(demo_run / VERSION_DIR / "version_0")
+    # Other tests on the same run (`veripo test`) may add version directories before this one runs, so the
+    # resumed run's directory is the one it created, not a number assumed from the order the tests run in.
+    before = set((demo_run / VERSION_DIR).iterdir())
     _expect_success(veripo("fit", "--config", "configs/demo_grpo.yaml", *QUICK, "--trainer.max_steps", "6",
                            "--ckpt_path", str(ckpt), cwd=demo_run))  # fmt: skip
 
-    version = demo_run / VERSION_DIR / "version_1"
+    created = [v for v in set((demo_run / VERSION_DIR).iterdir()) - before if (v / "checkpoints").is_dir()]
+    assert len(created) == 1, sorted(created)
+    version = created[0]
     checkpoint = torch.load(_checkpoint(version), map_location="cpu", weights_only=False)
     assert checkpoint["global_step"] == 6
     assert [e.step for e in _events(version).Scalars("train/loss")] == [4, 5]
