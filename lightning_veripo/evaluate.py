@@ -14,7 +14,6 @@ from tqdm.auto import tqdm
 from lightning_veripo.backbone import VideoLLM
 from lightning_veripo.data.videoqa import FrameSampling, VideoQACollator, VideoQADataset
 from lightning_veripo.metrics import ReasoningMetrics, update_reasoning_metrics
-from lightning_veripo.rewards import accuracy_reward
 from lightning_veripo.verifier.judges import Judge, RuleJudge
 
 
@@ -68,10 +67,7 @@ def evaluate(
                 do_sample=True, vision=vision,
             )  # fmt: skip
             repeated = [r for r in records for _ in range(num_samples)]
-            update_reasoning_metrics(sampled, completions.text, repeated, backbone.tokenizer, judge)
-            correct = torch.tensor(
-                [accuracy_reward(t, r) for t, r in zip(completions.text, repeated, strict=True)]
-            )
+            correct = update_reasoning_metrics(sampled, completions.text, repeated, backbone.tokenizer, judge)
             solved += int((correct.view(len(records), num_samples).max(dim=1).values >= 1.0).sum())
             questions += len(records)
             bar.update(len(records))

@@ -75,8 +75,9 @@ class ReasoningMetrics(Metric):
 
 def update_reasoning_metrics(
     metrics: ReasoningMetrics, texts: list[str], records: list[VideoQARecord], tokenizer: Any, judge: Judge
-) -> None:
-    """Score completions for evaluation: accuracy, reasoning tokens, format, judged consistency."""
+) -> torch.Tensor:
+    """Score completions for evaluation: accuracy, reasoning tokens, format, judged consistency.
+    Returns each completion's accuracy reward [len(texts)]."""
     accuracy = torch.tensor([accuracy_reward(t, r) for t, r in zip(texts, records, strict=True)])
     think = [extract_think(t) or "" for t in texts]
     think_tokens = torch.tensor([len(tokenizer(t, add_special_tokens=False)["input_ids"]) for t in think])
@@ -94,3 +95,4 @@ def update_reasoning_metrics(
         well_formed,
         [v.consistent for v in verdicts],
     )
+    return accuracy

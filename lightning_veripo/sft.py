@@ -17,8 +17,8 @@ import torch
 
 from lightning_veripo.backbone import VideoLLM
 from lightning_veripo.module import VideoLLMModule
-from lightning_veripo.parsing import extract_answer
 from lightning_veripo.records import VideoQARecord
+from lightning_veripo.rewards import choice_letters, ground_truth
 
 
 def reference_completion(record: VideoQARecord, answer: str | None = None) -> str:
@@ -27,7 +27,7 @@ def reference_completion(record: VideoQARecord, answer: str | None = None) -> st
     The reasoning is the record's `process` when it has one (Video-R1's chain-of-thought field); otherwise a
     sentence stating the ground truth, e.g. `In the video I see blue, so the answer is C.`. `answer` replaces
     the solution's answer (the reasoning is kept), to write a target whose answer contradicts its reasoning."""
-    truth = extract_answer(record.solution) or record.solution.strip()
+    truth = ground_truth(record)
     if record.process:
         reasoning = record.process.strip()
     else:
@@ -42,10 +42,9 @@ def reference_completion(record: VideoQARecord, answer: str | None = None) -> st
 def other_answer(record: VideoQARecord, rng: random.Random) -> str | None:
     """A wrong answer of the record's kind: another option's letter, or another integer near a numerical
     solution; None when the record has no such alternative (free-form text, a single option)."""
-    truth = extract_answer(record.solution) or record.solution.strip()
+    truth = ground_truth(record)
     if record.options:
-        letters = [o.split(".")[0].strip() for o in record.options]
-        others = [x for x in letters if x != truth]
+        others = [x for x in choice_letters(record.options) if x != truth]
         return rng.choice(others) if others else None
     try:
         value = float(truth)
