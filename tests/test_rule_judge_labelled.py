@@ -11,9 +11,22 @@ from pathlib import Path
 import pytest
 
 from lightning_veripo.records import PROBLEM_TYPES
-from lightning_veripo.verifier import JudgeItem, RuleJudge
+from lightning_veripo.verifier import RuleJudge
 
 DATA = Path(__file__).parent / "data"
+
+
+def _module(name: str, path: Path):
+    """A script outside the package (the benchmark, the set's generator), imported by path."""
+    spec = importlib.util.spec_from_file_location(name, path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+# the benchmark's own conversion of a labelled row to the judge's input, so test and benchmark judge the same items
+judge_accuracy = _module("judge_accuracy", Path(__file__).parents[1] / "benchmarks" / "judge_accuracy.py")
 ROWS = [json.loads(line) for line in (DATA / "labelled_rollouts.jsonl").read_text().splitlines() if line]
 
 # Measured on 244 items: per problem type, (items judged right, counting an abstention as wrong unless the
@@ -27,21 +40,9 @@ MEASURED = {
 }
 
 
-def _item(row: dict) -> JudgeItem:
-    return JudgeItem(
-        problem_id=row["id"],
-        question=row["question"],
-        options=tuple(row["options"]),
-        reasoning=row["reasoning"],
-        answer=row["answer"],
-        completion=f"<think>{row['reasoning']}</think><answer>{row['answer']}</answer>",
-        problem_type=row["problem_type"],
-    )
-
-
 @pytest.fixture(scope="module")
 def verdicts() -> dict[str, bool | None]:
-    out = RuleJudge().judge([_item(r) for r in ROWS])
+    out = RuleJudge().judge([judge_accuracy.judge_item(r) for r in ROWS])
     return {r["id"]: v.consistent for r, v in zip(ROWS, out, strict=True)}
 
 
@@ -55,13 +56,7 @@ def test_the_labelled_set_covers_every_problem_type_and_every_label():
 
 
 def test_the_labelled_set_is_what_its_generator_writes():
-    spec = importlib.util.spec_from_file_location(
-        "make_labelled_rollouts", DATA / "make_labelled_rollouts.py"
-    )
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    assert module.ITEMS == ROWS
+    assert _module("make_labelled_rollouts", DATA / "make_labelled_rollouts.py").ITEMS == ROWS
 
 
 @pytest.mark.parametrize("problem_type", list(MEASURED))
