@@ -29,6 +29,7 @@ from typing import Any, NamedTuple
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 # Tokens a rollout must never contain: vision placeholders make the next forward pass fail ("video features
 # and video tokens do not match"), and a new chat turn would leak a fake user message into the completion.
@@ -138,6 +139,11 @@ class VideoLLM(nn.Module):
             policy (GRPO's KL when beta > 0, DPO). Set False when nothing needs it (GRPO with beta = 0, DPO with
             precomputed reference log-probs) to save a whole copy of the weights. Ignored under LoRA, whose
             reference is the model with its adapter disabled.
+        logprob_chunk_tokens: `sequence_logprobs` runs the LM head and the log-softmax over chunks of this many
+            completion tokens (all rows together), in the forward and the backward pass, so a pass holds the
+            full-vocabulary logits of one chunk, never of all rows x tokens (at Qwen2.5-VL's 151,936-token
+            vocabulary, 256 tokens are 156 MB in float32; 16 rows x 1,024 tokens would be 10 GB). Padding
+            tokens are skipped. None = one head call over every position, as `logits_to_keep` does.
     """
 
     def __init__(
@@ -153,10 +159,16 @@ class VideoLLM(nn.Module):
         make_tiny_if_missing: bool = False,
         reference_copy: bool = True,
         tiny_size: str = "tiny",
+        logprob_chunk_tokens: int | None = 256,
     ) -> None:
         super().__init__()
         if dtype not in _DTYPES:
             raise ValueError(f"VideoLLM dtype={dtype!r} is not one of {sorted(_DTYPES)}")
+        if logprob_chunk_tokens is not None and logprob_chunk_tokens < 1:
+            raise ValueError(
+                f"VideoLLM logprob_chunk_tokens={logprob_chunk_tokens} must be a positive number of tokens, "
+                "or None for one unchunked LM-head call"
+            )
         if adapter_path is not None and lora is None:
             raise ValueError(
                 f"VideoLLM adapter_path={adapter_path!r} continues a LoRA adapter and needs `lora` settings; to "
@@ -173,6 +185,7 @@ class VideoLLM(nn.Module):
         self.make_tiny_if_missing = make_tiny_if_missing
         self.tiny_size = tiny_size
         self.reference_copy = reference_copy
+        self.logprob_chunk_tokens = logprob_chunk_tokens
         self.model: nn.Module | None = None
         self.processor: Any = None
         self._reference: nn.Module | None = None  # frozen copy, full fine-tuning only
@@ -524,8 +537,14 @@ class VideoLLM(nn.Module):
             inputs["mm_token_type_ids"] = torch.cat([inputs["mm_token_type_ids"], pad], 1)
         ctx = torch.no_grad() if reference else contextlib.nullcontext()
         with ctx, self.reference() if reference else contextlib.nullcontext(model) as scorer:
-            logits = scorer(**inputs, use_cache=False, logits_to_keep=T + 1).logits[:, :-1]
-        return selective_log_softmax(logits.float() / temperature, completion_ids) * completion_mask
+            if self.logprob_chunk_tokens is None:
+                logits = scorer(**inputs, use_cache=False, logits_to_keep=T + 1).logits[:, :-1]
+                return selective_log_softmax(logits.float() / temperature, completion_ids) * completion_mask
+            body, head = _body_and_head(scorer)
+            hidden = body(**inputs, use_cache=False)[0][:, -(T + 1) : -1]  # [N*G, T, H]: predicts each token
+            return chunked_logprobs(
+                hidden, head, completion_ids, completion_mask, temperature, self.logprob_chunk_tokens
+            )
 
 
 class PolicyMismatchError(ValueError):
@@ -683,3 +702,56 @@ def selective_log_softmax(logits: torch.Tensor, index: torch.Tensor) -> torch.Te
     """log_softmax(logits)[..., index] without materialising the whole log-softmax: [B, T, V] -> [B, T]."""
     picked = torch.gather(logits, -1, index.unsqueeze(-1)).squeeze(-1)
     return picked - torch.logsumexp(logits, dim=-1)
+
+
+def _body_and_head(model: nn.Module) -> tuple[nn.Module, nn.Module]:
+    """A transformers `...ForConditionalGeneration` (bare or inside a peft wrapper) split into the module that
+    returns the last hidden states (`.model`) and its LM head. peft injects LoRA into both in place, so the
+    split runs the adapter, and `disable_adapter()` disables it, as the whole model's forward does."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    body, head = getattr(base, "model", None), base.get_output_embeddings()
+    if not isinstance(body, nn.Module) or head is None:
+        raise TypeError(
+            f"{type(base).__name__} has no `.model` decoder and LM head to run the chunked log-probs with; "
+            "set VideoLLM(logprob_chunk_tokens=None) to score with the model's own forward"
+        )
+    return body, head
+
+
+def _token_logprobs(
+    hidden: torch.Tensor, head: nn.Module, targets: torch.Tensor, temperature: float
+) -> torch.Tensor:
+    """log softmax(head(hidden) / temperature)[targets] in float32: [n, H] -> [n]."""
+    return selective_log_softmax(head(hidden).float() / temperature, targets)
+
+
+def chunked_logprobs(
+    hidden: torch.Tensor,
+    head: nn.Module,
+    targets: torch.Tensor,
+    mask: torch.Tensor,
+    temperature: float = 1.0,
+    chunk_tokens: int = 256,
+) -> torch.Tensor:
+    """Per-token log-probs [B, T] (float32, 0 where masked) of `targets` under `head(hidden) / temperature`,
+    never holding more than `chunk_tokens` rows of full-vocabulary logits.
+
+    hidden: [B, T, H] the states that predict each target; targets, mask: [B, T]. Only the unmasked tokens are
+    scored, `chunk_tokens` at a time (across rows). With gradient each chunk is an activation checkpoint:
+    the forward keeps only its log-probs, the backward recomputes the chunk's logits to give the gradients of
+    `hidden` and of the head's trainable weights (LoRA on the head, tied embeddings), chunk by chunk.
+    """
+    B, T = targets.shape
+    where = mask.reshape(-1).nonzero().squeeze(-1)  # [n] unmasked (row, position) pairs
+    states = hidden.reshape(B * T, -1).index_select(0, where)  # [n, H]
+    picked = targets.reshape(-1).index_select(0, where)  # [n]
+    trainable = any(p.requires_grad for p in head.parameters())
+    recompute = torch.is_grad_enabled() and (states.requires_grad or trainable)
+    pieces = []
+    for h, y in zip(states.split(chunk_tokens), picked.split(chunk_tokens), strict=True):
+        if recompute:
+            pieces.append(checkpoint(_token_logprobs, h, head, y, temperature, use_reentrant=False))
+        else:
+            pieces.append(_token_logprobs(h, head, y, temperature))
+    out = hidden.new_zeros(B * T, dtype=torch.float32).index_put((where,), torch.cat(pieces))
+    return out.view(B, T)

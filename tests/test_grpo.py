@@ -135,7 +135,8 @@ def test_dynamic_sampling_drops_a_constant_reward_group_from_the_loss_pass(
         if torch.is_grad_enabled():
             rows_with_grad.append(kwargs["input_ids"].shape[0])
 
-    backbone.model.register_forward_pre_hook(count_rows, with_kwargs=True)
+    # the decoder below the LM head: every scoring pass runs it, chunked log-probs or not
+    backbone.hf_model.model.register_forward_pre_hook(count_rows, with_kwargs=True)
     module = _grpo(backbone, "constant_for_colour_questions")
     record = _fit(module, _datamodule(synthetic_dir, frame_sampling), max_steps=1)
 
