@@ -257,13 +257,14 @@ def iterate(
         say(f"== {label(name) if name in plan else name}: {what} in an earlier run ({state.path}){why}")
         return True
 
-    def run_evaluation(backbone: Any) -> dict[str, float]:
+    def run_evaluation(backbone: Any, name: str) -> dict[str, float]:
         samples = (
             f", {eval_num_samples} samples per question at T={eval_temperature}" if eval_num_samples else ""
         )
         say(f"   evaluating on {val_path} (greedy{samples})")
         return evaluate(backbone, val_path, sampling, eval_max_new_tokens, eval_batch_size, judge,
-                        num_samples=eval_num_samples, temperature=eval_temperature, seed=seed, progress=True)  # fmt: skip
+                        num_samples=eval_num_samples, temperature=eval_temperature, seed=seed, progress=True,
+                        answers_path=work / name / "answers.jsonl")  # fmt: skip
 
     def record(row: dict[str, Any], name: str, adapter: str | None, **info: Any) -> None:
         rows.append(row)
@@ -283,7 +284,7 @@ def iterate(
 
         header("base: the starting checkpoint", f"model: {base_model}")
         base = VideoLLM(base_model).load()
-        metrics = run_evaluation(base)
+        metrics = run_evaluation(base, "base")
         del base
         row = {"stage": "base", "index": len(rows), "step": 0, "train_s": 0.0, "train_cpu_s": 0.0, "wall_s": 0.0,
                **metrics, "rss_mb": _rss_mb()}  # fmt: skip
@@ -302,7 +303,7 @@ def iterate(
         train_s, train_cpu_s = time.perf_counter() - start, time.process_time() - cpu_start
         evaluate_base()
         eval_start = time.perf_counter()
-        metrics = run_evaluation(module.backbone)
+        metrics = run_evaluation(module.backbone, name)
         row = {"stage": name, "index": len(rows), "step": offset + steps, "train_s": round(train_s, 3),
                "train_cpu_s": round(train_cpu_s, 3),
                "wall_s": round(train_s + time.perf_counter() - eval_start, 3), **metrics,
@@ -448,6 +449,7 @@ def _print_where(work: Path) -> None:
     print(
         f"  {work}/<stage>/adapter, {work}/iter_<k>/verifier  each stage's LoRA adapter, the verifier's files"
     )
+    print(f"  {work}/<stage>/answers.jsonl  each stage's greedy answer to every evaluation question")
     print(f"TensorBoard: tensorboard --logdir {work / 'tensorboard'}", flush=True)
 
 

@@ -3,7 +3,7 @@ and `update_reasoning_metrics`, which scores completions into them (evaluation, 
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torchmetrics import Metric
@@ -73,11 +73,19 @@ class ReasoningMetrics(Metric):
         return {k: v.float() for k, v in out.items()}
 
 
+class Scored(NamedTuple):
+    """What `update_reasoning_metrics` found per completion."""
+
+    accuracy: torch.Tensor  # [len(texts)] accuracy reward
+    consistent: list[bool | None]  # the judge's verdict (None: unjudged)
+    rationale: list[str]  # the judge's reason
+
+
 def update_reasoning_metrics(
     metrics: ReasoningMetrics, texts: list[str], records: list[VideoQARecord], tokenizer: Any, judge: Judge
-) -> torch.Tensor:
+) -> Scored:
     """Score completions for evaluation: accuracy, reasoning tokens, format, judged consistency.
-    Returns each completion's accuracy reward [len(texts)]."""
+    Returns each completion's accuracy reward and verdict."""
     accuracy = torch.tensor([accuracy_reward(t, r) for t, r in zip(texts, records, strict=True)])
     think = [extract_think(t) or "" for t in texts]
     think_tokens = torch.tensor([len(tokenizer(t, add_special_tokens=False)["input_ids"]) for t in think])
@@ -95,4 +103,4 @@ def update_reasoning_metrics(
         well_formed,
         [v.consistent for v in verdicts],
     )
-    return accuracy
+    return Scored(accuracy, [v.consistent for v in verdicts], [v.rationale for v in verdicts])

@@ -59,3 +59,51 @@ def test_without_samples_only_the_greedy_figures_are_reported(backbone, syntheti
     out = evaluate(backbone, str(synthetic_dir / "val.json"), frame_sampling, max_new_tokens=8, batch_size=4)
     assert "pass_at_k" not in out and not any(k.startswith("sampled_") for k in out)
     assert {"accuracy", "inconsistency_rate", "acc_cons", "reasoning_tokens", "format_rate"} <= out.keys()
+
+
+def test_answers_file_keeps_every_greedy_answer_with_the_scores_behind_the_metrics(
+    backbone, synthetic_dir: Path, frame_sampling: FrameSampling, tmp_path: Path
+) -> None:
+    """The answers file has one line per question, in file order, and its accuracy / verdicts are exactly what
+    the reported figures average. The greedy texts are replaced by scripted ones (right, wrong, right but
+    contradicting its reasoning) so every branch of the scoring is taken; the random model never answers."""
+    import json
+
+    from lightning_veripo.rewards import ground_truth
+
+    path = synthetic_dir / "val.json"
+    generate = backbone.generate
+    kinds = ["right", "wrong", "inconsistent"]
+
+    def scripted(batch, **kwargs):
+        out = generate(batch, **kwargs)
+        if kwargs.get("do_sample"):
+            return out
+        texts = []
+        for i, record in enumerate(batch["records"]):
+            gt = ground_truth(record)
+            letters = [o[0] for o in record.options]
+            other = letters[(letters.index(gt) + 1) % len(letters)] if gt in letters else str(int(gt) + 1)
+            said, answer = {"right": (gt, gt), "wrong": (other, other), "inconsistent": (other, gt)}[
+                kinds[i % 3]
+            ]
+            texts.append(
+                f"<think>Looking at every frame, the answer is {said}.</think><answer>{answer}</answer>"
+            )
+        return out._replace(text=texts)
+
+    backbone.generate = scripted
+    answers = tmp_path / "stage" / "answers.jsonl"
+    out = evaluate(backbone, str(path), frame_sampling, max_new_tokens=8, batch_size=4, answers_path=answers)
+    lines = [json.loads(x) for x in answers.read_text().splitlines()]
+    records = json.loads(path.read_text())
+    assert [x["problem_id"] for x in lines] == [r["problem_id"] for r in records]
+    assert [x["solution"] for x in lines] == [r["solution"] for r in records]
+    assert len(lines) == 4, "one batch: the i-th line got kinds[i % 3]"
+    expected_acc = [1.0, 0.0, 1.0, 1.0]
+    assert [x["accuracy"] for x in lines] == expected_acc
+    assert [x["consistent"] for x in lines] == [True, True, False, True]
+    assert all(x["completion"].endswith(f"<answer>{x['answer']}</answer>") for x in lines)
+    assert out["accuracy"] == sum(expected_acc) / len(lines)
+    assert abs(out["inconsistency_rate"] - sum(not x["consistent"] for x in lines) / len(lines)) < 1e-6
+    assert not list(answers.parent.glob(".*.tmp")), "written atomically, no temporary left"

@@ -61,8 +61,13 @@ def test_iterate_runs_the_demo_loop_and_writes_the_work_directory(demo_cwd: Path
     assert len(rollouts) == 3 * 2 * 8  # steps x prompts per step x G
     rows = [json.loads(x) for x in (work / "metrics.jsonl").read_text().splitlines()]
     assert [r["stage"] for r in rows][:2] == ["sft", "iter_1/grpo"]
+    val = json.loads((demo_cwd / "work/demo/data/val.json").read_text())
     for row in rows:
         assert 0.0 <= row["accuracy"] <= 1.0 and 0.0 <= row["inconsistency_rate"] <= 1.0
+        # every stage's greedy answers, on the same questions, averaging to the row's accuracy
+        answers = [json.loads(x) for x in (work / row["stage"] / "answers.jsonl").read_text().splitlines()]
+        assert [a["problem_id"] for a in answers] == [r["problem_id"] for r in val]
+        assert abs(sum(a["accuracy"] for a in answers) / len(answers) - row["accuracy"]) < 1e-6
     assert (work / "sft/adapter/adapter_config.json").is_file()
     tags = _scalar_tags(work / "tensorboard")
     assert {
