@@ -9,6 +9,8 @@ Vision is encoded once per prompt: `encode_vision` runs the vision tower on a ba
 per-video / per-image features; `generate` and `sequence_logprobs` accept them and repeat the *features* (not
 the pixels) for the G completions of each prompt. With the vision tower frozen (the default) the features carry
 no gradient and one encoding serves generation, the old-policy pass, the reference pass and the loss pass.
+`generate` also runs each prompt through the language model once and lets its G rows share the key/value cache
+(`lightning_veripo.prefill`, the `shared_prefill` knob).
 
 The reference policy costs no second copy under LoRA: it is the model with the adapter disabled.
 `merge_and_reset()` folds the adapter into the weights and starts a fresh one, so the reference becomes the
@@ -21,6 +23,7 @@ import contextlib
 import copy
 import hashlib
 import json
+import logging
 import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -30,6 +33,10 @@ from typing import Any, NamedTuple
 import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
+
+from lightning_veripo.prefill import prefill_prompts, shared_prefill_blocker
+
+logger = logging.getLogger(__name__)
 
 # Tokens a rollout must never contain: vision placeholders make the next forward pass fail ("video features
 # and video tokens do not match"), and a new chat turn would leak a fake user message into the completion.
@@ -128,6 +135,11 @@ class VideoLLM(nn.Module):
         dtype: "float32", "bfloat16" or "float16" for the weights.
         attn_implementation: transformers attention backend ("sdpa", "eager", "flash_attention_2"); None = default.
         gradient_checkpointing: recompute activations in the backward pass (turned off while generating).
+        shared_prefill: when sampling G > 1 completions per prompt, run each prompt through the language model
+            once and let the G rows share its cache (`lightning_veripo.prefill`), instead of one prefill per
+            row: the same logits and samples at a fraction of the prefill cost. False forces the per-row
+            prefill; it is also used, with the reason logged once, where sharing cannot work (`synced_gpus`
+            under FSDP / DeepSpeed ZeRO-3, a model whose cache cannot be repeated to the rows).
         freeze_vision: keep the vision tower frozen (lets one vision encoding serve every pass).
         lora: LoRA settings, or None for full fine-tuning of the language model.
         merge_adapters: adapter directories merged into the base weights at load, in order (earlier stages).
@@ -152,6 +164,7 @@ class VideoLLM(nn.Module):
         dtype: str = "float32",
         attn_implementation: str | None = "sdpa",
         gradient_checkpointing: bool = False,
+        shared_prefill: bool = True,
         freeze_vision: bool = True,
         lora: LoRAConfig | None = None,
         merge_adapters: list[str] | None = None,
@@ -178,6 +191,8 @@ class VideoLLM(nn.Module):
         self.dtype_name = dtype
         self.attn_implementation = attn_implementation
         self.gradient_checkpointing = gradient_checkpointing
+        self.shared_prefill = shared_prefill
+        self._prefill_fallbacks: set[str] = set()  # reasons already logged for prefilling per row
         self.freeze_vision = freeze_vision
         self.lora = lora
         self.merge_adapters = list(merge_adapters or [])
@@ -439,19 +454,25 @@ class VideoLLM(nn.Module):
         """Sample `num_samples` completions per prompt of a left-padded processor batch.
 
         Vision placeholders and chat-control tokens are suppressed. Pass `vision=encode_vision(batch)` to reuse
-        features already computed for this batch.
+        features already computed for this batch. With `shared_prefill` each prompt runs through the language
+        model once for its `num_samples` rows (`lightning_veripo.prefill`).
         """
         model = self._require()
         if vision is None:
             vision = self.encode_vision(batch, requires_grad=False)
-        inputs = self._expand_prompt_inputs(batch, num_samples, vision)
-        prompt_len = inputs["input_ids"].shape[1]
+        shared = self._uses_shared_prefill(batch, num_samples, synced_gpus)
+        prompt_len = batch["input_ids"].shape[1]
         was_training = model.training
         checkpointing = _activation_checkpointing(self.hf_model)
         if checkpointing:
             self.hf_model.gradient_checkpointing_disable()
         model.eval()
         try:
+            if shared:
+                prompts = self._expand_prompt_inputs(batch, 1, vision)
+                inputs = prefill_prompts(self.hf_model, prompts, num_samples)
+            else:
+                inputs = self._expand_prompt_inputs(batch, num_samples, vision)
             sampling: dict[str, Any] = {"do_sample": do_sample}
             if do_sample:
                 sampling.update(temperature=temperature, top_p=top_p, top_k=top_k)
@@ -474,6 +495,16 @@ class VideoLLM(nn.Module):
                 )
             model.train(was_training)
         return self.completions_from_ids(out[:, prompt_len:], max_new_tokens)
+
+    def _uses_shared_prefill(self, batch: dict[str, Any], num_samples: int, synced_gpus: bool) -> bool:
+        """Whether `generate` prefills each prompt once; logs each reason it cannot, once."""
+        if not self.shared_prefill or num_samples < 2:
+            return False  # asked for per-row, or nothing to share
+        reason = shared_prefill_blocker(self.hf_model, batch["input_ids"].shape[1], synced_gpus)
+        if reason is not None and reason not in self._prefill_fallbacks:
+            self._prefill_fallbacks.add(reason)
+            logger.warning("VideoLLM: one prefill per rollout row instead of one per prompt: %s", reason)
+        return reason is None
 
     def completions_from_ids(self, ids: torch.Tensor, max_new_tokens: int | None = None) -> Completions:
         """Mask and decode raw generated ids: a completion ends at (and includes) its first end token."""

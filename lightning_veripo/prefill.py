@@ -1,0 +1,92 @@
+"""One prefill per prompt: run a prompt through the language model once and let its G rollouts share the cache.
+
+transformers' `generate` given a prompt repeated G times runs the prompt's forward on every row: G prefills of
+the same tokens, which dominate short rollouts of long video prompts (a 16-frame Qwen2.5-VL-7B prompt is ~2,000
+vision tokens). Here the N distinct prompts are prefilled once, the key/value cache is repeated to the N*G rows,
+and `generate` continues from it, so sampling (logits processors, stopping, padding, the random stream) is
+transformers' own, unchanged.
+
+What makes the continuation exact:
+- Positions. Qwen-VL models place tokens with M-RoPE: 3-D positions over each video's grid, then text positions
+  shifted by a per-row offset (`rope_deltas`). `generate` computes them from the whole prompt at its start; we
+  compute the same tensor with the model's own `_prepare_position_ids_for_generation` on the N prompts, repeat it
+  to the rows, and hand it to `generate`, which then only appends +1 per new token (as it does per row).
+- One uncached token. `generate` must run at least one prompt token itself to get the first logits, so the
+  prefill covers all prompt tokens but the last (a text token of the chat template, never a vision placeholder),
+  and `generate` runs that last token on the N*G rows, then decodes as usual.
+- Padding. Prompts are left-padded to one length; the attention mask (repeated) carries the padding into every
+  later step exactly as in the per-row path.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any
+
+import torch
+from torch import nn
+
+
+def shared_prefill_blocker(model: nn.Module, num_prompt_tokens: int, synced_gpus: bool) -> str | None:
+    """Why this transformers `model` cannot prefill once per prompt here (None when it can).
+
+    `synced_gpus` (FSDP / DeepSpeed ZeRO-3) keeps every rank stepping `generate` in lockstep; the extra prefill
+    forward would be one more collective per rank, which no test here has run on sharded ranks, so those
+    strategies keep the per-row prefill.
+    """
+    if synced_gpus:
+        return "synced_gpus is set (FSDP / DeepSpeed ZeRO-3): the shared prefill is not verified on sharded ranks"
+    if getattr(model.config, "is_encoder_decoder", False):
+        return f"{type(model).__name__} is an encoder-decoder model"
+    if not hasattr(model, "_prepare_position_ids_for_generation"):
+        return f"{type(model).__name__} has no _prepare_position_ids_for_generation (transformers too old?)"
+    supports_cache = getattr(model, "_supports_default_dynamic_cache", None)
+    if supports_cache is None or not supports_cache():
+        return f"{type(model).__name__} does not use a DynamicCache, which is what gets repeated to the rows"
+    if "cache" not in inspect.signature(model.forward).parameters:
+        return f"this transformers version's {type(model).__name__}.forward takes no `cache` argument"
+    if num_prompt_tokens < 2:
+        return "the prompts are a single token: generate needs one uncached prompt token after the prefill"
+    return None
+
+
+@torch.no_grad()
+def prefill_prompts(model: nn.Module, prompts: dict[str, Any], num_samples: int) -> dict[str, Any]:
+    """Prefill N left-padded prompts once; return `generate`'s inputs for their N*G rows (prompt-major).
+
+    `prompts` holds the model inputs of the N prompts (`input_ids`, `attention_mask`, the vision grids and
+    `mm_token_type_ids`, `mm_encoder_outputs` with the vision features; no pixels). The returned dict holds the
+    repeated `input_ids` / `attention_mask` / `mm_token_type_ids`, the M-RoPE `position_ids` of the whole prompt
+    and the `cache` of all prompt tokens but the last, repeated to the rows: pass it to `model.generate` with the
+    sampling settings. `model` is the transformers model (LoRA layers, if any, are inside it).
+    """
+    from transformers import DynamicCache
+
+    ids, mask = prompts["input_ids"], prompts["attention_mask"]  # [N, L]
+    text_inputs = {k: v for k, v in prompts.items() if k not in ("input_ids", "mm_encoder_outputs")}
+    # [4, N, L] with M-RoPE (text positions, then temporal / height / width), else [N, L]
+    positions = model._prepare_position_ids_for_generation(ids, dict(text_inputs))
+    cache = DynamicCache(config=model.config.get_text_config(decoder=True))
+    head = {"input_ids": ids[:, :-1], "attention_mask": mask[:, :-1], "position_ids": positions[..., :-1]}
+    if prompts.get("mm_token_type_ids") is not None:
+        head["mm_token_type_ids"] = prompts["mm_token_type_ids"][:, :-1]
+    grids = ("image_grid_thw", "video_grid_thw", "second_per_grid_ts")
+    vision = {k: prompts[k] for k in grids if k in prompts}
+    if prompts.get("mm_encoder_outputs"):
+        vision["mm_encoder_outputs"] = prompts["mm_encoder_outputs"]
+    model(**head, **vision, cache=cache, use_cache=True, logits_to_keep=1)
+    cache.batch_repeat_interleave(num_samples)  # [N, heads, L-1, d] -> [N*G, heads, L-1, d] in every layer
+    inner = getattr(model, "model", None)
+    deltas = getattr(inner, "rope_deltas", None)
+    if isinstance(deltas, torch.Tensor) and deltas.shape[0] == ids.shape[0]:
+        # leave the model as the per-row path does: one M-RoPE offset per row, [N*G, 1]
+        inner.rope_deltas = deltas.repeat_interleave(num_samples, 0)
+    rows = {
+        "input_ids": ids.repeat_interleave(num_samples, 0),
+        "attention_mask": mask.repeat_interleave(num_samples, 0),
+        "position_ids": positions.repeat_interleave(num_samples, -2),
+        "cache": cache,
+    }
+    if prompts.get("mm_token_type_ids") is not None:
+        rows["mm_token_type_ids"] = prompts["mm_token_type_ids"].repeat_interleave(num_samples, 0)
+    return rows
