@@ -101,6 +101,7 @@ def test_notebook_builds_its_own_run(built: tuple[Any, Path]) -> None:
     pairs = [line for line in (verifier / "pairs.jsonl").read_text().splitlines() if line.strip()]
     assert pairs, "the built run must have preference pairs to show"
     assert f"{len(pairs)} pairs" in out
+    assert "0 stage(s) with answers.jsonl" in out  # the built run has no loop evaluation to compare
 
 
 @pytest.mark.slow
@@ -122,6 +123,20 @@ def test_notebook_reads_a_work_dir_without_tensorboard(built: tuple[Any, Path], 
         },
     ]
     (work / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    # the stages' greedy answers (as evaluate writes them): q0 fixed, q1 broken, q2 right twice, q3 wrong twice
+    right, wrong = (
+        "<think>so the answer is A.</think><answer>A</answer>",
+        "<think>so B.</think><answer>B</answer>",
+    )
+    texts = {"sft": [wrong, right, right, wrong], "iter_1/grpo": [right, wrong, right, wrong + " "]}
+    for stage, completions in texts.items():
+        lines = [
+            {"problem_id": f"q{i}", "problem": "?", "options": [], "solution": "<answer>A</answer>", "completion": c,
+             "answer": "A" if c == right else "B", "accuracy": float(c == right), "consistent": True, "rationale": ""}
+            for i, c in enumerate(completions)
+        ]  # fmt: skip
+        (work / stage).mkdir(parents=True, exist_ok=True)
+        (work / stage / "answers.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
 
     nb = run_notebook(tmp_path, VERIPO_WORK_DIR=str(work), VERIPO_MODEL_PATH=str(run / "tiny-model"))
     check_common(nb)
@@ -130,3 +145,6 @@ def test_notebook_reads_a_work_dir_without_tensorboard(built: tuple[Any, Path], 
     assert f"work dir: {work}" in out
     assert "no TensorBoard event files" in out and "plotting metrics.jsonl (2 stages)" in out
     assert not list(tmp_path.glob("veripo-explore-*"))
+    assert "sft -> iter_1/grpo on 4 questions: " in out
+    assert all(f"{kind} 1" in out for kind in ("fixed", "broken", "right both times", "wrong both times"))
+    assert "3 of 4 greedy answers changed between sft and iter_1/grpo" in out
