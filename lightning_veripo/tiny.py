@@ -119,7 +119,9 @@ def _decoder_dims(vocab_size: int, hidden_size: int, num_layers: int) -> dict[st
     )
 
 
-def _vl_config(arch: str, tok: Any, hidden_size: int, num_layers: int, vision_depth: int) -> Any:
+def _vl_config(
+    arch: str, tok: Any, hidden_size: int, num_layers: int, vision_depth: int, vocab_rows: int
+) -> Any:
     """The model config of one tiny Qwen-VL architecture, wired to the tokenizer's special tokens."""
     import transformers
 
@@ -131,7 +133,7 @@ def _vl_config(arch: str, tok: Any, hidden_size: int, num_layers: int, vision_de
     }
     head_dim = hidden_size // 4
     text = dict(
-        **_decoder_dims(len(tok), hidden_size, num_layers),
+        **_decoder_dims(vocab_rows, hidden_size, num_layers),
         max_position_embeddings=8192,
         tie_word_embeddings=False,
         **special_ids,
@@ -217,10 +219,15 @@ def make_tiny_model(
     vocab_size: int = 512,
     arch: Arch = "qwen2_5_vl",
     size: str | None = None,
+    model_vocab_size: int | None = None,
 ) -> Path:
     """Write a tiny random Qwen-VL (model, tokenizer, processor) to `out_dir`; deterministic per seed.
 
     `size` names a preset of SIZES ("tiny", "small") that sets `hidden_size` and `num_layers`.
+    `vocab_size` is what the tokenizer is trained to (the few sentences it learns from stop it near 490);
+    `model_vocab_size` pads the embedding and LM head to that many rows, as real checkpoints pad theirs
+    (Qwen2.5-VL: 151,936 rows for 151,665 tokens), to measure the cost of a real vocabulary. Rows past the
+    tokenizer's decode to nothing.
 
     `arch` picks the architecture: "qwen2_5_vl" (Qwen2.5-VL, the default), "qwen2_vl" (Qwen2-VL) or
     "qwen3_vl" (Qwen3-VL, dense). Loadable with `AutoModelForImageTextToText.from_pretrained(out_dir)` and
@@ -233,7 +240,12 @@ def make_tiny_model(
             raise ValueError(f"make_tiny_model: unknown size={size!r}; expected one of {sorted(SIZES)}")
         hidden_size, num_layers = SIZES[size]["hidden_size"], SIZES[size]["num_layers"]
     tok = build_tokenizer(vocab_size)
-    config = _vl_config(arch, tok, hidden_size, num_layers, vision_depth)  # an unknown arch raises here
+    if model_vocab_size is not None and model_vocab_size < len(tok):
+        raise ValueError(
+            f"make_tiny_model: model_vocab_size={model_vocab_size} is below the tokenizer's {len(tok)} tokens"
+        )
+    rows = model_vocab_size or len(tok)
+    config = _vl_config(arch, tok, hidden_size, num_layers, vision_depth, rows)  # an unknown arch raises here
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     _seed_everything(seed)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 from safetensors.torch import load_file
 from transformers import (
@@ -114,3 +115,15 @@ def test_make_tiny_model_command_builds_the_architecture_named_by_arch(tmp_path)
     ]
     assert config["text_config"]["num_hidden_layers"] == 1
     assert type(AutoProcessor.from_pretrained(tmp_path / "q3")).__name__ == "Qwen3VLProcessor"
+
+
+def test_model_vocab_size_pads_the_embedding_and_head_but_not_the_tokenizer(tiny_model_dir, tmp_path):
+    padded = make_tiny_model(tmp_path / "padded", model_vocab_size=1000)
+    model = AutoModelForImageTextToText.from_pretrained(padded)
+    tokenizer = AutoTokenizer.from_pretrained(padded)
+
+    assert model.get_input_embeddings().weight.shape[0] == model.lm_head.weight.shape[0] == 1000
+    assert len(tokenizer) == len(AutoTokenizer.from_pretrained(tiny_model_dir)) < 1000
+    assert tokenizer.decode([len(tokenizer), 999]) == ""  # rows past the tokenizer decode to nothing
+    with pytest.raises(ValueError, match="model_vocab_size=10 is below"):
+        make_tiny_model(tmp_path / "too_small", model_vocab_size=10)
