@@ -9,8 +9,8 @@ Vision is encoded once per prompt: `encode_vision` runs the vision tower on a ba
 per-video / per-image features; `generate` and `sequence_logprobs` accept them and repeat the *features* (not
 the pixels) for the G completions of each prompt. With the vision tower frozen (the default) the features carry
 no gradient and one encoding serves generation, the old-policy pass, the reference pass and the loss pass.
-`generate` also runs each prompt through the language model once and lets its G rows share the key/value cache
-(`lightning_veripo.prefill`, the `shared_prefill` knob).
+`generate` and `sequence_logprobs` also run each prompt through the language model once and let its G rows share
+the key/value cache (`lightning_veripo.prefill`, the `shared_prefill` knob).
 
 The reference policy costs no second copy under LoRA: it is the model with the adapter disabled.
 `merge_and_reset()` folds the adapter into the weights and starts a fresh one, so the reference becomes the
@@ -34,7 +34,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from lightning_veripo.prefill import prefill_prompts, shared_prefill_blocker
+from lightning_veripo.prefill import completion_hidden_states, prefill_prompts, shared_prefill_blocker
 
 logger = logging.getLogger(__name__)
 
@@ -135,11 +135,12 @@ class VideoLLM(nn.Module):
         dtype: "float32", "bfloat16" or "float16" for the weights.
         attn_implementation: transformers attention backend ("sdpa", "eager", "flash_attention_2"); None = default.
         gradient_checkpointing: recompute activations in the backward pass (turned off while generating).
-        shared_prefill: when sampling G > 1 completions per prompt, run each prompt through the language model
-            once and let the G rows share its cache (`lightning_veripo.prefill`), instead of one prefill per
-            row: the same logits and samples at a fraction of the prefill cost. False forces the per-row
-            prefill; it is also used, with the reason logged once, where sharing cannot work (`synced_gpus`
-            under FSDP / DeepSpeed ZeRO-3, a model whose cache cannot be repeated to the rows).
+        shared_prefill: with G > 1 completions per prompt, run each prompt through the language model once
+            and let the G rows share its cache (`lightning_veripo.prefill`), instead of once per row: when
+            sampling (the same logits and samples) and when scoring them (`sequence_logprobs`: the same
+            log-probs and gradients). False forces the per-row passes; they also run, with the reason logged
+            once, where sharing cannot work: sampling under `synced_gpus` (FSDP / DeepSpeed ZeRO-3), a loss
+            pass under gradient checkpointing or with active dropout, a model whose cache cannot be repeated.
         freeze_vision: keep the vision tower frozen (lets one vision encoding serve every pass).
         lora: LoRA settings, or None for full fine-tuning of the language model.
         merge_adapters: adapter directories merged into the base weights at load, in order (earlier stages).
@@ -547,11 +548,15 @@ class VideoLLM(nn.Module):
         `batch` holds N prompts (left-padded); rows g*G..g*G+G-1 of the completions belong to prompt g.
         `reference=True` scores with the reference policy, without gradient. With `share_vision` the vision
         tower runs at most once per prompt (`vision` reuses features from `encode_vision`); without it the
-        pixels are repeated per completion and re-encoded, as peers do.
+        pixels are repeated per completion and re-encoded, as peers do. With `shared_prefill` (and
+        `share_vision`) each prompt runs through the decoder once for its G rows (`_shared_prompt_logprobs`).
         """
         model = self._require()
         if share_vision and vision is None:
             vision = self.encode_vision(batch)
+        if share_vision and self._scores_prompt_once(batch, num_samples, reference):
+            args = (completion_ids, completion_mask, num_samples, reference, vision, temperature)
+            return self._shared_prompt_logprobs(batch, *args)
         inputs = self._expand_prompt_inputs(batch, num_samples, vision if share_vision else None)
         n_rows = inputs["input_ids"].shape[0]
         if completion_ids.shape[0] != n_rows:
@@ -577,9 +582,67 @@ class VideoLLM(nn.Module):
                 hidden, head, completion_ids, completion_mask, temperature, self.logprob_chunk_tokens
             )
 
+    def _scores_prompt_once(self, batch: dict[str, Any], num_samples: int, reference: bool = False) -> bool:
+        """Whether `sequence_logprobs` can run each prompt once for its rows and give the per-row values.
+
+        Not where transformers drops the cache (activation checkpointing, with gradient), nor where training-mode
+        dropout would draw one mask per row in the per-row pass (a shared prompt draws one per prompt).
+        """
+        if not self.shared_prefill or num_samples < 2 or self.logprob_chunk_tokens is None:
+            return False
+        model = self._require()
+        prompt_tokens = batch["input_ids"].shape[1] + 1  # scoring caches the whole prompt: any length will do
+        reason = shared_prefill_blocker(self.hf_model, prompt_tokens, synced_gpus=False)
+        if reason is None and model.training:
+            if torch.is_grad_enabled() and not reference and _activation_checkpointing(self.hf_model):
+                reason = "gradient checkpointing drops the cache that shares the prompt (loss pass only)"
+            elif _active_dropout(model):
+                reason = "dropout is active in training mode: the per-row pass draws one mask per row"
+        if reason is not None and reason not in self._prefill_fallbacks:
+            self._prefill_fallbacks.add(reason)
+            logger.warning("VideoLLM: scoring each completion row with its own prompt pass: %s", reason)
+        return reason is None
+
+    def _shared_prompt_logprobs(
+        self,
+        batch: dict[str, Any],
+        completion_ids: torch.Tensor,
+        completion_mask: torch.Tensor,
+        num_samples: int,
+        reference: bool,
+        vision: dict[str, Any],
+        temperature: float,
+    ) -> torch.Tensor:
+        """`sequence_logprobs` with each prompt through the decoder once (`prefill.completion_hidden_states`)."""
+        prompts = self._expand_prompt_inputs(batch, 1, vision)
+        n_rows = prompts["input_ids"].shape[0] * num_samples
+        if completion_ids.shape[0] != n_rows:
+            raise ValueError(
+                f"{completion_ids.shape[0]} completions for {batch['input_ids'].shape[0]} prompts x {num_samples} samples"
+            )
+        completion_ids = completion_ids.to(prompts["input_ids"].device)
+        completion_mask = completion_mask.to(prompts["attention_mask"].device)
+        ctx = torch.no_grad() if reference else contextlib.nullcontext()
+        with ctx, self.reference() if reference else contextlib.nullcontext(self._require()) as scorer:
+            body, head = _body_and_head(scorer)
+            hidden = completion_hidden_states(body, prompts, completion_ids, completion_mask, num_samples)
+            return chunked_logprobs(
+                hidden, head, completion_ids, completion_mask, temperature, self.logprob_chunk_tokens
+            )
+
 
 class PolicyMismatchError(ValueError):
     """A checkpoint's trainable weights were trained on another base model or other merged adapters."""
+
+
+def _active_dropout(model: nn.Module) -> bool:
+    """Whether a forward of `model` in training mode drops anything: a dropout module (LoRA's) or the
+    attention dropout of its config."""
+    config = getattr(model, "config", None)
+    text = config.get_text_config() if config is not None and hasattr(config, "get_text_config") else config
+    if float(getattr(text, "attention_dropout", 0.0) or 0.0) > 0:
+        return True
+    return any(isinstance(m, nn.Dropout) and m.p > 0 for m in model.modules())
 
 
 def _activation_checkpointing(model: nn.Module) -> bool:

@@ -11,8 +11,9 @@ options):
 
 What is shared within a group: the vision tower runs once per prompt; the same features serve generation, the
 old-policy pass, the reference pass and every loss pass (the G rows repeat the features, not the pixels). The
-prompt's prefill is shared too while sampling (`VideoLLM(shared_prefill=True)`: one language-model pass per
-prompt, its cache repeated to the G rows), not yet in the scoring passes, which run each row whole. With
+prompt's language-model pass is shared too (`VideoLLM(shared_prefill=True)`: once per prompt, its cache repeated
+to the G rows) in generation and in the scoring passes; a loss pass under gradient checkpointing runs each row
+whole. With
 `freeze_vision=False` the features are recomputed with gradient once per loss pass, still once per prompt.
 
 `training_step` returns `{"loss", "rollouts"}`: `rollouts` is the list of `Rollout` records of this step,

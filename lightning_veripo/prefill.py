@@ -16,6 +16,10 @@ What makes the continuation exact:
   and `generate` runs that last token on the N*G rows, then decodes as usual.
 - Padding. Prompts are left-padded to one length; the attention mask (repeated) carries the padding into every
   later step exactly as in the per-row path.
+
+Scoring the completions (old-policy, reference and loss passes) repeats the same waste, each row running the
+whole prompt again: `completion_hidden_states` runs each prompt once (with gradient in the loss pass) and only
+the completion tokens on the N*G rows, over the prompt's cache repeated through autograd.
 """
 
 from __future__ import annotations
@@ -90,3 +94,44 @@ def prefill_prompts(model: nn.Module, prompts: dict[str, Any], num_samples: int)
     if prompts.get("mm_token_type_ids") is not None:
         rows["mm_token_type_ids"] = prompts["mm_token_type_ids"].repeat_interleave(num_samples, 0)
     return rows
+
+
+def completion_hidden_states(
+    body: nn.Module,
+    prompts: dict[str, Any],
+    completion_ids: torch.Tensor,
+    completion_mask: torch.Tensor,
+    num_samples: int,
+) -> torch.Tensor:
+    """The decoder's last hidden states [N*G, T, H] that predict each completion token, each prompt run once.
+
+    What `body(prompt + completion)[:, L-1 : L+T-1]` gives on the N*G rows, at the cost of N prompt passes
+    plus N*G completion passes over the prompts' repeated cache. `body` is the decoder below the LM head
+    (`...ForConditionalGeneration.model`), `prompts` the N prompts' inputs as for `prefill_prompts`. With
+    gradient, the cache is repeated through autograd, so the G rows' gradients meet in the prompt's activations,
+    as they do in the per-row pass. Not under activation checkpointing (transformers drops the cache there).
+    """
+    from transformers import DynamicCache
+
+    G = num_samples
+    ids, mask = prompts["input_ids"], prompts["attention_mask"]  # [N, L]
+    L = ids.shape[1]
+    extra = {k: v for k, v in prompts.items() if k not in ("input_ids", "attention_mask") and v is not None}
+    # M-RoPE: the prompt pass computes each prompt's 3-D positions and its text offset (rope_deltas), as the
+    # per-row pass does; completion tokens are text, placed after the prompt by that offset.
+    grid = "image_grid_thw" in extra or "video_grid_thw" in extra
+    mrope = hasattr(body, "rope_deltas") and "mm_token_type_ids" in extra and grid
+    cache = DynamicCache(config=body.config.get_text_config(decoder=True))
+    prompt_states = body(input_ids=ids, attention_mask=mask, cache=cache, use_cache=True, **extra)[0]
+    cache.batch_repeat_interleave(G)  # differentiable: [N, heads, L, d] -> [N*G, heads, L, d]
+    full_mask = torch.cat([mask.repeat_interleave(G, 0), completion_mask.to(mask.dtype)], 1)  # [N*G, L+T]
+    positions = None  # the decoder's own: L, L+1, ... after the cached prompt
+    if mrope:
+        text = (full_mask.long().cumsum(-1) - 1)[:, L:]  # [N*G, T] index among the row's real tokens
+        positions = (text + body.rope_deltas.repeat_interleave(G, 0)).unsqueeze(0).expand(3, -1, -1)
+    elif hasattr(body, "rope_deltas"):  # Qwen-VL without vision: its plain count, as with no cache
+        steps = torch.arange(L, full_mask.shape[1], device=ids.device)
+        positions = steps.view(1, 1, -1).expand(3, full_mask.shape[0], -1)
+    completion = {"input_ids": completion_ids, "attention_mask": full_mask, "position_ids": positions}
+    completion_states = body(**completion, cache=cache, use_cache=True)[0]  # [N*G, T, H]
+    return torch.cat([prompt_states[:, -1:].repeat_interleave(G, 0), completion_states[:, :-1]], 1)

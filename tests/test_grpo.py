@@ -144,7 +144,8 @@ def test_dynamic_sampling_drops_a_constant_reward_group_from_the_loss_pass(
     assert [r.record.problem_id.split("-")[1] for r in rollouts] == ["colour"] * G + ["direction"] * G
     assert all(r.advantage == 0.0 for r in rollouts[:G])
     assert record.metrics[0]["train/groups_dropped"] == 0.5
-    assert rows_with_grad == [G]  # one loss pass, over the direction question's rollouts only
+    # one loss pass, over the direction question's rollouts only: its prompt once, then its G completions
+    assert rows_with_grad == [1, G]
 
 
 def test_all_groups_dropped_leaves_the_weights_unchanged_and_still_counts_the_step(

@@ -351,8 +351,10 @@ def test_gradient_checkpointing_gives_the_same_loss_and_gradients(
     results = []
     for checkpointing in (False, True):
         torch.manual_seed(0)
+        # per-row scoring both times (one decoder pass per row; checkpointing falls back to it anyway): the
+        # shared prompt's two passes (prompt, then completions) would blur the count of recomputations
         backbone = VideoLLM(str(tiny_model_dir), lora=LoRAConfig(r=4, alpha=8),
-                            gradient_checkpointing=checkpointing).load()  # fmt: skip
+                            gradient_checkpointing=checkpointing, shared_prefill=False).load()  # fmt: skip
         for name, p in backbone.model.named_parameters():
             if "lora_B" in name:  # B = 0 would leave lora_A without gradient
                 p.data.normal_(0.0, 0.05)

@@ -1,9 +1,11 @@
-"""One prefill per prompt (`VideoLLM(shared_prefill=True)`, `lightning_veripo.prefill`) samples exactly what one
-prefill per rollout row samples: the same next-token logits at every decoding step and the same tokens under
-the same seed, on the three tiny architectures (Qwen2.5-VL, Qwen2-VL, Qwen3-VL and its deepstack features), with
-and without LoRA, on a batch of two left-padded prompts of different lengths.
+"""One prefill per prompt (`VideoLLM(shared_prefill=True)`, `lightning_veripo.prefill`) gives exactly what one
+prefill per rollout row gives, on the three tiny architectures (Qwen2.5-VL, Qwen2-VL, Qwen3-VL and its deepstack
+features), with and without LoRA, on a batch of two left-padded prompts of different lengths:
 
-The logits are read where generation reads them: a hook on the LM head records its output at every forward.
+- sampling: the same next-token logits at every decoding step and the same tokens under the same seed (the
+  logits are read where generation reads them: a hook on the LM head records its output at every forward);
+- scoring (`sequence_logprobs`): the same per-token log-probs, policy and reference, and the same loss gradients
+  of the trainable weights, on right-padded completions of different lengths.
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ def arch_dir(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFa
 def _load(path: Path, lora: bool) -> VideoLLM:
     """The tiny model under LoRA with random (non-zero) adapter weights, or fully trainable."""
     if not lora:
-        return VideoLLM(str(path), reference_copy=False).load()
+        return VideoLLM(str(path)).load()  # with its frozen reference copy
     backbone = VideoLLM(str(path), lora=LoRAConfig(r=4, alpha=8)).load()
     gen = torch.Generator().manual_seed(0)
     with torch.no_grad():
@@ -136,3 +138,87 @@ def test_synced_gpus_prefills_per_row_and_logs_the_reason_once(backbone, video_b
     assert backbone._uses_shared_prefill(video_batch, 4, synced_gpus=False)
     messages = [r.getMessage() for r in caplog.records]
     assert len(messages) == 1 and "synced_gpus" in messages[0] and "FSDP" in messages[0]
+
+
+# ---------------------------------------------------------------------- scoring: the loss pass shares the prompt
+
+
+def _ragged(backbone: VideoLLM, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+    """G sampled completions per prompt, cut to different lengths (right-padded) as finished rollouts are."""
+    torch.manual_seed(0)
+    out = backbone.generate(batch, num_samples=G, max_new_tokens=10, temperature=2.0)
+    lengths = torch.tensor([10, 3, 7, 1, 9, 5])[: out.ids.shape[0]]
+    mask = (torch.arange(out.ids.shape[1])[None, :] < lengths[:, None]).long() * out.mask
+    return out.ids.masked_fill(mask == 0, backbone.pad_token_id), mask
+
+
+def _score(backbone: VideoLLM, batch: dict[str, Any], ids: torch.Tensor, mask: torch.Tensor, shared: bool):
+    """(policy log-probs, reference log-probs, gradients of a masked-mean loss) in training mode."""
+    backbone.shared_prefill = shared
+    backbone.model.train()
+    backbone.model.zero_grad(set_to_none=True)
+    vision = backbone.encode_vision(batch)
+    policy = backbone.sequence_logprobs(batch, ids, mask, num_samples=G, vision=vision, temperature=0.7)
+    reference = backbone.sequence_logprobs(batch, ids, mask, num_samples=G, vision=vision, reference=True)
+    (-(policy * mask).sum() / mask.sum()).backward()
+    grads = {n: p.grad.clone() for n, p in backbone.model.named_parameters() if p.grad is not None}
+    return policy.detach(), reference, grads
+
+
+@pytest.mark.parametrize("lora", [True, False], ids=["lora", "full"])
+def test_shared_prompt_scoring_gives_the_per_row_logprobs_and_gradients(arch_dir, synthetic_dir, lora):
+    backbone = _load(arch_dir, lora)
+    batch = _batch(backbone, synthetic_dir)
+    ids, mask = _ragged(backbone, batch)
+
+    per_row = _score(backbone, batch, ids, mask, shared=False)
+    shared = _score(backbone, batch, ids, mask, shared=True)
+
+    torch.testing.assert_close(shared[0], per_row[0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(shared[1], per_row[1], rtol=1e-5, atol=1e-5)
+    assert (shared[0][mask == 0] == 0).all() and shared[2].keys() == per_row[2].keys()
+    assert any(g.abs().sum() > 0 for g in per_row[2].values())
+    for name, grad in per_row[2].items():
+        torch.testing.assert_close(shared[2][name], grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_scoring_runs_each_prompt_through_the_decoder_once(backbone, video_batch):
+    n, length = video_batch["input_ids"].shape
+    ids, mask = _ragged(backbone, video_batch)
+    shapes: list[tuple[int, ...]] = []
+    embed = backbone.hf_model.get_input_embeddings()
+    hook = embed.register_forward_hook(lambda module, args, out: shapes.append(tuple(args[0].shape)))
+    try:
+        backbone.sequence_logprobs(video_batch, ids, mask, num_samples=G)
+        backbone.shared_prefill = False
+        backbone.sequence_logprobs(video_batch, ids, mask, num_samples=G)
+    finally:
+        hook.remove()
+
+    assert shapes == [(n, length), (n * G, ids.shape[1]), (n * G, length + ids.shape[1])]
+
+
+def test_gradient_checkpointing_scores_the_loss_pass_per_row_and_logs_why_once(
+    tiny_model_dir, video_batch, caplog
+):
+    backbone = VideoLLM(
+        str(tiny_model_dir), lora=LoRAConfig(r=4, alpha=8), gradient_checkpointing=True
+    ).load()
+    backbone.model.train()
+    with caplog.at_level(logging.WARNING, logger="lightning_veripo.backbone"):
+        with_grad = [backbone._scores_prompt_once(video_batch, G) for _ in range(2)]
+        with torch.no_grad():  # the old-policy and reference passes: nothing to recompute, the cache is kept
+            without_grad = backbone._scores_prompt_once(video_batch, G)
+
+    assert with_grad == [False, False] and without_grad
+    messages = [r.getMessage() for r in caplog.records]
+    assert len(messages) == 1 and "gradient checkpointing" in messages[0]
+
+
+def test_active_dropout_scores_per_row_in_training_mode_only(tiny_model_dir, video_batch):
+    backbone = VideoLLM(str(tiny_model_dir), lora=LoRAConfig(r=4, alpha=8, dropout=0.1)).load()
+
+    backbone.model.train()
+    assert not backbone._scores_prompt_once(video_batch, G)  # one dropout mask per row, as the per-row pass
+    backbone.model.eval()
+    assert backbone._scores_prompt_once(video_batch, G)
