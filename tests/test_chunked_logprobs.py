@@ -40,8 +40,10 @@ def arch_dir(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFa
     return make_tiny_model(tmp_path_factory.mktemp(f"tiny_{request.param}"), seed=0, arch=request.param)
 
 
-def _load(model_dir: Path, lora: LoRAConfig | None, **options: Any) -> VideoLLM:
-    backbone = VideoLLM(str(model_dir), lora=lora, **options).load()
+def _load(model_dir: Path, lora: LoRAConfig | None, shared_prefill: bool = False, **options: Any) -> VideoLLM:
+    """The per-row scoring pass by default, so that the two sides differ in the chunking only (the shared
+    prompt pass, `tests/test_shared_prefill.py`, is checked against the per-row one there)."""
+    backbone = VideoLLM(str(model_dir), lora=lora, shared_prefill=shared_prefill, **options).load()
     gen = torch.Generator().manual_seed(0)
     with torch.no_grad():  # a non-zero adapter, so policy and reference differ
         for name, param in backbone.model.named_parameters():
@@ -169,7 +171,7 @@ def test_no_pass_creates_logits_of_more_than_one_chunk_forward_or_backward(
     tiny_model_dir, synthetic_dir, head
 ):
     targets = r".*language_model.*\.(q_proj|v_proj)" + (r"|.*lm_head" if head == "lora" else "")
-    backbone = _load(tiny_model_dir, LoRAConfig(r=4, alpha=8, target_modules=targets))
+    backbone = _load(tiny_model_dir, LoRAConfig(r=4, alpha=8, target_modules=targets), shared_prefill=True)
     batch = _batch(backbone, synthetic_dir)
     vocab = backbone.hf_model.get_output_embeddings().weight.shape[0]
     seen = {}
