@@ -3,11 +3,24 @@
 Both train the same tiny random Qwen2.5-VL (`make_tiny_model`) with LoRA on the same synthetic clips, with the
 same G, max_new_tokens, prompts per step, beta, loss_type ("dapo"), temperature, learning rate and seed, on the
 CPU. Each (implementation, frame count) runs in its own subprocess, so the peak RSS (`resource.getrusage`
-high-water mark) of one configuration never mixes with another's.
+high-water mark) of one configuration never mixes with another's. Each step also reports its own peak:
+the kernel's resident-set high-water mark is reset at the step's start (`/proc/self/clear_refs`) and read at
+its end, less the RSS at its start ("step peak above start", the largest over the timed steps).
 
     python benchmarks/grpo_step.py          # frames 4 8 16 32, 2 runs x (2 warmup + 6 timed steps) (~5 min)
     python benchmarks/grpo_step.py --quick  # frames 4 16, 1 run x (1 warmup + 2 timed steps) (~1 min)
     python benchmarks/grpo_step.py --out results.json --frames 8 32 64 --threads 1
+    python benchmarks/grpo_step.py --real-vocab --impls ours ours-unchunked trl --threads 1
+    python benchmarks/grpo_step.py --prefill-heavy --threads 1   # 16 and 32 frames of 224x224, 8 new tokens
+
+Options that bring the tiny model closer to a real one where it matters:
+
+- `--real-vocab`: the model's embedding and LM head are padded to Qwen2.5-VL's 151,936 rows (the trained
+  tokenizer has ~490 tokens; sampled ids past it decode to nothing), so the full-vocabulary logits cost what
+  they cost at real scale. Impl `ours-unchunked` is ours with `VideoLLM(logprob_chunk_tokens=None)`: the LM
+  head over every completion position at once, as before chunked log-probs.
+- `--prefill-heavy`: many frames at a higher resolution and short completions (defaults frames 16 32,
+  `--size 224`, `--max-new-tokens 8`): the prompt's prefill dominates the step.
 
 What each side is given (see benchmarks/RESULTS.md for the discussion):
 
@@ -44,6 +57,7 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
+IMPLS = ("ours", "ours-unchunked", "trl")
 DEFAULT_OUT = REPO / "benchmarks" / "results" / "grpo_step.json"
 
 
@@ -73,6 +87,23 @@ def _peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 
 
+def _reset_peak_rss() -> bool:
+    """Restart the kernel's resident-set high-water mark (VmHWM, and with it ru_maxrss) at the current RSS."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")  # Linux >= 4.0
+        return True
+    except OSError:
+        return False
+
+
+def _hwm_mib() -> float:
+    """The resident-set high-water mark since the process started or since `_reset_peak_rss`."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024  # kB
+    return _peak_rss_mib()
+
+
 class VisionCounter:
     """Counts vision-tower forward calls and the patch rows they encode (a forward hook on the tower)."""
 
@@ -94,10 +125,15 @@ class VisionCounter:
 
 
 class Timings:
-    """Per-step wall times; call begin()/end() around each step."""
+    """Per-step wall times; call begin()/end() around each step. With `step_peaks` also each step's peak RSS
+    above its start (the high-water mark is reset at every begin(); the process peak is kept aside)."""
 
-    def __init__(self, counter: VisionCounter) -> None:
+    def __init__(self, counter: VisionCounter, step_peaks: bool = False) -> None:
         self.counter = counter
+        self.step_peaks = step_peaks
+        self.step_peak: list[float] = []
+        self.process_peak = 0.0
+        self._rss0 = 0.0
         self.step: list[float] = []
         self.cpu: list[float] = []
         self.load: list[float] = []
@@ -114,6 +150,10 @@ class Timings:
             self.rss_before_train = _rss_mib()
         self._v0 = self.counter.snapshot()
         self.load.append(os.getloadavg()[0])
+        if self.step_peaks:
+            self.process_peak = max(self.process_peak, _hwm_mib())
+            self.step_peaks = _reset_peak_rss()
+            self._rss0 = _rss_mib()
         self._c0 = time.process_time()
         self._t0 = time.perf_counter()
 
@@ -127,12 +167,17 @@ class Timings:
         calls, patches = self.counter.snapshot()
         self.vision_calls.append(calls - self._v0[0])
         self.vision_patches.append(patches - self._v0[1])
+        if self.step_peaks:
+            hwm = _hwm_mib()
+            self.step_peak.append(hwm - self._rss0)
+            self.process_peak = max(self.process_peak, hwm)
 
 
 def _summary(t: Timings, warmup: int, extra: dict[str, Any]) -> dict[str, Any]:
     step = t.step[warmup:]
     it = t.iter[max(warmup - 1, 0) :] if warmup else t.iter  # iter[i] ends at step i + 1
-    peak = _peak_rss_mib()
+    peak = max(_peak_rss_mib(), t.process_peak)
+    step_peak = t.step_peak[warmup:]
     return {
         "steps_timed": len(step),
         "step_s": step,
@@ -149,6 +194,8 @@ def _summary(t: Timings, warmup: int, extra: dict[str, Any]) -> dict[str, Any]:
         "rss_before_train_mib": t.rss_before_train,
         "peak_rss_mib": peak,
         "peak_minus_before_train_mib": peak - t.rss_before_train,
+        "step_peak_above_start_mib": step_peak,
+        "step_peak_above_start_max_mib": max(step_peak) if step_peak else None,
         **extra,
     }
 
@@ -172,7 +219,7 @@ def run_ours(a: argparse.Namespace) -> dict[str, Any]:
 
     L.seed_everything(a.seed, verbose=False)
     counter = VisionCounter()
-    timings = Timings(counter)
+    timings = Timings(counter, step_peaks=True)
     info: dict[str, Any] = {
         "completion_lengths": [],
         "prompt_lengths": [],
@@ -200,7 +247,9 @@ def run_ours(a: argparse.Namespace) -> dict[str, Any]:
                 {k: float(m[f"train/time_{k}_s"]) for k in ("generate", "score", "optimise")}
             )
 
-    backbone = VideoLLM(str(a.model_dir), dtype="float32", lora=LoRAConfig(r=a.lora_r, alpha=2 * a.lora_r))
+    chunk = {} if a.worker == "ours" else {"logprob_chunk_tokens": None}  # ours-unchunked: one LM-head call
+    lora = LoRAConfig(r=a.lora_r, alpha=2 * a.lora_r)
+    backbone = VideoLLM(str(a.model_dir), dtype="float32", lora=lora, **chunk)
     module = GRPOModule(
         backbone,
         num_generations=a.G,
@@ -244,6 +293,7 @@ def run_ours(a: argparse.Namespace) -> dict[str, Any]:
             "scored_sequence_tokens_padded": info["scored_lengths"][-1],
             "phase_s": info["phases"][a.warmup :],  # GRPOModule's own generate / score / optimise timers
             "vision_input": f"video: {a.num_frames} frames of {a.size}x{a.size} per prompt",
+            "logprob_chunk_tokens": backbone.logprob_chunk_tokens,
         },
     )
 
@@ -340,7 +390,7 @@ def run_trl(a: argparse.Namespace) -> dict[str, Any]:
         remove_unused_columns=False,
     )
     counter = VisionCounter()
-    timings = Timings(counter)
+    timings = Timings(counter, step_peaks=True)
     completion_lengths: list[float] = []
 
     class StepTimer(TrainerCallback):
@@ -406,6 +456,7 @@ def _pool(runs: list[dict[str, Any]]) -> dict[str, Any]:
         "iter_median_s": statistics.median(it) if it else None,
         "peak_rss_mib": max(r["peak_rss_mib"] for r in runs),
         "peak_minus_before_train_mib": max(r["peak_minus_before_train_mib"] for r in runs),
+        "step_peak_above_start_max_mib": max(r["step_peak_above_start_max_mib"] or 0.0 for r in runs),
         "loadavg_1min_at_step_start": [x for r in runs for x in r["loadavg_1min_at_step_start"]],
         **{
             k: first[k]
@@ -445,13 +496,20 @@ def _machine() -> dict[str, Any]:
     return {"cpu": cpu, "logical_cpus": os.cpu_count(), "platform": platform.platform()}
 
 
-def prepare(work: Path, max_frames: int, n_records: int, size: int, seed: int) -> tuple[Path, Path]:
+QWEN25_VL_VOCAB = 151_936  # rows of Qwen2.5-VL's embedding and LM head (its tokenizer has 151,665 tokens)
+
+
+def prepare(
+    work: Path, max_frames: int, n_records: int, size: int, seed: int, real_vocab: bool = False
+) -> tuple[Path, Path]:
     from lightning_veripo.data.synthetic import make_synthetic_data
     from lightning_veripo.tiny import make_tiny_model
 
-    model_dir, data_dir = work / "tiny-model", work / f"data-{size}px-{max_frames}f-{n_records}"
+    vocab = QWEN25_VL_VOCAB if real_vocab else None
+    model_dir = work / ("tiny-model-vocab151936" if real_vocab else "tiny-model")
+    data_dir = work / f"data-{size}px-{max_frames}f-{n_records}"
     if not (model_dir / "config.json").exists():
-        make_tiny_model(model_dir, seed=seed)
+        make_tiny_model(model_dir, seed=seed, model_vocab_size=vocab)
     if not (data_dir / "train.json").exists():
         make_synthetic_data(data_dir, num_train=n_records, num_val=1, seed=seed,
                             tasks=("colour", "direction", "count"), size=size, num_frames=max_frames)  # fmt: skip
@@ -473,22 +531,25 @@ def _fmt(x: float | None, spec: str) -> str:
     return "-" if x is None else format(x, spec)
 
 
-def table(results: list[dict[str, Any]]) -> str:
+def table(results: list[dict[str, Any]], impls: list[str]) -> str:
     head = (
         "| frames | impl | step median (s) | step min (s) | step CPU median (s) | iter median (s) | vision calls / step "
-        "| vision patches / step | LM tokens / row | peak RSS (MiB) | peak - RSS before train (MiB) | load avg |"
+        "| vision patches / step | LM tokens / row | peak RSS (MiB) | peak - RSS before train (MiB) "
+        "| step peak above start (MiB) | load avg |"
     )
-    lines = [head, "|" + "---|" * 12]
+    lines = [head, "|" + "---|" * 13]
     for r in results:
-        for impl in ("ours", "trl"):
+        for impl in impls:
             m = r[impl]
             load = statistics.mean(m["loadavg_1min_at_step_start"])
             lines.append(
                 f"| {r['frames']} | {impl} | {m['step_median_s']:.2f} | {m['step_min_s']:.2f} | {m['cpu_median_s']:.2f} "
                 f"| {_fmt(m['iter_median_s'], '.2f')} | {m['vision_calls_per_step']} | {m['vision_patches_per_step']} "
                 f"| {m['scored_sequence_tokens_padded']} | {m['peak_rss_mib']:.0f} "
-                f"| {m['peak_minus_before_train_mib']:.0f} | {load:.1f} |"
+                f"| {m['peak_minus_before_train_mib']:.0f} | {m['step_peak_above_start_max_mib']:.0f} | {load:.1f} |"
             )
+    if not {"ours", "trl"} <= set(impls):
+        return "\n".join(lines)
     lines += ["", "| frames | step time TRL / ours | step min TRL / ours | step CPU TRL / ours | iter time TRL / ours | peak RSS TRL / ours "
               "| peak - before-train TRL / ours |", "|---|---|---|---|---|---|---|"]  # fmt: skip
     for r in results:
@@ -509,12 +570,36 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warmup", type=int, default=None, help="untimed steps first (default 2; quick 1)")
     p.add_argument("--steps", type=int, default=None, help="timed steps per run (default 6; quick 2)")
     p.add_argument("--G", type=int, default=8, help="rollouts per prompt")
-    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--max-new-tokens", type=int, default=None, help="default 32; --prefill-heavy 8")
     p.add_argument("--prompts", type=int, default=2, help="prompts per step")
     p.add_argument("--beta", type=float, default=0.04, help="KL weight (> 0: both run a reference pass)")
     p.add_argument("--lr", type=float, default=1e-5)
     p.add_argument("--lora-r", type=int, default=8, help="LoRA rank (alpha = 2r) on the LM projections, both")
-    p.add_argument("--size", type=int, default=112, help="frame side in pixels (multiple of 28)")
+    p.add_argument(
+        "--size",
+        type=int,
+        default=None,
+        help="frame side in pixels, a multiple of 28 (default 112; --prefill-heavy 224)",
+    )
+    p.add_argument(
+        "--real-vocab",
+        action="store_true",
+        help=f"pad the tiny model's embedding and LM head to Qwen2.5-VL's {QWEN25_VL_VOCAB:,} rows",
+    )
+    p.add_argument(
+        "--prefill-heavy",
+        action="store_true",
+        help="many frames at a higher resolution, short completions: frames 16 32, --size 224, --max-new-tokens 8 "
+        "(each unless given)",
+    )
+    p.add_argument(
+        "--impls",
+        nargs="+",
+        choices=IMPLS,
+        default=["ours", "trl"],
+        help="what to run: ours, ours-unchunked (logprob_chunk_tokens=None: the LM head over every completion "
+        "token at once), trl (default: ours trl)",
+    )
     p.add_argument("--threads", type=int, default=2, help="torch threads per run")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
@@ -541,7 +626,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"JSON results (default {DEFAULT_OUT})")
     # worker-only
-    p.add_argument("--worker", choices=("ours", "trl"), help=argparse.SUPPRESS)
+    p.add_argument("--worker", choices=IMPLS, help=argparse.SUPPRESS)
     p.add_argument("--num-frames", type=int, help=argparse.SUPPRESS)
     p.add_argument("--model-dir", type=Path, help=argparse.SUPPRESS)
     p.add_argument("--data-dir", type=Path, help=argparse.SUPPRESS)
@@ -550,15 +635,17 @@ def main(argv: list[str] | None = None) -> int:
     a.warmup = a.warmup if a.warmup is not None else (1 if a.quick else 2)
     a.steps = a.steps if a.steps is not None else (2 if a.quick else 6)
     a.repeats = a.repeats if a.repeats is not None else (1 if a.quick else 2)
+    a.size = a.size if a.size is not None else (224 if a.prefill_heavy else 112)
+    a.max_new_tokens = a.max_new_tokens if a.max_new_tokens is not None else (8 if a.prefill_heavy else 32)
     if a.size % 28:
         p.error("--size must be a multiple of 28 (Qwen2.5-VL patch 14 x merge 2)")
 
     if a.worker:
-        result = (run_ours if a.worker == "ours" else run_trl)(a)
+        result = (run_trl if a.worker == "trl" else run_ours)(a)
         a.worker_out.write_text(json.dumps(result))
         return 0
 
-    frames = a.frames or ([4, 16] if a.quick else [4, 8, 16, 32])
+    frames = a.frames or ([16, 32] if a.prefill_heavy else [4, 16] if a.quick else [4, 8, 16, 32])
     load = os.getloadavg()[0]
     if load > (os.cpu_count() or 1):
         print(
@@ -573,13 +660,13 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="grpo_step_bench_") as tmp:
         work = a.workdir or Path(tmp)
         n_records = (a.warmup + a.steps) * a.prompts
-        model_dir, data_dir = prepare(work, max(frames), n_records, a.size, a.seed)
+        model_dir, data_dir = prepare(work, max(frames), n_records, a.size, a.seed, a.real_vocab)
         results = []
         for f in frames:
             row: dict[str, Any] = {"frames": f}
-            runs: dict[str, list[dict[str, Any]]] = {"ours": [], "trl": []}
+            runs: dict[str, list[dict[str, Any]]] = {impl: [] for impl in a.impls}
             for rep in range(a.repeats):
-                for impl in ("ours", "trl") if rep % 2 == 0 else ("trl", "ours"):  # ABBA: no drift bias
+                for impl in a.impls if rep % 2 == 0 else a.impls[::-1]:  # ABBA: no drift bias
                     out = Path(tmp) / f"{impl}-{f}-{rep}.json"
                     t0 = time.time()
                     proc = subprocess.run(
@@ -597,8 +684,19 @@ def main(argv: list[str] | None = None) -> int:
                         f"  ({m['process_wall_s']:.0f}s)",
                         flush=True,
                     )
-            for impl in ("ours", "trl"):
+            for impl in a.impls:
                 row[impl] = _pool(runs[impl])
+            if "ours-unchunked" in a.impls and "ours" in a.impls:
+                u, o = row["ours-unchunked"], row["ours"]
+                row["ratios_unchunked_over_ours"] = {
+                    "step_time": u["step_median_s"] / o["step_median_s"],
+                    "peak_rss": u["peak_rss_mib"] / o["peak_rss_mib"],
+                    "step_peak_above_start": u["step_peak_above_start_max_mib"]
+                    / max(o["step_peak_above_start_max_mib"], 1e-9),
+                }
+            if not {"ours", "trl"} <= set(a.impls):
+                results.append(row)
+                continue
             o, t = row["ours"], row["trl"]
             row["ratios_trl_over_ours"] = {
                 "step_time": t["step_median_s"] / o["step_median_s"],
@@ -613,7 +711,9 @@ def main(argv: list[str] | None = None) -> int:
             }
             results.append(row)
     settings = {k: getattr(a, k) for k in ("G", "max_new_tokens", "prompts", "beta", "lr", "lora_r", "size",
-                                           "threads", "omp_wait_policy", "seed", "warmup", "steps", "repeats", "trl_frames")}  # fmt: skip
+                                           "threads", "omp_wait_policy", "seed", "warmup", "steps", "repeats", "trl_frames",
+                                           "impls", "real_vocab", "prefill_heavy")}  # fmt: skip
+    settings["model_vocab_rows"] = QWEN25_VL_VOCAB if a.real_vocab else "tokenizer (~490)"
     settings["loadavg_1min_at_start"] = load
     settings.update(loss_type="dapo", temperature=1.0, lora="LoRA on the LM projections, vision tower frozen",
                     dtype="float32", gradient_checkpointing=False, frames=frames)  # fmt: skip
@@ -621,7 +721,12 @@ def main(argv: list[str] | None = None) -> int:
               "settings": settings, "versions": _versions(), "machine": _machine(),
               "total_wall_s": time.time() - started, "results": results}  # fmt: skip
     print()
-    print(table(results))
+    print(table(results, a.impls))
+    for r in results:
+        if "ratios_unchunked_over_ours" in r:
+            x = r["ratios_unchunked_over_ours"]
+            print(f"{r['frames']} frames: unchunked / chunked: step time {x['step_time']:.2f}x, peak RSS "
+                  f"{x['peak_rss']:.2f}x, step peak above start {x['step_peak_above_start']:.2f}x")  # fmt: skip
     a.out.parent.mkdir(parents=True, exist_ok=True)
     a.out.write_text(json.dumps(report, indent=1))
     print(f"\nwrote {a.out}  (total {report['total_wall_s']:.0f}s)")
