@@ -9,7 +9,7 @@ subprocess: one warm-up pass, then for each measured pass the kernel's resident-
 see torch's allocations). `--chunks none` is `logprob_chunk_tokens=None`: the LM head and the float32
 log-softmax over every completion position at once, as before chunking.
 
-    python benchmarks/loss_pass_memory.py --threads 1                   # T 32 128, chunks none 256 64 (~2 min)
+    python benchmarks/loss_pass_memory.py --threads 1                   # T 32 128, chunks none 256 64 (~8 min)
     python benchmarks/loss_pass_memory.py --completion-tokens 512 --chunks none 256
 """
 
