@@ -379,3 +379,64 @@ def test_gradient_checkpointing_gives_the_same_loss_and_gradients(
     torch.testing.assert_close(loss_ckpt, loss, rtol=1e-6, atol=1e-7)
     assert any(g.abs().max() > 0 for n, g in grads.items() if "lora_A" in n)
     _close(grads_ckpt, grads, rtol=1e-5, atol=1e-7)
+
+
+# ----------------------------------------------------------------------------- val_judge
+
+# Fixed validation answers by problem type: the reasoning concludes one answer, the <answer> gives it (consistent)
+# or another one (inconsistent) — the shapes the rule judge decides in tests/test_metrics.py.
+VAL_TEXTS = {
+    ("multiple choice", True): "<think>I watched it, so the answer is A.</think><answer>A</answer>",
+    ("multiple choice", False): "<think>I watched it, so the answer is A.</think><answer>B</answer>",
+    ("numerical", True): "<think>I count 3 squares, so the answer is 3.</think><answer>3</answer>",
+    ("numerical", False): "<think>I count 3 squares, so the answer is 3.</think><answer>5</answer>",
+}
+
+
+class EveryVerdict:
+    """A judge that gives every rollout the same verdict and keeps the questions it was asked about."""
+
+    def __init__(self, consistent: bool) -> None:
+        self.consistent = consistent
+        self.questions: list[str] = []
+
+    def judge(self, items: list[Any]) -> list[Any]:
+        from lightning_veripo.verifier.judges import Verdict
+
+        self.questions.extend(item.question for item in items)
+        return [Verdict(consistent=self.consistent, rationale="fixed") for _ in items]
+
+
+@pytest.mark.parametrize(("judge", "expected"), [(None, 0.5), (True, 0.0), (False, 1.0)])
+def test_val_judge_is_the_judge_of_the_validation_inconsistency(
+    backbone: VideoLLM, synthetic_dir: Path, frame_sampling: FrameSampling, monkeypatch: pytest.MonkeyPatch,
+    judge: bool | None, expected: float,
+) -> None:  # fmt: skip
+    """Validation's inconsistency rate comes from `val_judge`. The generator is replaced by fixed answers
+    (validation records alternate consistent / inconsistent in loader order), so by hand: the default rule
+    judge finds 2 of the 4 inconsistent (0.5); a judge calling everything consistent gives 0.0, one calling
+    everything inconsistent 1.0, and that judge is asked about exactly the validation questions."""
+    answered: list[str] = []
+
+    def fixed_generate(batch: dict[str, Any], **_: Any) -> Any:
+        texts = []
+        for r in batch["records"]:
+            texts.append(VAL_TEXTS[(r.problem_type, len(answered) % 2 == 0)])
+            answered.append(r.problem)
+        return type("Generated", (), {"text": texts})()
+
+    monkeypatch.setattr(backbone, "generate", fixed_generate)
+    given = None if judge is None else EveryVerdict(judge)
+    module = GRPOModule(backbone, num_generations=G, max_new_tokens=MAX_NEW_TOKENS,
+                        log_rollouts_every_n_steps=0, val_judge=given)  # fmt: skip
+    datamodule = VideoQADataModule(train_path=str(synthetic_dir / "train.json"),
+                                   val_path=str(synthetic_dir / "val.json"), sampling=frame_sampling,
+                                   batch_size=2, shuffle=False)  # fmt: skip
+    trainer = L.Trainer(accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False)  # fmt: skip
+    (out,) = trainer.validate(module, datamodule=datamodule, verbose=False)
+
+    assert len(answered) == 4 and {p for p in answered} >= {"How many squares are in the video?"}
+    assert out["val/inconsistency_rate"] == pytest.approx(expected)
+    if given is not None:
+        assert given.questions == answered

@@ -352,6 +352,42 @@ def test_transformers_judge_on_a_random_lm_leaves_garbage_unjudged(tiny_lm):
     assert all(v.judge == f"transformers:{tiny_lm}" for v in verdicts)
 
 
+def test_transformers_judge_generation_turns_a_verdict_line_into_the_verdict(tiny_lm, monkeypatch):
+    """The generation path from `generate` to the Verdict. A random tiny LM never writes a VERDICT line of its
+    own (see the test above), so the model's real greedy output is kept and a hand-written reply is appended
+    after it, token ids and all: the judge must cut the prompt off, decode the new tokens without the padding,
+    find the verdict line after the model's own words, and return it with its REASON and the raw text."""
+    import torch
+
+    judge = TransformersJudge(str(tiny_lm), max_new_tokens=6, batch_size=4, device="cpu")
+    judge._load()
+    tok, model = judge._tokenizer, judge._model
+    real_generate = model.generate
+    replies = [
+        "\nVERDICT: CONSISTENT\nREASON: it concludes B",
+        "\nverdict - inconsistent\nreason: it concludes C",
+    ]
+    seen: dict[str, list[str]] = {}
+
+    def generate_then_reply(**kwargs):
+        out = real_generate(**kwargs)  # the model's own continuation of the real, left-padded prompts
+        prompt_width = kwargs["input_ids"].shape[1]
+        seen["own"] = tok.batch_decode(out[:, prompt_width:], skip_special_tokens=True)
+        tails = [tok(r, add_special_tokens=False)["input_ids"] for r in replies]
+        width = max(map(len, tails))
+        tails = [t + [tok.pad_token_id] * (width - len(t)) for t in tails]
+        return torch.cat([out, torch.tensor(tails, device=out.device)], dim=1)
+
+    monkeypatch.setattr(model, "generate", generate_then_reply)
+    verdicts = judge.judge([item("So the answer is B.", "B"), item("So the answer is C.", "B")])
+    assert [v.consistent for v in verdicts] == [True, False]
+    assert [v.rationale for v in verdicts] == ["consistent: it concludes B", "inconsistent: it concludes C"]
+    for v, own, reply in zip(verdicts, seen["own"], replies, strict=True):
+        assert v.raw.startswith(own.rstrip()) and v.raw.endswith(reply.strip()), v.raw
+        assert "Question:" not in v.raw, "the prompt is cut off the decoded reply"
+    assert all(v.judge == f"transformers:{tiny_lm}" for v in verdicts)
+
+
 def test_transformers_judge_answer_does_not_depend_on_the_batch_it_is_in(tiny_lm):
     judge = TransformersJudge(str(tiny_lm), max_new_tokens=6, batch_size=4, device="cpu")
     short = item("So the answer is B.", "B")
@@ -378,6 +414,7 @@ class _JudgeServer(ThreadingHTTPServer):
         super().__init__(("127.0.0.1", 0), _Handler)
         self.lock = threading.Lock()
         self.calls: dict[str, int] = {}
+        self.requests: list[tuple[str, dict[str, str], dict]] = []  # (path, headers, JSON body) of every POST
         self.in_flight = self.max_in_flight = 0
         # Synchronisation by events, not sleeps: a test that counts concurrent requests sets `pair_up` (each
         # request waits there for a partner, so two are in flight together whenever the client allows it),
@@ -414,6 +451,7 @@ class _Handler(BaseHTTPRequestHandler):
         behaviour = prompt.split("Question: ")[1].split("\n")[0]
         srv = self.server
         with srv.lock:
+            srv.requests.append((self.path, dict(self.headers), body))
             srv.calls[behaviour] = srv.calls.get(behaviour, 0) + 1
             attempt = srv.calls[behaviour]
             srv.in_flight += 1
@@ -472,6 +510,36 @@ def test_openai_judge_reads_canned_verdicts_with_bounded_concurrency(server):
     assert not server.pair_up_broken
     assert server.max_in_flight == 2
     assert judge.base_url.endswith("/v1")
+
+
+def test_openai_judge_sends_the_rollout_the_model_and_the_sampling_settings(server):
+    """The request the server receives: POST /v1/chat/completions with the configured model, temperature and
+    max_tokens, the API key as a bearer token, and one user message holding the question, the options, the tail
+    of the reasoning (max_reasoning_chars) and the final answer, then the two-line verdict instruction."""
+    judge = _judge(
+        server, model="judge-7b", temperature=0.3, max_tokens=40, max_reasoning_chars=24, api_key="k1"
+    )
+    reasoning = "The square turns green at the end, so the answer is B."
+    (verdict,) = judge.judge([item(reasoning, "B", question="consistent")])
+    assert verdict.consistent is True
+
+    ((path, headers, body),) = server.requests
+    assert path == "/v1/chat/completions"
+    assert headers["Authorization"] == "Bearer k1" and headers["Content-Type"] == "application/json"
+    assert set(body) == {"model", "messages", "temperature", "max_tokens"}  # no logprobs in generate mode
+    assert (body["model"], body["temperature"], body["max_tokens"]) == ("judge-7b", 0.3, 40)
+    (message,) = body["messages"]
+    assert message["role"] == "user"
+    prompt = message["content"]
+    # written out by hand, not with judge_prompt: the 24-character tail of the reasoning, after an ellipsis
+    assert prompt.endswith(
+        "Question: consistent\nOptions:\nA. red\nB. green\nC. blue\nD. yellow\n\n"
+        "Reasoning:\n…end, so the answer is B.\n\nFinal answer: B\n\n"
+        "Does the reasoning lead to this final answer? Reply with exactly two lines:\n"
+        "VERDICT: CONSISTENT or VERDICT: INCONSISTENT\nREASON: <one short sentence>"
+    )
+    assert prompt.startswith("You check a model's answer to a video question.")
+    assert "the square turns green" not in prompt.lower(), "the head of a long reasoning is cut"
 
 
 def test_openai_judge_retries_server_errors_until_success(server):

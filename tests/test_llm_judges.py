@@ -188,7 +188,18 @@ def test_openai_likelihood_reads_the_first_token_top_logprobs(server):
     assert [v.consistent for v in verdicts] == [True, False, True]
     body = server.bodies[-1]
     assert body["logprobs"] is True and body["top_logprobs"] == 5 and body["max_tokens"] == 1
-    assert "one word" in body["messages"][0]["content"]
+    assert (body["model"], body["temperature"]) == ("judge", 0.0)
+    (message,) = body["messages"]
+    assert message["role"] == "user"
+    # the rollout the judge was given (server.bodies keeps arrival order: find this item's request by question)
+    (asked,) = [
+        b["messages"][0]["content"] for b in server.bodies if "a=-1 b=-1.05" in b["messages"][0]["content"]
+    ]
+    assert asked.endswith(
+        "Question: logprobs a=-1 b=-1.05\nOptions:\nA. red\nB. green\nC. blue\nD. yellow\n\n"
+        "Reasoning:\nSo the answer is B.\n\nFinal answer: B\n\n"
+        "Does the reasoning lead to this final answer? Reply with one word: CONSISTENT or INCONSISTENT."
+    )
 
     strict = _judge(server, mode="likelihood", min_confidence=0.6)
     (close,) = strict.judge([item("So the answer is B.", "B", question=questions[2])])
