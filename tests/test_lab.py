@@ -84,3 +84,18 @@ def test_on_the_quick_setting_grpo_alone_raises_held_out_accuracy_above_a_warm_s
     assert warm["sampled_accuracy"] < 0.8, "the warm start must leave room to improve"
     assert trained["sampled_accuracy"] > warm["sampled_accuracy"], "GRPO alone must improve on the warm start"
     assert trained["steps"] == 2 * report["setting"]["grpo_steps"]
+
+
+def test_seeds_reading_the_video_are_those_whose_warm_start_beats_their_own_control_by_the_margin() -> None:
+    rows = [
+        {"seed": 0, "arm": "grpo", "stage": "sft", "sampled_accuracy": 0.60},
+        {"seed": 1, "arm": "grpo", "stage": "sft", "sampled_accuracy": 0.30},  # within the margin: blind
+        {"seed": 2, "arm": "grpo", "stage": "sft", "sampled_accuracy": 0.45},
+        {"seed": 2, "arm": "grpo", "stage": "iter_1/grpo", "sampled_accuracy": 0.10},  # not the warm start
+        {"seed": 3, "arm": "grpo", "stage": "sft", "sampled_accuracy": None},  # not evaluated
+    ]
+    control = [{"seed": 0, "sampled_accuracy": 0.25}, {"seed": 1, "sampled_accuracy": 0.25},
+               {"seed": 2, "sampled_accuracy": 0.40}, {"seed": 3, "sampled_accuracy": 0.25}]  # fmt: skip
+    assert lab.seeds_reading_the_video(rows, control) == [0]
+    control[2]["sampled_accuracy"] = 0.30  # seed 2 now beats its control by 0.15
+    assert lab.seeds_reading_the_video(rows, control) == [0, 2]
