@@ -79,7 +79,7 @@ def test_on_the_quick_setting_grpo_alone_raises_held_out_accuracy_above_a_warm_s
     warm, trained, control = rows["sft"], rows["iter_2/grpo"], report["control"][0]
     print(json.dumps({"warm": warm, "grpo": trained, "control": control}, indent=1))
     # sampled accuracy over 128 held-out questions x 4 samples (standard deviation ~0.02 each); measured here:
-    # control 0.21, warm start 0.63, after 2 x 32 GRPO steps 0.69
+    # control 0.21, warm start 0.63, after 2 x 32 GRPO steps of 4 prompts 0.70 (of 2 prompts at lr 1e-3: 0.69)
     assert warm["sampled_accuracy"] > control["sampled_accuracy"] + 0.1, "the warm start must read the video"
     assert warm["sampled_accuracy"] < 0.8, "the warm start must leave room to improve"
     assert trained["sampled_accuracy"] > warm["sampled_accuracy"], "GRPO alone must improve on the warm start"
