@@ -120,6 +120,25 @@ def test_repetitive_rollout_is_penalised_and_never_chosen():
     assert pairs == [] and stats.questions_skipped["no_chosen"] == 1
 
 
+def test_without_penalising_a_repetitive_correct_rollout_is_neither_chosen_nor_rejected():
+    """penalize_repetitive=False keeps a repetitive, correct, consistent rollout out of the pairs altogether."""
+    rollouts = [good(0), good(1, LONG_GOOD), wrong(2)]
+    verdicts = [ok(), ok(repetitive=True), ok()]
+    config = PairConfig(penalize_repetitive=False, max_pairs_per_question=8)
+    pairs, _ = build_pairs(rollouts, verdicts, config)
+    assert summary(pairs) == [(0, 2, "consistency:wrong_answer")]
+    pairs, _ = build_pairs(rollouts, verdicts, PairConfig(max_pairs_per_question=8))
+    assert sorted(summary(pairs)) == [(0, 1, "penalty:repetitive"), (0, 2, "consistency:wrong_answer")]
+
+
+def test_min_reasoning_tokens_is_the_shortest_reasoning_that_is_not_degenerate():
+    """The default threshold is 8 (words here, the rollouts carry no ids): 8 words pass, 7 are degenerate."""
+    eight, seven = "one two three four five six seven eight", "one two three four five six seven"
+    rollouts = [good(0, eight), good(1, seven), wrong(2)]
+    pairs, _ = build_pairs(rollouts, [ok(), ok(), ok()], PairConfig(max_pairs_per_question=8))
+    assert sorted(summary(pairs)) == [(0, 1, "penalty:degenerate"), (0, 2, "consistency:wrong_answer")]
+
+
 def test_truncated_rollout_is_penalised_even_when_correct():
     pairs, _ = build_pairs([good(0), good(1, LONG_GOOD, truncated=True)], [ok(), ok()])
     assert summary(pairs) == [(0, 1, "penalty:truncated")]
