@@ -133,7 +133,10 @@ def fix_progress_bar(trainer: Any) -> None:
             callback.__class__ = StepsRichProgressBar
 
 
-def plural(n: int, word: str) -> str:
+def plural(n: int, word: str, many: str | None = None) -> str:
+    """`n word` with the word in the plural unless n is 1; `many` for a plural the rule gets wrong ("epochs")."""
     if n == 1:
         return f"{n} {word}"
+    if many is not None:
+        return f"{n} {many}"
     return f"{n} {word}es" if word.endswith(("s", "x", "ch", "sh")) else f"{n} {word}s"

@@ -148,9 +148,9 @@ def _describe_fit(cli: Any, stage: Stage, base_model: str, adapters: list[str], 
     if max_steps is not None and max_steps > 0:
         length = plural(max_steps, "step")
         if max_epochs is not None and max_epochs >= 0:
-            length = f"{plural(max_epochs, 'epoch')}{per_epoch}, at most {length}"
+            length = f"{plural(max_epochs, 'epoch', 'epochs')}{per_epoch}, at most {length}"
     elif max_epochs is not None and max_epochs >= 0:
-        length = f"{plural(max_epochs, 'epoch')}{per_epoch}"
+        length = f"{plural(max_epochs, 'epoch', 'epochs')}{per_epoch}"
     else:
         length = "no step or epoch limit"
     lines = [f"{kind} fit of {stage.config}: {length}"]

@@ -45,7 +45,8 @@ NOISE = [
     "You have overridden `transfer_batch_to_device`",  # the modules move their own batches
     "LeafSpec",  # deprecations inside Lightning and transformers
     "is_gradient_checkpointing",
-    "batchs",  # a plural
+    "batchs",  # plurals
+    "epoches",
 ]
 
 
@@ -180,3 +181,10 @@ def test_the_progress_bar_of_a_fit_bounded_by_steps_does_not_read_epoch_minus_tw
     trainer = Trainer(max_steps=5, logger=False, enable_checkpointing=False, callbacks=[Mine()])
     fix_progress_bar(trainer)
     assert [type(c) for c in trainer.callbacks if isinstance(c, RichProgressBar)] == [Mine]
+
+
+def test_plural() -> None:
+    from lightning_veripo.console import plural
+
+    assert [plural(1, "epoch", "epochs"), plural(2, "epoch", "epochs"), plural(2, "batch"), plural(3, "step")] == [
+        "1 epoch", "2 epochs", "2 batches", "3 steps"]  # fmt: skip
