@@ -113,10 +113,11 @@ def test_notebook_reads_a_work_dir_without_tensorboard(built: tuple[Any, Path], 
     shutil.copytree(run / "work", work)
     shutil.rmtree(work / "tensorboard")
     rows = [
-        {"stage": "sft", "index": 0, "accuracy": 0.25, "reasoning_tokens": 9.0, "inconsistency_rate": 0.4},
+        {"stage": "base", "index": 0, "accuracy": 0.0, "reasoning_tokens": 0.0, "inconsistency_rate": 0.0},
+        {"stage": "sft", "index": 1, "accuracy": 0.25, "reasoning_tokens": 9.0, "inconsistency_rate": 0.4},
         {
             "stage": "iter_1/grpo",
-            "index": 1,
+            "index": 2,
             "accuracy": 0.5,
             "reasoning_tokens": 12.0,
             "inconsistency_rate": 0.2,
@@ -128,7 +129,12 @@ def test_notebook_reads_a_work_dir_without_tensorboard(built: tuple[Any, Path], 
         "<think>so the answer is A.</think><answer>A</answer>",
         "<think>so B.</think><answer>B</answer>",
     )
-    texts = {"sft": [wrong, right, right, wrong], "iter_1/grpo": [right, wrong, right, wrong + " "]}
+    # the untrained base was evaluated too: "before RL" is still the warm start, not the base
+    texts = {
+        "base": [wrong] * 4,
+        "sft": [wrong, right, right, wrong],
+        "iter_1/grpo": [right, wrong, right, wrong + " "],
+    }
     for stage, completions in texts.items():
         lines = [
             {"problem_id": f"q{i}", "problem": "?", "options": [], "solution": "<answer>A</answer>", "completion": c,
@@ -143,7 +149,7 @@ def test_notebook_reads_a_work_dir_without_tensorboard(built: tuple[Any, Path], 
     out = stdout(nb)
     assert "built a small run" not in out
     assert f"work dir: {work}" in out
-    assert "no TensorBoard event files" in out and "plotting metrics.jsonl (2 stages)" in out
+    assert "no TensorBoard event files" in out and "plotting metrics.jsonl (3 stages)" in out
     assert not list(tmp_path.glob("veripo-explore-*"))
     assert "sft -> iter_1/grpo on 4 questions: " in out
     assert all(f"{kind} 1" in out for kind in ("fixed", "broken", "right both times", "wrong both times"))
