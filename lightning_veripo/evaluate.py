@@ -6,8 +6,6 @@ side by side on the same questions."""
 
 from __future__ import annotations
 
-import json
-import os
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +18,7 @@ from lightning_veripo.data.videoqa import FrameSampling, VideoQACollator, VideoQ
 from lightning_veripo.metrics import ReasoningMetrics, update_reasoning_metrics
 from lightning_veripo.parsing import extract_answer
 from lightning_veripo.verifier.judges import Judge, RuleJudge
+from lightning_veripo.verifier.run import write_jsonl_atomic
 
 
 @torch.no_grad()
@@ -89,7 +88,8 @@ def evaluate(
         out.update({f"sampled_{k}": float(v) for k, v in sampled.compute().items() if "/" not in k})
         out["pass_at_k"] = solved / max(questions, 1)
     if answers_path is not None:
-        _write_answers(Path(answers_path), answers)
+        Path(answers_path).parent.mkdir(parents=True, exist_ok=True)
+        write_jsonl_atomic(answers_path, answers)
     return out
 
 
@@ -100,10 +100,3 @@ def _answer_lines(records: list[Any], texts: list[str], scored: Any) -> list[dic
         for r, t, acc, c, why in zip(records, texts, scored.accuracy.tolist(), scored.consistent, scored.rationale,
                                      strict=True)
     ]  # fmt: skip
-
-
-def _write_answers(path: Path, lines: list[dict[str, Any]]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text("".join(json.dumps(line) + "\n" for line in lines))
-    os.replace(tmp, path)
