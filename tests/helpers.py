@@ -64,3 +64,13 @@ DEMO_SFT_TEST_ARGS = ["--model.init_args.lr=0.003", "--data.init_args.synthetic.
 DEMO_FIT_TEST_ARGS = ["--model.init_args.backbone.init_args.model_name_or_path=work/demo/tiny-model",
                       "--model.init_args.backbone.init_args.tiny_size=tiny",
                       "--data.init_args.synthetic.num_train=16", "--data.init_args.synthetic.num_val=8"]  # fmt: skip
+
+
+def perturb_lora(backbone: VideoLLM, seed: int = 0, std: float = 0.1) -> None:
+    """Move the adapter away from its init (B = 0) to random weights, so the policy (adapter on) differs from
+    the reference (adapter off)."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in backbone.model.named_parameters():
+            if "lora_" in name:
+                param.copy_(torch.randn(param.shape, generator=gen) * std)

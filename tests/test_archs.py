@@ -17,7 +17,7 @@ import lightning as L
 import pytest
 import torch
 import transformers
-from helpers import RecordSteps, hand_logprobs
+from helpers import RecordSteps, hand_logprobs, perturb_lora
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
 from lightning_veripo.backbone import (
@@ -69,14 +69,6 @@ def arch_batch(arch_backbone: VideoLLM, synthetic_dir: Path) -> dict[str, Any]:
     sampling = _sampling(arch_backbone)
     dataset = VideoQADataset(synthetic_dir / "train.json", sampling=sampling)
     return VideoQACollator(arch_backbone.processor, sampling)([dataset[0], dataset[1]])
-
-
-def _perturb_lora(backbone: VideoLLM, seed: int = 0, std: float = 0.1) -> None:
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, param in backbone.model.named_parameters():
-            if "lora_" in name:
-                param.copy_(torch.randn(param.shape, generator=gen) * std)
 
 
 def _sample(backbone: VideoLLM, batch: dict, num_samples: int = G, max_new_tokens: int = 8) -> Completions:
@@ -152,7 +144,7 @@ def test_arch_greedy_generation_from_shared_vision_equals_hf_generate_from_pixel
 
 
 def test_arch_sequence_logprobs_equal_a_hand_computation_from_the_model_logits(arch_backbone, arch_batch):
-    _perturb_lora(arch_backbone)
+    perturb_lora(arch_backbone)
     completions = _sample(arch_backbone, arch_batch, num_samples=3)
 
     with torch.no_grad():
@@ -164,7 +156,7 @@ def test_arch_sequence_logprobs_equal_a_hand_computation_from_the_model_logits(a
 
 
 def test_arch_shared_vision_equals_reencoding_in_values_and_lora_gradients(arch_backbone, arch_batch):
-    _perturb_lora(arch_backbone)
+    perturb_lora(arch_backbone)
     completions = _sample(arch_backbone, arch_batch)
     results = []
     for share in (True, False):
@@ -203,7 +195,7 @@ def test_arch_vision_item_selection_keeps_every_per_video_feature_of_the_encoder
 
 
 def test_arch_reference_with_the_adapter_disabled_is_the_base_model(arch_model, arch_backbone, arch_batch):
-    _perturb_lora(arch_backbone)
+    perturb_lora(arch_backbone)
     completions = _sample(arch_backbone, arch_batch, num_samples=2)
     base = VideoLLM(str(arch_model[1]), lora=None).load()
     args = (arch_batch, completions.ids, completions.mask, 2)

@@ -4,20 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import hand_logprobs
+from helpers import hand_logprobs, perturb_lora
 
 from lightning_veripo.backbone import FORBIDDEN_GENERATION_TOKENS, LoRAConfig, VideoLLM
 
 LORA = LoRAConfig(r=4, alpha=8)
-
-
-def _perturb_lora(backbone: VideoLLM, seed: int = 0, std: float = 0.1) -> None:
-    """Move the adapter away from its init (B = 0) so the policy differs from the reference."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, param in backbone.model.named_parameters():
-            if "lora_" in name:
-                param.copy_(torch.randn(param.shape, generator=gen) * std)
 
 
 def _make_end_token_likely(backbone: VideoLLM, batch: dict) -> None:
@@ -139,7 +130,7 @@ def test_greedy_generation_with_precomputed_vision_equals_hf_generate_from_pixel
 
 
 def test_sequence_logprobs_equal_a_hand_computation_from_the_model_logits(backbone, video_batch):
-    _perturb_lora(backbone)
+    perturb_lora(backbone)
     completions = _sample(backbone, video_batch, num_samples=3, max_new_tokens=10)
 
     with torch.no_grad():
@@ -152,7 +143,7 @@ def test_sequence_logprobs_equal_a_hand_computation_from_the_model_logits(backbo
 
 
 def test_shared_vision_equals_reencoding_in_values_and_lora_gradients(backbone, video_batch):
-    _perturb_lora(backbone)
+    perturb_lora(backbone)
     completions = _sample(backbone, video_batch, num_samples=4, max_new_tokens=10)
 
     shared = backbone.sequence_logprobs(video_batch, completions.ids, completions.mask, num_samples=4)
@@ -185,7 +176,7 @@ def test_reference_equals_policy_while_lora_b_is_zero(backbone, video_batch):
 
 
 def test_reference_is_the_base_model_with_the_adapter_disabled(backbone, video_batch, tiny_model_dir):
-    _perturb_lora(backbone)
+    perturb_lora(backbone)
     completions = _sample(backbone, video_batch, num_samples=2)
     base = VideoLLM(str(tiny_model_dir), lora=None).load()
 
@@ -199,7 +190,7 @@ def test_reference_is_the_base_model_with_the_adapter_disabled(backbone, video_b
 
 def test_perturbed_adapter_makes_policy_differ_from_reference(backbone, video_batch):
     completions = _sample(backbone, video_batch, num_samples=2)
-    _perturb_lora(backbone)
+    perturb_lora(backbone)
 
     with torch.no_grad():
         policy = backbone.sequence_logprobs(video_batch, completions.ids, completions.mask, num_samples=2)
@@ -209,7 +200,7 @@ def test_perturbed_adapter_makes_policy_differ_from_reference(backbone, video_ba
 
 
 def test_merge_and_reset_keeps_the_policy_and_makes_it_the_reference(backbone, video_batch):
-    _perturb_lora(backbone)
+    perturb_lora(backbone)
     completions = _sample(backbone, video_batch, num_samples=2)
     args = (video_batch, completions.ids, completions.mask, 2)
     with torch.no_grad():
@@ -252,7 +243,7 @@ def test_full_finetuning_reference_is_a_frozen_copy_unchanged_by_training(tiny_m
 def test_save_pretrained_with_lora_writes_an_adapter_that_loads_back(
     backbone, video_batch, tiny_model_dir, tmp_path
 ):
-    _perturb_lora(backbone)
+    perturb_lora(backbone)
     completions = _sample(backbone, video_batch, num_samples=2)
     args = (video_batch, completions.ids, completions.mask, 2)
     with torch.no_grad():

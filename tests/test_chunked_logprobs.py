@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 import torch
+from helpers import perturb_lora
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
@@ -44,11 +45,7 @@ def _load(model_dir: Path, lora: LoRAConfig | None, shared_prefill: bool = False
     """The per-row scoring pass by default, so that the two sides differ in the chunking only (the shared
     prompt pass, `tests/test_shared_prefill.py`, is checked against the per-row one there)."""
     backbone = VideoLLM(str(model_dir), lora=lora, shared_prefill=shared_prefill, **options).load()
-    gen = torch.Generator().manual_seed(0)
-    with torch.no_grad():  # a non-zero adapter, so policy and reference differ
-        for name, param in backbone.model.named_parameters():
-            if "lora_" in name:
-                param.copy_(torch.randn(param.shape, generator=gen) * 0.1)
+    perturb_lora(backbone)  # a non-zero adapter, so policy and reference differ
     return backbone
 
 

@@ -12,6 +12,7 @@ from typing import Any
 import lightning as L
 import pytest
 import torch
+from helpers import perturb_lora
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.loggers import TensorBoardLogger
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -56,15 +57,6 @@ def pairs_path(tmp_path_factory: pytest.TempPathFactory, synthetic_dir: Path) ->
     return path
 
 
-def perturb_adapter(backbone: VideoLLM, seed: int = 0) -> None:
-    """Random LoRA weights, so the policy (adapter on) differs from the reference (adapter off)."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in backbone.model.named_parameters():
-            if "lora_" in name:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
-
-
 def collate(
     backbone: VideoLLM, pairs_path: Path, sampling: FrameSampling, indices: list[int]
 ) -> dict[str, Any]:
@@ -100,7 +92,7 @@ def test_loss_equals_dpo_of_hand_computed_logps(
     backbone: VideoLLM, pairs_path: Path, frame_sampling: FrameSampling, loss_type: Any, weights: Any,
     sft_weight: float,
 ) -> None:  # fmt: skip
-    perturb_adapter(backbone)
+    perturb_lora(backbone)
     module = DPOModule(backbone, beta=0.1, loss_type=loss_type, loss_weights=weights, sft_weight=sft_weight)
     out = module.dpo_step(collate(backbone, pairs_path, frame_sampling, [0, 1]))
 
@@ -136,7 +128,7 @@ def test_loss_equals_dpo_of_hand_computed_logps(
 def test_one_step_encodes_each_video_once(
     backbone: VideoLLM, pairs_path: Path, frame_sampling: FrameSampling
 ) -> None:
-    perturb_adapter(backbone)
+    perturb_lora(backbone)
     calls = []
     tower = VideoLLM._vision_tower(backbone.hf_model)
     handle = tower.register_forward_hook(lambda *args: calls.append(1))

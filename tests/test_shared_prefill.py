@@ -16,6 +16,7 @@ from typing import Any
 
 import pytest
 import torch
+from helpers import perturb_lora
 
 from lightning_veripo.backbone import LoRAConfig, VideoLLM
 from lightning_veripo.data.videoqa import FrameSampling, VideoQACollator, VideoQADataset
@@ -37,11 +38,7 @@ def _load(path: Path, lora: bool) -> VideoLLM:
     if not lora:
         return VideoLLM(str(path)).load()  # with its frozen reference copy
     backbone = VideoLLM(str(path), lora=LoRAConfig(r=4, alpha=8)).load()
-    gen = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for name, param in backbone.model.named_parameters():
-            if "lora_" in name:
-                param.copy_(torch.randn(param.shape, generator=gen) * 0.1)
+    perturb_lora(backbone)
     return backbone
 
 
