@@ -236,32 +236,27 @@ def run(a: argparse.Namespace, work: Path) -> dict[str, Any]:
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
     stages: dict[str, Any] = {}
-    meter = StageMeter(cuda)
-    meter.attach(backbone.hf_model.model.language_model)
+
+    def run_stage(name: str, module: Any, datamodule: Any, steps: int) -> None:
+        """Fit `module` for warmup + `steps` steps with a fresh meter on the language model; record the stage."""
+        meter = StageMeter(cuda)
+        meter.attach(backbone.hf_model.model.language_model)
+        if cuda:
+            torch.cuda.reset_peak_memory_stats()
+        t0 = time.perf_counter()
+        trainer(meter, a.warmup + steps).fit(module, datamodule=datamodule)
+        timings[f"{name}_fit_s"] = time.perf_counter() - t0
+        stages[name] = summarise(meter, a.warmup, params, a.peak_tflops, peak_memory_mib())
+        meter.handle.remove()
+
     grpo = GRPOModule(backbone, num_generations=a.G, max_new_tokens=a.max_new_tokens, beta=0.04, lr=1e-6,
                       dynamic_sampling=False,  # random weights score 0 everywhere: keep every group in the loss
                       log_rollouts_every_n_steps=0)  # fmt: skip
     data = VideoQADataModule(train_path=str(data_dir / "train.json"), sampling=sampling, batch_size=a.prompts,
                              shuffle=False)  # fmt: skip
-    if cuda:
-        torch.cuda.reset_peak_memory_stats()
-    t0 = time.perf_counter()
-    trainer(meter, a.warmup + a.grpo_steps).fit(grpo, datamodule=data)
-    timings["grpo_fit_s"] = time.perf_counter() - t0
-    stages["grpo"] = summarise(meter, a.warmup, params, a.peak_tflops, peak_memory_mib())
-    meter.handle.remove()
-
-    meter = StageMeter(cuda)
-    meter.attach(backbone.hf_model.model.language_model)
-    dpo = DPOModule(backbone, beta=0.1, lr=1e-6)
+    run_stage("grpo", grpo, data, a.grpo_steps)
     pair_data = PreferenceDataModule(str(pairs), sampling=sampling, batch_size=a.pairs, shuffle=False)
-    if cuda:
-        torch.cuda.reset_peak_memory_stats()
-    t0 = time.perf_counter()
-    trainer(meter, a.warmup + a.dpo_steps).fit(dpo, datamodule=pair_data)
-    timings["dpo_fit_s"] = time.perf_counter() - t0
-    stages["dpo"] = summarise(meter, a.warmup, params, a.peak_tflops, peak_memory_mib())
-    meter.handle.remove()
+    run_stage("dpo", DPOModule(backbone, beta=0.1, lr=1e-6), pair_data, a.dpo_steps)
 
     import lightning
     import transformers
