@@ -8,7 +8,10 @@ run with the same GRPO settings and the same number of GRPO steps:
 
 - `grpo`: GRPO fits only (`iterate(grpo_only=True)`), `iterations` of them;
 - `loop`: the VerIPO loop, `iterations` x (GRPO fit -> Rollout-Aware Verifier -> DPO fit), 80% of the
-  always-solved questions dropped from the next GRPO fit.
+  always-solved questions dropped from the next GRPO fit. Its judge is the rule judge unless `--set judge=hybrid
+  judge_model=DIR`: the rules where a stated conclusion allows, a local causal LM (TransformersJudge, likelihood
+  verdicts by default) for the rest. The loop evaluates with the same judge, so its inconsistency rates are then
+  the hybrid's; the GRPO arm and the warm start are always judged by the rules.
 
 Every stage's policy is evaluated on the held-out split (`test.json`, never used to choose a setting; `--split
 val` evaluates on the development split instead, for tuning): greedy accuracy, sampled accuracy (8 samples per
@@ -20,6 +23,7 @@ optimiser steps. The warm start is also evaluated on a control where every quest
     python benchmarks/loop_vs_grpo.py --task colour_direction --seeds 0 1 2        # the full run (~20 min a task)
     python benchmarks/loop_vs_grpo.py --task colour --quick --seeds 0              # a few minutes
     python benchmarks/loop_vs_grpo.py --task colour --split val ...                # tune on the development split
+    python benchmarks/loop_vs_grpo.py --task colour --arms loop --set judge=hybrid judge_model=DIR  # the hybrid
 
 Writes `benchmarks/results/loop_vs_grpo_<task>[_quick].json` (settings, one row per arm x seed x stage, the
 warm start's control, summaries with 95% intervals over seeds) and a PNG plot beside it.
@@ -68,6 +72,13 @@ class Setting:
     dpo_sft_weight: float = 1.0  # the NLL term on the chosen completion
     min_questions_with_pairs: int = 8
     eval_samples: int = 8
+    judge: str = "rule"  # the loop's judge (verifier and evaluation): JUDGES
+    judge_model: str = ""  # judge=hybrid: the LLM's directory (a transformers causal LM); none by default
+    judge_mode: str = "likelihood"  # judge=hybrid: TransformersJudge's mode ("likelihood" or "generate")
+    judge_min_confidence: float = 0.5  # judge=hybrid: below it the LLM abstains (0.5: always decides)
+
+
+JUDGES = ("rule", "hybrid")
 
 
 QUICK = dict(num_val=64, iterations=2, grpo_steps=32, eval_samples=4)
@@ -98,6 +109,31 @@ def stages(setting: Setting, data: Path, seed: int) -> dict[str, Any]:
         *common, f"--trainer.max_epochs={setting.dpo_epochs}", f"--model.init_args.lr={setting.dpo_lr}",
         f"--model.init_args.beta={setting.dpo_beta}", f"--model.init_args.sft_weight={setting.dpo_sft_weight}"])  # fmt: skip
     return {"sft": sft, "grpo": grpo, "dpo": dpo}
+
+
+def make_judge(setting: Setting) -> Any:
+    """The loop arm's judge: `rule` (RuleJudge) or `hybrid` (the rules where a stated conclusion allows, the LLM
+    at `judge_model` for the rest; it loads on first use). The loop uses it for the verifier's pairs and for its
+    evaluations (their inconsistency rates), so with `hybrid` those are the hybrid's verdicts. Raises ValueError
+    for an unknown judge or a hybrid without a model directory."""
+    from lightning_veripo.verifier import HybridJudge, RuleJudge, TransformersJudge
+
+    if setting.judge == "rule":
+        return RuleJudge()
+    if setting.judge != "hybrid":
+        raise ValueError(f"judge={setting.judge!r}: expected one of {', '.join(JUDGES)}")
+    if not setting.judge_model:
+        raise ValueError(
+            "judge=hybrid needs the LLM's directory: --set judge_model=DIR (a transformers causal LM with its "
+            "tokenizer, e.g. SmolLM2-135M-Instruct as benchmarks/judge_accuracy.py converts it); the lab never "
+            "downloads one"
+        )
+    if not (Path(setting.judge_model) / "config.json").is_file():
+        raise ValueError(f"judge_model={setting.judge_model!r}: no config.json there (not a model directory)")
+    llm = TransformersJudge(
+        setting.judge_model, mode=setting.judge_mode, min_confidence=setting.judge_min_confidence
+    )
+    return HybridJudge(llm=llm, rule=RuleJudge())
 
 
 def _loop_kwargs(setting: Setting, eval_path: Path, seed: int) -> dict[str, Any]:
@@ -156,8 +192,9 @@ def run_seed(
         if not (arm_dir / "state.json").exists():
             shutil.rmtree(arm_dir, ignore_errors=True)
             shutil.copytree(warm, arm_dir)  # the same warm start: its stage is finished there
+        judge = make_judge(setting) if arm == "loop" else None
         out = iterate(str(model), st["grpo"], st["dpo"], work_dir=str(arm_dir), iterations=setting.iterations,
-                      grpo_only=arm == "grpo", **kwargs)  # fmt: skip
+                      grpo_only=arm == "grpo", judge=judge, **kwargs)  # fmt: skip
         finished = {s["stage"]: s for s in json.loads((arm_dir / "state.json").read_text())["finished"]}
         wall, cpu, steps0 = 0.0, 0.0, out[0]["step"]
         for row in out:
@@ -171,7 +208,8 @@ def run_seed(
                 rows.append({"task": task, "arm": arm, "seed": seed, "stage": name, "skipped": s["skipped"]})
         stats = [json.loads(p.read_text()) for p in sorted(arm_dir.glob("iter_*/verifier/stats.json"))]
         for k, st_ in enumerate(stats, start=1):
-            keys = ("num_rollouts", "pairs", "questions_with_pairs", "accuracy", "inconsistent_rate")
+            keys = ("num_rollouts", "pairs", "questions_with_pairs", "accuracy", "inconsistent_rate", "unjudged",
+                    "decided_by", "pairs_by_reason", "judge", "judge_time_s", "wall_time_s")  # fmt: skip
             rows.append({"task": task, "arm": arm, "seed": seed, "stage": f"iter_{k}/verifier",
                          "verifier": {x: st_.get(x) for x in keys}})  # fmt: skip
     return {"rows": rows, "control": {"seed": seed, **{k: control.get(k) for k in METRICS}}}
@@ -373,6 +411,11 @@ def main(argv: list[str] | None = None) -> int:
         kind = type(Setting.__dataclass_fields__[key].default)
         fields[key] = kind(value)
     setting = Setting(**fields)
+    if "loop" in args.arms and not args.warm_only:
+        try:
+            make_judge(setting)
+        except ValueError as err:
+            parser.error(str(err))
     work = args.work or Path(f"/tmp/loop_vs_grpo_{args.task}_{int(time.time())}")
     data = work / "data"
     if not (data / "train.json").exists():

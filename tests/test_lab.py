@@ -99,3 +99,36 @@ def test_seeds_reading_the_video_are_those_whose_warm_start_beats_their_own_cont
     assert lab.seeds_reading_the_video(rows, control) == [0]
     control[2]["sampled_accuracy"] = 0.30  # seed 2 now beats its control by 0.15
     assert lab.seeds_reading_the_video(rows, control) == [0, 2]
+
+
+def test_the_loop_arm_judges_by_rules_unless_the_setting_asks_for_the_hybrid(tmp_path: Path) -> None:
+    from lightning_veripo.verifier import HybridJudge, RuleJudge, TransformersJudge
+
+    assert isinstance(lab.make_judge(lab.Setting()), RuleJudge)  # the default: no model needed
+    (tmp_path / "config.json").write_text("{}")
+    judge = lab.make_judge(lab.Setting(judge="hybrid", judge_model=str(tmp_path), judge_min_confidence=0.7))
+    assert isinstance(judge, HybridJudge) and isinstance(judge.rule, RuleJudge)
+    assert isinstance(judge.llm, TransformersJudge)
+    llm = judge.llm
+    assert (llm.model_name_or_path, llm.mode, llm.min_confidence) == (str(tmp_path), "likelihood", 0.7)
+    assert judge.llm._model is None  # nothing loaded until the verifier runs
+
+
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        ({"judge": "hybrid"}, "needs the LLM's directory: --set judge_model=DIR"),
+        ({"judge": "hybrid", "judge_model": "/nonexistent/model"}, "no config.json there"),
+        ({"judge": "llm"}, "expected one of rule, hybrid"),
+    ],
+)
+def test_a_judge_the_lab_cannot_build_is_a_clear_error_before_any_work(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], fields: dict[str, str], message: str
+) -> None:
+    with pytest.raises(ValueError, match=message):
+        lab.make_judge(lab.Setting(**fields))
+    work = tmp_path / "work"
+    with pytest.raises(SystemExit):
+        lab.main(["--arms", "loop", "--work", str(work), "--set", *(f"{k}={v}" for k, v in fields.items())])
+    assert message in capsys.readouterr().err
+    assert not work.exists()  # no data, no warm start
