@@ -301,6 +301,26 @@ def test_hybrid_shares_are_in_stats_json(tiny_lm, tmp_path):
     assert rule_only["decided_by"] == {"rule": 0.5} and rule_only["unjudged"] == 2
 
 
+def test_stats_count_the_rollouts_lost_to_judge_errors(tmp_path):
+    """`unjudged` mixes abstentions (the judge read the rollout and named no verdict) with rollouts a failing
+    judge never read; `judge_errors` counts the latter, so a dead server shows in stats.json."""
+
+    class Broken:
+        name = "broken"
+
+        def judge(self, items):
+            raise RuntimeError("CUDA out of memory")
+
+    rollouts = [_rollout(t, i) for i, t in enumerate(["So the answer is B.", "Option B fits.", "Hmm, B."])]
+    rules = run_verifier(rollouts, RuleJudge(), None, tmp_path / "rules", progress=False)
+    assert (rules["unjudged"], rules["judge_errors"]) == (2, 0), "an abstention is not an error"
+    hybrid = run_verifier(rollouts, HybridJudge(llm=Broken()), None, tmp_path / "hybrid", progress=False)
+    assert (hybrid["unjudged"], hybrid["judge_errors"]) == (2, 2), "the LLM failed on the two it was asked"
+    assert json.loads((tmp_path / "hybrid" / "stats.json").read_text())["judge_errors"] == 2
+    alone = run_verifier(rollouts, Broken(), None, tmp_path / "alone", progress=False)
+    assert (alone["unjudged"], alone["judge_errors"]) == (3, 3), "the verifier's own catch counts too"
+
+
 # --- OpenAIJudge against a real `transformers serve` on loopback --------------------------------------------
 
 

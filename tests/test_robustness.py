@@ -735,6 +735,7 @@ def test_verifier_with_a_hanging_judge_writes_every_rollout_as_unjudged(tmp_path
         stats, _ = _bounded(lambda: run_verifier(rollouts, judge, PairConfig(), tmp_path, progress=False), 60)
 
     assert stats["num_rollouts"] == 8 and stats["unjudged"] == 8 and stats["judged"] == 0
+    assert stats["judge_errors"] == 8, "every rollout was lost to the judge's timeouts, none abstained"
     verdicts = _jsonl_rows(tmp_path / VERDICTS_FILE)
     assert len(verdicts) == 8 and all(
         v["consistent"] is None and "timed out" in v["rationale"] for v in verdicts

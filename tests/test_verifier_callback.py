@@ -108,6 +108,7 @@ def test_run_verifier_writes_the_four_files_with_their_schemas(tmp_path):
         "num_questions": 2,
         "judged": 6,
         "unjudged": 0,
+        "judge_errors": 0,
         "consistent_rate": 5 / 6,
         "inconsistent_rate": 1 / 6,
         "decided_by": {"rule": 1.0},

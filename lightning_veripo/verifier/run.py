@@ -36,6 +36,9 @@ ROLLOUTS_FILE = "rollouts.jsonl"
 VERDICTS_FILE = "verdicts.jsonl"
 PAIRS_FILE = "pairs.jsonl"
 STATS_FILE = "stats.json"
+# In the rationale of every verdict a failing judge left unjudged (an exception, a server that did not answer):
+# judge_rollouts, the judges' skeleton, OpenAIJudge and HybridJudge all write it.
+JUDGE_ERROR = "judge error"
 
 
 def judge_rollouts(
@@ -68,9 +71,10 @@ def verifier_stats(
     rollouts: Sequence[Rollout], verdicts: Sequence[Verdict], pair_stats: PairStats, config: PairConfig
 ) -> dict[str, Any]:
     """The run's summary: rates over rollouts (consistency rates over judged ones; None when there are none),
-    the share of rollouts each judge decided (`decided_by`, by `Verdict.judge`: a `HybridJudge` splits them
-    between the rules and the LLM), pair counts by reason, skipped questions by reason, and the always-solved
-    question ids."""
+    how many rollouts are unjudged and how many of those were lost to a judge error (`judge_errors`: the judge
+    raised or its server did not answer, rather than a reply that names no verdict), the share of rollouts
+    each judge decided (`decided_by`, by `Verdict.judge`: a `HybridJudge` splits them between the rules and
+    the LLM), pair counts by reason, skipped questions by reason, and the always-solved question ids."""
     n, judged = len(rollouts), [v for v in verdicts if v.judged]
     consistent = sum(v.consistent is True for v in judged)
 
@@ -82,6 +86,7 @@ def verifier_stats(
         "num_questions": pair_stats.num_questions,
         "judged": len(judged),
         "unjudged": n - len(judged),
+        "judge_errors": sum(not v.judged and JUDGE_ERROR in v.rationale for v in verdicts),
         "consistent_rate": rate(consistent, len(judged)),
         "inconsistent_rate": rate(len(judged) - consistent, len(judged)),
         "decided_by": {
