@@ -7,7 +7,9 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -15,7 +17,8 @@ import threading
 import time
 import urllib.request
 import warnings
-from collections.abc import Iterator
+from collections import Counter
+from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -24,8 +27,9 @@ import torch
 
 from lightning_veripo.records import Rollout, VideoQARecord
 from lightning_veripo.tiny import make_tiny_causal_lm
-from lightning_veripo.verifier import JudgeItem, RuleJudge, Verdict, run_verifier
+from lightning_veripo.verifier import JudgeItem, JudgeUnavailableError, RuleJudge, Verdict, run_verifier
 from lightning_veripo.verifier.llm_judges import HybridJudge, OpenAIJudge, TransformersJudge
+from lightning_veripo.verifier.run import read_pairs, read_rollouts, read_verdicts
 
 OPTIONS = ("A. red", "B. green", "C. blue", "D. yellow")
 
@@ -115,7 +119,10 @@ def test_transformers_judge_rejects_unknown_modes_and_thresholds(tiny_lm):
 class _Server(ThreadingHTTPServer):
     """An OpenAI-compatible server whose first-token top_logprobs come from the question text:
     'logprobs a=X b=Y' answers token 'CON' with log-prob X and 'IN' with Y (a missing one is left out, the rest of
-    the list is 'The' at -9); any other question gets no logprobs, like `transformers serve`."""
+    the list is 'The' at -9); any other question gets no logprobs, like `transformers serve`.
+
+    Hand-written because `transformers serve` returns no logprobs, and the tiny random LM could not be made to
+    list chosen ones; the protocol and its faults against the real server are at the end of this file."""
 
     daemon_threads = True
 
@@ -322,6 +329,10 @@ def test_stats_count_the_rollouts_lost_to_judge_errors(tmp_path):
 
 
 # --- OpenAIJudge against a real `transformers serve` on loopback --------------------------------------------
+# The faults a real server produces are tested on one: a server that is not running (connection refused), one
+# killed mid-run with requests in flight (connection reset), one restarted on the same port (retried). The
+# hand-written loopback servers (above, test_judges.py, test_robustness.py) stay only for what `transformers
+# serve` cannot be made to do: return top_logprobs, answer 5xx / 400 / malformed bodies, hang, trickle.
 
 
 def _free_port() -> int:
@@ -330,42 +341,70 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def served_tiny_lm(tiny_lm: Path) -> Iterator[tuple[str, subprocess.Popen]]:
-    """`transformers serve` (extra transformers[serving]) serving the tiny causal LM on 127.0.0.1."""
+def _start_transformers_serve(model_dir: Path, port: int, log: Path) -> subprocess.Popen:
+    """`transformers serve` (extra transformers[serving]) serving `model_dir` on 127.0.0.1:`port`, returned
+    once GET /v1/models answers (polled, 180 s at most); its stderr goes to `log`, quoted if it fails."""
     pytest.importorskip("fastapi", reason="transformers serve needs the extra transformers[serving]")
     pytest.importorskip("uvicorn", reason="transformers serve needs the extra transformers[serving]")
     exe = shutil.which("transformers") or str(Path(sys.executable).with_name("transformers"))
-    port = _free_port()
-    proc = subprocess.Popen(
-        [exe, "serve", str(tiny_lm), "--host", "127.0.0.1", "--port", str(port)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        env={**os.environ, "HF_HUB_OFFLINE": "1"},
-    )
-    url = f"http://127.0.0.1:{port}/v1"
+    with open(log, "ab") as err:
+        proc = subprocess.Popen(
+            [exe, "serve", str(model_dir), "--host", "127.0.0.1", "--port", str(port)],
+            stdout=subprocess.DEVNULL,
+            stderr=err,
+            env={**os.environ, "HF_HUB_OFFLINE": "1"},
+        )
+    url = f"http://127.0.0.1:{port}/v1/models"
     deadline = time.monotonic() + 180
+    while True:
+        try:
+            urllib.request.urlopen(url, timeout=2).read()
+            return proc
+        except OSError:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                _stop(proc)
+                tail = log.read_text(errors="replace")[-2000:]
+                pytest.fail(f"transformers serve did not come up on {url}: {tail}")
+            time.sleep(0.5)
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    proc.kill()
+    proc.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def served_tiny_lm(
+    tiny_lm: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[tuple[str, subprocess.Popen]]:
+    """One `transformers serve` of the tiny causal LM, for the tests that leave it running."""
+    port = _free_port()
+    proc = _start_transformers_serve(tiny_lm, port, tmp_path_factory.mktemp("serve") / "serve.log")
     try:
-        while True:
-            try:
-                urllib.request.urlopen(url + "/models", timeout=2).read()
-                break
-            except OSError:
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    err = (
-                        proc.stderr.read().decode(errors="replace")[-2000:] if proc.poll() is not None else ""
-                    )
-                    pytest.fail(f"transformers serve did not come up on {url}: {err}")
-                time.sleep(0.5)
-        yield url, proc
+        yield f"http://127.0.0.1:{port}/v1", proc
     finally:
-        proc.kill()
-        proc.wait(timeout=30)
+        _stop(proc)
+
+
+@pytest.fixture
+def serve_tiny_lm(tiny_lm: Path, tmp_path: Path) -> Iterator[Callable[[int], subprocess.Popen]]:
+    """Starts a `transformers serve` of the tiny causal LM on a given port, for a test that kills it; every
+    server it started is stopped at teardown."""
+    started: list[subprocess.Popen] = []
+
+    def start(port: int) -> subprocess.Popen:
+        proc = _start_transformers_serve(tiny_lm, port, tmp_path / f"serve-{port}-{len(started)}.log")
+        started.append(proc)
+        return proc
+
+    yield start
+    for proc in started:
+        _stop(proc)
 
 
 @pytest.mark.slow
-def test_openai_judge_against_transformers_serve(served_tiny_lm, tiny_lm, tmp_path):
-    url, proc = served_tiny_lm
+def test_openai_judge_against_transformers_serve(served_tiny_lm, tiny_lm):
+    url, _ = served_tiny_lm
     model = str(tiny_lm)
     judge = OpenAIJudge(url, model, max_tokens=8, max_concurrency=4, timeout_s=60.0, backoff_s=0.05)
     judge.check_server()  # GET /models answers
@@ -384,19 +423,218 @@ def test_openai_judge_against_transformers_serve(served_tiny_lm, tiny_lm, tmp_pa
         assert sum("returned no logprobs" in str(w.message) for w in caught) == 1
         assert all("no logprobs" in v.rationale for v in answers)
 
-    # The server dies mid-run: the verifier still writes whole files, the lost rollouts unjudged with the error.
-    rollouts = [_rollout(f"So the answer is {c}.", i) for i, c in enumerate("ABCDABCD")]
-    proc.kill()
-    proc.wait(timeout=30)
-    dead = OpenAIJudge(url, model, max_retries=1, backoff_s=0.01, timeout_s=5.0, check_on_start=False)
-    stats = run_verifier(rollouts, HybridJudge(llm=dead), None, tmp_path, progress=False)
-    lines = [json.loads(line) for line in (tmp_path / "verdicts.jsonl").read_text().splitlines()]
-    assert len(lines) == 8 and stats["num_rollouts"] == 8 and (tmp_path / "stats.json").exists()
-    assert stats["decided_by"] == {"rule": 1.0}, (
-        "every rollout here has a stated conclusion: the LLM is not asked"
+
+def _until(condition: Callable[[], bool], what: str, timeout_s: float = 60.0) -> None:
+    """Poll `condition` until it holds; AssertionError naming `what` after timeout_s."""
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"waited {timeout_s} s in vain until {what}")
+        time.sleep(0.01)
+
+
+def _unread_connections(port: int) -> int:
+    """Connections to 127.0.0.1:`port` holding bytes the server has not read: the server side's ESTABLISHED
+    sockets in /proc/net/tcp with a non-empty receive queue (a frozen server's wait in its accept queue)."""
+    suffix, count = f":{port:04X}", 0
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        local, _, state, queues = line.split()[1:5]
+        count += local.endswith(suffix) and state == "01" and int(queues.split(":")[1], 16) > 0
+    return count
+
+
+_CLIP = re.compile(r"clip (\d+)\.")
+
+
+class _ServerDiesMidRun:
+    """Makes a real server die at a fixed point of an `OpenAIJudge` run, however the judge's threads run.
+
+    It wraps the judge's `_request` (one HTTP attempt; `_with_retries` above it is the code under test). The
+    first `answered_before` POSTs go through; later ones wait at a gate. When the last of those has its
+    answer, all the other workers' POSTs are waiting there: the server is frozen (SIGSTOP), they are let
+    through to it (polled: as many connections to its port holding unread bytes), and it is killed (SIGKILL),
+    so they are reset mid-request and every later attempt is refused. With `restart`, the first attempt that
+    fails starts a new server on the same port, and every failed attempt waits until it answers before the
+    judge may retry. A POST is tied to its rollout by the "clip N." in the reasoning it carries.
+    """
+
+    def __init__(
+        self,
+        judge: OpenAIJudge,
+        proc: subprocess.Popen,
+        port: int,
+        answered_before: int,
+        restart: Callable[[], subprocess.Popen] | None = None,
+    ) -> None:
+        self.judge, self.proc, self.port, self.restart = judge, proc, port, restart
+        self.answered_before = answered_before
+        self.real_request = judge._request
+        judge._request = self._request  # type: ignore[method-assign]
+        self.lock = threading.Lock()
+        self.tickets = self.held = 0
+        self.gate = threading.Event()  # opened once the server is frozen
+        self.answered: list[int] = []  # the clips the first server answered
+        self.answered_after: list[int] = []  # the clips answered after the kill (by a restarted server)
+        self.failures: list[tuple[int, bool, Exception]] = []  # (clip, held at the gate, error) per attempt
+        self.restarting = False
+        self.restarted = threading.Event()
+        self.new_proc: subprocess.Popen | None = None
+        self.problems: list[str] = []  # what went wrong in the instrumentation itself
+
+    def _request(self, method: str, path: str, body: bytes | None) -> bytes:
+        if method != "POST" or body is None:
+            return self.real_request(method, path, body)
+        clip = int(_CLIP.search(json.loads(body)["messages"][0]["content"]).group(1))
+        with self.lock:
+            first_server = self.tickets < self.answered_before
+            self.tickets += 1
+            held = not first_server and not self.gate.is_set()
+            self.held += held
+        if held and not self.gate.wait(120):
+            self.problems.append(f"clip {clip}: the gate never opened")
+        try:
+            answer = self.real_request(method, path, body)
+        except Exception as err:
+            with self.lock:
+                self.failures.append((clip, held, err))
+            if self.restart is not None:
+                self._restart_once()
+            raise
+        with self.lock:
+            (self.answered if first_server else self.answered_after).append(clip)
+            last = first_server and len(self.answered) == self.answered_before
+        if last:
+            self._kill()
+        return answer
+
+    def _kill(self) -> None:
+        others = self.judge.max_concurrency - 1
+        try:
+            _until(lambda: self.held == others, f"the other {others} workers' POSTs wait at the gate")
+            os.kill(self.proc.pid, signal.SIGSTOP)
+            self.gate.set()
+            _until(lambda: _unread_connections(self.port) >= others, "the held POSTs reach the frozen server")
+        except AssertionError as err:
+            self.problems.append(str(err))
+        finally:
+            self.gate.set()
+            _stop(self.proc)
+
+    def _restart_once(self) -> None:
+        with self.lock:
+            first, self.restarting = not self.restarting, True
+        if first:
+            try:
+                self.new_proc = self.restart()  # type: ignore[misc]
+            except BaseException as err:
+                self.problems.append(f"the restart failed: {err}")
+                raise
+            finally:
+                self.restarted.set()
+        elif not self.restarted.wait(240):
+            self.problems.append("the restarted server never answered")
+
+
+N_ROLLOUTS, ANSWERED_BEFORE_KILL, CONCURRENCY = 16, 6, 4
+
+
+def _clip_rollouts(n: int) -> list[Rollout]:
+    # "Option X fits" states no conclusion the rules can read: a HybridJudge asks its LLM about every one.
+    return [_rollout(f"Option {'ABCD'[i % 4]} fits, clip {i}.", i) for i in range(n)]
+
+
+def _judge_dying_mid_run(serve, tiny_lm: Path, restart: bool) -> tuple[OpenAIJudge, _ServerDiesMidRun, str]:
+    if not Path("/proc/net/tcp").exists():
+        pytest.skip("tells requests in flight from /proc/net/tcp (Linux)")
+    port = _free_port()
+    proc = serve(port)
+    url = f"http://127.0.0.1:{port}/v1"
+    judge = OpenAIJudge(
+        url,
+        str(tiny_lm),
+        max_tokens=8,
+        max_concurrency=CONCURRENCY,
+        timeout_s=60.0,
+        max_retries=1,
+        backoff_s=0.05,
     )
-    lost = run_verifier(rollouts[:1], dead, None, tmp_path / "dead", progress=False)
-    (verdict,) = [
-        json.loads(line) for line in (tmp_path / "dead" / "verdicts.jsonl").read_text().splitlines()
-    ]
-    assert lost["unjudged"] == 1 and "judge error after 2 attempts" in verdict["rationale"]
+    dies = _ServerDiesMidRun(
+        judge, proc, port, ANSWERED_BEFORE_KILL, restart=(lambda: serve(port)) if restart else None
+    )
+    return judge, dies, url
+
+
+def _whole_files(out: Path, stats: dict) -> list[dict]:
+    """The verifier's files are whole JSON, one verdict per rollout; the verdicts, by sample_index."""
+    assert json.loads((out / "stats.json").read_text()) == stats
+    assert read_pairs(out / "pairs.jsonl") == [] and stats["pairs"] == 0, "nothing judged, nothing chosen"
+    assert [r.sample_index for r in read_rollouts(out / "rollouts.jsonl")] == list(range(N_ROLLOUTS))
+    verdicts = read_verdicts(out / "verdicts.jsonl")
+    assert [v["sample_index"] for v in verdicts] == list(range(N_ROLLOUTS))
+    assert all(v["consistent"] is None for v in verdicts)
+    return verdicts
+
+
+@pytest.mark.slow
+def test_transformers_serve_killed_mid_run_loses_the_rest_to_clear_errors_and_files_stay_whole(
+    serve_tiny_lm, tiny_lm, tmp_path
+):
+    judge, dies, url = _judge_dying_mid_run(serve_tiny_lm, tiny_lm, restart=False)
+    rollouts = _clip_rollouts(N_ROLLOUTS)
+    stats = run_verifier(rollouts, judge, None, tmp_path, progress=False)  # nothing raises out of it
+
+    assert dies.problems == []
+    answered = set(dies.answered)
+    assert len(answered) == ANSWERED_BEFORE_KILL and dies.answered_after == []
+    in_flight = [err for _, held, err in dies.failures if held]
+    assert len(in_flight) == CONCURRENCY - 1, "every other worker had a POST at the server when it died"
+    assert all(isinstance(err, ConnectionResetError) for err in in_flight), in_flight
+    lost = [i for i in range(N_ROLLOUTS) if i not in answered]
+    assert Counter(clip for clip, _, _ in dies.failures) == dict.fromkeys(lost, 2), "max_retries + 1 tries"
+
+    verdicts = _whole_files(tmp_path, stats)
+    for v in verdicts:
+        if v["sample_index"] in answered:  # the server's answer stands: its text named no verdict
+            assert v["rationale"].startswith("unjudged: no VERDICT line"), v
+        else:
+            assert v["rationale"].startswith("judge error after 2 attempts: URLError:"), v
+            assert "Connection refused" in v["rationale"], v
+    assert (stats["num_rollouts"], stats["judged"], stats["unjudged"]) == (N_ROLLOUTS, 0, N_ROLLOUTS)
+    assert stats["judge_errors"] == len(lost), "stats.json says how many rollouts the dead server lost"
+
+    # The server stays dead. A run that checks it first fails loudly, naming the URL, and claims nothing...
+    fresh = OpenAIJudge(url, str(tiny_lm), max_retries=1, backoff_s=0.01)
+    with pytest.raises(
+        JudgeUnavailableError, match=rf"no OpenAI-compatible server answers at {re.escape(url)} .*refused"
+    ):
+        run_verifier(rollouts, fresh, None, tmp_path / "checked", progress=False)
+    assert not (tmp_path / "checked" / "stats.json").exists()
+    # ...one that does not check loses what the rules leave to the LLM, counted as judge errors.
+    unchecked = OpenAIJudge(url, str(tiny_lm), max_retries=1, backoff_s=0.01, check_on_start=False)
+    some = [*rollouts[:3], _rollout("So the answer is B.", 3)]
+    hybrid = run_verifier(some, HybridJudge(llm=unchecked), None, tmp_path / "hybrid", progress=False)
+    assert (hybrid["judge_errors"], hybrid["decided_by"]) == (3, {"rule": 0.25})
+
+
+@pytest.mark.slow
+def test_transformers_serve_restarted_mid_run_is_retried_and_no_rollout_is_lost(
+    serve_tiny_lm, tiny_lm, tmp_path
+):
+    judge, dies, _ = _judge_dying_mid_run(serve_tiny_lm, tiny_lm, restart=True)
+    stats = run_verifier(_clip_rollouts(N_ROLLOUTS), judge, None, tmp_path, progress=False)
+
+    assert dies.problems == []
+    assert dies.new_proc is not None and dies.new_proc.poll() is None, "a new server answered the retries"
+    assert len(dies.answered) == ANSWERED_BEFORE_KILL
+    in_flight = [err for _, held, err in dies.failures if held]
+    assert len(in_flight) == CONCURRENCY - 1 and all(isinstance(e, ConnectionResetError) for e in in_flight)
+    # Every worker's attempt failed once (reset in flight, or refused while the new server started), then its
+    # retry reached the new server; every rollout was answered exactly once, by one server or the other.
+    failed = Counter(clip for clip, _, _ in dies.failures)
+    assert len(failed) == CONCURRENCY and set(failed.values()) == {1}, failed
+    assert sorted(dies.answered + dies.answered_after) == list(range(N_ROLLOUTS))
+    assert set(failed) <= set(dies.answered_after)
+
+    verdicts = _whole_files(tmp_path, stats)
+    assert all(v["rationale"].startswith("unjudged: no VERDICT line") for v in verdicts), verdicts
+    assert stats["judge_errors"] == 0, "no rollout lost to the restart"
