@@ -10,6 +10,8 @@ written is lost or left half-written. Cases other test files already pin down ar
 - NaN/inf/non-number/raising rewards at the `RewardSet` level: test_rewards.py;
 - a judge server slower than the timeout, 5xx retries, malformed bodies, no server at all: test_judges.py
   (`test_openai_judge_times_out_slow_requests_into_unjudged`, ...);
+- a real judge server (`transformers serve`) not running, killed mid-run with requests in flight,
+  or restarted mid-run: test_llm_judges.py (`test_transformers_serve_killed_mid_run_...`, `..._restarted_...`);
 - a rollouts.jsonl cut short: test_verifier_callback.py (`test_reading_a_damaged_rollouts_file_names_the_line`);
 - parsers and the accuracy / format / length rewards on arbitrary completions: test_parsing.py, test_rewards.py.
 
@@ -605,7 +607,11 @@ def test_weighted_total_beyond_float32_is_refused():
 
 
 class _StallingServer(ThreadingHTTPServer):
-    """An OpenAI-compatible server whose GET /models and POST /chat/completions answer, hang or trickle."""
+    """An OpenAI-compatible server whose GET /models and POST /chat/completions answer, hang or trickle.
+
+    Hand-written only because a real server cannot be made to do this: `transformers serve` neither accepts a
+    request and never answers nor trickles its answer. Faults a real server does produce (not running, killed
+    mid-run, restarted) are tested against `transformers serve` itself in test_llm_judges.py."""
 
     daemon_threads = True
 
