@@ -36,6 +36,7 @@ SCALAR_STATS = (
     "num_questions",
     "judged",
     "unjudged",
+    "judge_errors",
     "consistent_rate",
     "inconsistent_rate",
     "repetitive_rate",

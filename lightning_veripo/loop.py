@@ -439,6 +439,10 @@ def _say_verifier(name: str, verifier_dir: Path) -> None:
     say(f"== {name}: judged {plural(stats['num_rollouts'], 'rollout')} of "
         f"{plural(stats['num_questions'], 'question')}: {plural(stats['pairs'], 'preference pair')} over "
         f"{plural(stats['questions_with_pairs'], 'question')} ({verifier_dir / 'pairs.jsonl'})")  # fmt: skip
+    # a judge that raised or a server that did not answer: said here, not only in the files
+    if stats.get("judge_errors"):
+        say(f"   {plural(stats['judge_errors'], 'rollout')} unjudged because the judge failed (the error is in "
+            f"{verifier_dir / 'verdicts.jsonl'})")  # fmt: skip
 
 
 def _print_where(work: Path) -> None:

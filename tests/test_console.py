@@ -188,3 +188,22 @@ def test_plural() -> None:
 
     assert [plural(1, "epoch", "epochs"), plural(2, "epoch", "epochs"), plural(2, "batch"), plural(3, "step")] == [
         "1 epoch", "2 epochs", "2 batches", "3 steps"]  # fmt: skip
+
+
+def test_the_verifier_line_says_how_many_rollouts_a_failing_judge_lost(tmp_path, capsys):
+    from lightning_veripo.loop import _say_verifier
+
+    stats = {"num_rollouts": 16, "num_questions": 2, "pairs": 3, "questions_with_pairs": 1, "judge_errors": 0}
+    (tmp_path / "stats.json").write_text(json.dumps(stats))
+    _say_verifier("iter_1/verifier", tmp_path)
+    quiet_run = capsys.readouterr().err
+    assert "judged 16 rollouts of 2 questions: 3 preference pairs over 1 question" in quiet_run
+    assert "judge failed" not in quiet_run
+
+    (tmp_path / "stats.json").write_text(json.dumps({**stats, "judge_errors": 10}))
+    _say_verifier("iter_1/verifier", tmp_path)
+    lost = capsys.readouterr().err
+    assert (
+        f"10 rollouts unjudged because the judge failed (the error is in {tmp_path / 'verdicts.jsonl'})"
+        in lost
+    )

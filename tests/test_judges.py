@@ -406,7 +406,11 @@ def test_transformers_judge_loads_lazily_and_names_a_missing_model(tmp_path):
 
 
 class _JudgeServer(ThreadingHTTPServer):
-    """Answers like an OpenAI-compatible server; the question text picks the behaviour."""
+    """Answers like an OpenAI-compatible server; the question text picks the behaviour.
+
+    Hand-written on purpose: it makes the replies a real server cannot be made to give on demand (a 5xx burst
+    then success, malformed bodies, a named VERDICT). A real `transformers serve` started, killed and restarted
+    mid-run is tested in tests/test_llm_judges.py."""
 
     daemon_threads = True
 

@@ -233,8 +233,10 @@ def test_callback_judges_the_fit_rollouts_and_logs_to_tensorboard(tmp_path):
         "verifier/pairs",
         "verifier/pairs/reflection",
         "verifier/skipped/all_wrong",
+        "verifier/judge_errors",
     }
     assert expected <= scalars
+    assert events.Scalars("verifier/judge_errors")[-1].value == 0.0  # the rule judge never fails
     assert events.Scalars("verifier/inconsistent_rate")[-1].value == pytest.approx(0.25)
     assert events.Scalars("verifier/pairs")[-1].step == 3
     assert "verifier/pairs/text_summary" in events.Tags()["tensors"]
