@@ -2,7 +2,7 @@
 loop`, one per judge, from the same warm starts) and compare, per seed and over seeds, what the verifier built and
 where the loop ended.
 
-    python benchmarks/results/loop_vs_grpo_colour_judges.py --rule RULE.json... --hybrid HYBRID.json... \\
+    python benchmarks/loop_judges.py --rule RULE.json... --hybrid HYBRID.json... \\
         --out benchmarks/results/loop_vs_grpo_colour_judges.json
 
 Each JSON's work directory is read from its recorded command (`--work`): the verifier's `stats.json`,
@@ -25,7 +25,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[1]
 _spec = importlib.util.spec_from_file_location("loop_vs_grpo", REPO / "benchmarks" / "loop_vs_grpo.py")
 lab = importlib.util.module_from_spec(_spec)
 sys.modules["loop_vs_grpo"] = lab
@@ -255,7 +255,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--hybrid", type=Path, nargs="+", required=True, help="the lab's JSON(s), judge=hybrid"
     )
-    parser.add_argument("--out", type=Path, default=Path(__file__).with_suffix(".json"))
+    parser.add_argument(
+        "--out", type=Path, default=REPO / "benchmarks/results/loop_vs_grpo_colour_judges.json"
+    )
     parser.add_argument("--rejudge", action="store_true",
                         help="evaluate each final policy again, judged by the rules alone (~20 s a run)")  # fmt: skip
     parser.add_argument("--threads", type=int, default=1)
