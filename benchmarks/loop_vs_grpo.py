@@ -10,8 +10,8 @@ run with the same GRPO settings and the same number of GRPO steps:
 - `loop`: the VerIPO loop, `iterations` x (GRPO fit -> Rollout-Aware Verifier -> DPO fit), 80% of the
   always-solved questions dropped from the next GRPO fit. Its judge is the rule judge unless `--set judge=hybrid
   judge_model=DIR`: the rules where a stated conclusion allows, a local causal LM (TransformersJudge, likelihood
-  verdicts by default) for the rest. The loop evaluates with the same judge, so its inconsistency rates are then
-  the hybrid's; the GRPO arm and the warm start are always judged by the rules.
+  verdicts by default) for the rest. Every evaluation, of both arms, is judged by the rules (`iterate`'s
+  `eval_judge`), so the inconsistency rates of runs with different verifier judges compare.
 
 Every stage's policy is evaluated on the held-out split (`test.json`, never used to choose a setting; `--split
 val` evaluates on the development split instead, for tuning): greedy accuracy, sampled accuracy (8 samples per
@@ -113,9 +113,9 @@ def stages(setting: Setting, data: Path, seed: int) -> dict[str, Any]:
 
 def make_judge(setting: Setting) -> Any:
     """The loop arm's judge: `rule` (RuleJudge) or `hybrid` (the rules where a stated conclusion allows, the LLM
-    at `judge_model` for the rest; it loads on first use). The loop uses it for the verifier's pairs and for its
-    evaluations (their inconsistency rates), so with `hybrid` those are the hybrid's verdicts. Raises ValueError
-    for an unknown judge or a hybrid without a model directory."""
+    at `judge_model` for the rest; it loads on first use). The loop uses it for the verifier's pairs; its
+    evaluations are judged by the rules (`eval_judge`). Raises ValueError for an unknown judge or a hybrid
+    without a model directory."""
     from lightning_veripo.verifier import HybridJudge, RuleJudge, TransformersJudge
 
     if setting.judge == "rule":
@@ -167,6 +167,7 @@ def run_seed(
     from lightning_veripo.evaluate import evaluate
     from lightning_veripo.loop import iterate
     from lightning_veripo.tiny import make_tiny_model
+    from lightning_veripo.verifier import RuleJudge
 
     model = work / f"model_{seed}"
     if not (model / "config.json").exists():
@@ -194,7 +195,7 @@ def run_seed(
             shutil.copytree(warm, arm_dir)  # the same warm start: its stage is finished there
         judge = make_judge(setting) if arm == "loop" else None
         out = iterate(str(model), st["grpo"], st["dpo"], work_dir=str(arm_dir), iterations=setting.iterations,
-                      grpo_only=arm == "grpo", judge=judge, **kwargs)  # fmt: skip
+                      grpo_only=arm == "grpo", judge=judge, eval_judge=RuleJudge(), **kwargs)  # fmt: skip
         finished = {s["stage"]: s for s in json.loads((arm_dir / "state.json").read_text())["finished"]}
         wall, cpu, steps0 = 0.0, 0.0, out[0]["step"]
         for row in out:

@@ -195,6 +195,7 @@ def iterate(
     grpo_only: bool = False,
     judge: Judge | None = None,
     pair_config: PairConfig | None = None,
+    eval_judge: Judge | None = None,
     eval_sampling: FrameSampling | None = None,
     eval_max_new_tokens: int = 256,
     eval_batch_size: int = 8,
@@ -218,6 +219,9 @@ def iterate(
         discard_solved_fraction: share of the always-solved questions dropped from the next GRPO fit (paper: 80%).
         grpo_only: the baseline: GRPO fits only (no verifier, no DPO), for the same number of iterations.
         judge / pair_config: the Rollout-Aware Verifier's judge (default: rules) and pair rules.
+        eval_judge: the judge of the evaluations' consistency metrics (default: `judge`). Give the rule judge
+            here when the verifier's judge is an LLM: every evaluation then costs no LLM call, and runs with
+            different verifier judges are scored alike.
         eval_*: evaluation settings: greedy decoding, plus `eval_num_samples` sampled completions per question
             at `eval_temperature` when > 0 (the `sampled_*` metrics and `pass_at_k`).
         min_questions_with_pairs: a DPO stage runs only when the verifier's pairs cover at least this many
@@ -262,7 +266,8 @@ def iterate(
             f", {eval_num_samples} samples per question at T={eval_temperature}" if eval_num_samples else ""
         )
         say(f"   evaluating on {val_path} (greedy{samples})")
-        return evaluate(backbone, val_path, sampling, eval_max_new_tokens, eval_batch_size, judge,
+        scorer = eval_judge if eval_judge is not None else judge
+        return evaluate(backbone, val_path, sampling, eval_max_new_tokens, eval_batch_size, scorer,
                         num_samples=eval_num_samples, temperature=eval_temperature, seed=seed, progress=True,
                         answers_path=work / name / "answers.jsonl")  # fmt: skip
 

@@ -1,15 +1,18 @@
 """`veripo iterate` options of the effectiveness lab: a base row, sampled evaluation, a minimum of questions with
-pairs before DPO, the majority baseline, training time apart from evaluation; and the tiny model's size presets."""
+pairs before DPO, the majority baseline, training time apart from evaluation, an evaluation judge apart from the
+verifier's; and the tiny model's size presets."""
 
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from judges_for_tests import Contrarian
 
 from lightning_veripo.tiny import SIZES, make_tiny_model
 
@@ -37,6 +40,7 @@ def test_iterate_evaluates_the_base_and_skips_dpo_below_the_minimum_of_questions
     quiet = ["--trainer.enable_progress_bar=false"]
     args = [
         "--iterations", "1", "--eval_base", "true", "--eval_num_samples", "2", "--min_questions_with_pairs", "1000",
+        "--eval_judge", json.dumps({"class_path": "judges_for_tests.Contrarian"}),
         "--sft.args", json.dumps(["--trainer.max_steps=60", *quiet]),
         "--grpo.args", json.dumps(["--trainer.max_steps=2", "--trainer.limit_val_batches=0", *quiet,
                                    "--trainer.num_sanity_val_steps=0", "--data.init_args.synthetic.num_train=8",
@@ -51,9 +55,22 @@ def test_iterate_evaluates_the_base_and_skips_dpo_below_the_minimum_of_questions
         "configs/demo.yaml",
         *args,
     ]
-    run = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=900)
+    tests_on_path = {"PYTHONPATH": os.pathsep.join([str(REPO / "tests"), os.environ.get("PYTHONPATH", "")])}
+    run = subprocess.run(
+        command,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=900,
+        env={**os.environ, **tests_on_path},
+    )
     assert run.returncode == 0, run.stderr[-4000:]
     work = tmp_path / "work/demo/veripo"
+    # eval_judge scores the evaluations, the verifier keeps its own judge (the demo's rules)
+    graded = [json.loads(x) for x in (work / "sft/answers.jsonl").read_text().splitlines()]
+    assert graded and all(a["rationale"] == Contrarian.REASON for a in graded)
+    verdicts = [json.loads(x) for x in (work / "iter_1/verifier/verdicts.jsonl").read_text().splitlines()]
+    assert verdicts and not any(v["rationale"] == Contrarian.REASON for v in verdicts)
     state = json.loads((work / "state.json").read_text())
     assert [s["stage"] for s in state["finished"]] == ["base", "sft", "iter_1/grpo", "iter_1/dpo"]
     covered = len(
@@ -66,6 +83,8 @@ def test_iterate_evaluates_the_base_and_skips_dpo_below_the_minimum_of_questions
     rows = [json.loads(x) for x in (work / "metrics.jsonl").read_text().splitlines()]
     assert [r["stage"] for r in rows] == ["base", "sft", "iter_1/grpo"]
     for row in rows:
+        # every completion was judged by the Contrarian
+        assert row["inconsistency_rate"] == row["sampled_inconsistency_rate"] == 1.0
         assert 0.0 <= row["sampled_accuracy"] <= row["pass_at_k"] <= 1.0
         assert 0.0 <= row["train_s"] <= row["wall_s"]
     assert rows[0]["step"] == 0 and rows[0]["wall_s"] == 0.0
