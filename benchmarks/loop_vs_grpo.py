@@ -76,6 +76,13 @@ class Setting:
     judge_model: str = ""  # judge=hybrid: the LLM's directory (a transformers causal LM); none by default
     judge_mode: str = "likelihood"  # judge=hybrid: TransformersJudge's mode ("likelihood" or "generate")
     judge_min_confidence: float = 0.5  # judge=hybrid: below it the LLM abstains (0.5: always decides)
+    # the GRPO and DPO stages' LoRA also on the vision merger, the vision tower unfrozen for it (configs/demo.yaml)
+    rl_vision_merger: bool = False
+
+
+# The language model's projections (LoRAConfig's default) and the vision merger's two linear layers.
+MERGER_LORA = (r".*(language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
+               r"|visual\.merger\.mlp\.[02])")  # fmt: skip
 
 
 JUDGES = ("rule", "hybrid")
@@ -108,6 +115,10 @@ def stages(setting: Setting, data: Path, seed: int) -> dict[str, Any]:
     dpo = Stage(str(REPO / "configs/demo_dpo.yaml"), [
         *common, f"--trainer.max_epochs={setting.dpo_epochs}", f"--model.init_args.lr={setting.dpo_lr}",
         f"--model.init_args.beta={setting.dpo_beta}", f"--model.init_args.sft_weight={setting.dpo_sft_weight}"])  # fmt: skip
+    if setting.rl_vision_merger:
+        for stage in (grpo, dpo):
+            stage.args += ["--model.init_args.backbone.init_args.freeze_vision=false",
+                           f"--model.init_args.backbone.init_args.lora.target_modules={MERGER_LORA}"]  # fmt: skip
     return {"sft": sft, "grpo": grpo, "dpo": dpo}
 
 
@@ -410,7 +421,9 @@ def main(argv: list[str] | None = None) -> int:
                 f"--set {item!r}: unknown setting {key!r}; known: {sorted(Setting.__dataclass_fields__)}"
             )
         kind = type(Setting.__dataclass_fields__[key].default)
-        fields[key] = kind(value)
+        if kind is bool and value.lower() not in ("true", "false"):
+            parser.error(f"--set {item!r}: {key} is true or false")
+        fields[key] = value.lower() == "true" if kind is bool else kind(value)
     setting = Setting(**fields)
     if "loop" in args.arms and not args.warm_only:
         try:

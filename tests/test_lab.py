@@ -132,3 +132,39 @@ def test_a_judge_the_lab_cannot_build_is_a_clear_error_before_any_work(
         lab.main(["--arms", "loop", "--work", str(work), "--set", *(f"{k}={v}" for k, v in fields.items())])
     assert message in capsys.readouterr().err
     assert not work.exists()  # no data, no warm start
+
+
+def test_rl_vision_merger_puts_the_demos_lora_on_both_rl_stages_and_only_there(tmp_path: Path) -> None:
+    import re
+
+    import yaml
+
+    plain = lab.stages(lab.Setting(), tmp_path, seed=0)
+    merger = lab.stages(lab.Setting(rl_vision_merger=True), tmp_path, seed=0)
+    added = ["--model.init_args.backbone.init_args.freeze_vision=false",
+             f"--model.init_args.backbone.init_args.lora.target_modules={lab.MERGER_LORA}"]  # fmt: skip
+    for name in ("grpo", "dpo"):
+        assert merger[name].args == plain[name].args + added
+    assert merger["sft"].args == plain["sft"].args  # the warm start is the same either way
+
+    # the same adapters as the demo's RL stages (configs/demo.yaml), so the lab measures what the demo runs
+    demo = yaml.safe_load((REPO / "configs/demo.yaml").read_text())
+    for name in ("grpo", "dpo"):
+        assert added[1] in demo[name]["args"] and added[0] in demo[name]["args"]
+    # peft matches target_modules (a string) with re.fullmatch against module names
+    names = {
+        "model.language_model.layers.0.self_attn.q_proj": True,
+        "model.language_model.layers.1.mlp.down_proj": True,
+        "model.visual.merger.mlp.0": True,
+        "model.visual.merger.mlp.2": True,
+        "model.visual.blocks.0.attn.qkv": False,
+        "model.visual.patch_embed.proj": False,
+        "lm_head": False,
+    }
+    assert {n: bool(re.fullmatch(lab.MERGER_LORA, n)) for n in names} == names
+
+
+def test_a_boolean_setting_reads_true_or_false_and_nothing_else(capsys) -> None:
+    with pytest.raises(SystemExit):
+        lab.main(["--set", "rl_vision_merger=yes", "--warm-only", "--seeds", "0"])
+    assert "rl_vision_merger is true or false" in capsys.readouterr().err
