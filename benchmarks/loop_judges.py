@@ -37,7 +37,10 @@ JUDGE_SETTINGS = ("judge", "judge_model", "judge_mode", "judge_min_confidence")
 
 
 def _lines(path: Path) -> list[dict[str, Any]]:
-    return [json.loads(x) for x in path.read_text().splitlines() if x.strip()] if path.exists() else []
+    """A JSONL file's objects through the verifier's reader (a bad line names its file and line); none if absent."""
+    from lightning_veripo.verifier.run import read_jsonl
+
+    return [d for _, d in read_jsonl(path)] if path.exists() else []
 
 
 def _work_dir(result: dict[str, Any]) -> Path:

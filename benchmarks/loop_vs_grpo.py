@@ -72,7 +72,7 @@ class Setting:
     dpo_sft_weight: float = 1.0  # the NLL term on the chosen completion
     min_questions_with_pairs: int = 8
     eval_samples: int = 8
-    judge: str = "rule"  # the loop's judge (verifier and evaluation): JUDGES
+    judge: str = "rule"  # the loop's verifier judge (evaluations are always rule-judged): JUDGES
     judge_model: str = ""  # judge=hybrid: the LLM's directory (a transformers causal LM); none by default
     judge_mode: str = "likelihood"  # judge=hybrid: TransformersJudge's mode ("likelihood" or "generate")
     judge_min_confidence: float = 0.5  # judge=hybrid: below it the LLM abstains (0.5: always decides)
