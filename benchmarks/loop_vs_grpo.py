@@ -11,7 +11,10 @@ run with the same GRPO settings and the same number of GRPO steps:
   always-solved questions dropped from the next GRPO fit. Its judge is the rule judge unless `--set judge=hybrid
   judge_model=DIR`: the rules where a stated conclusion allows, a local causal LM (TransformersJudge, likelihood
   verdicts by default) for the rest. Every evaluation, of both arms, is judged by the rules (`iterate`'s
-  `eval_judge`), so the inconsistency rates of runs with different verifier judges compare.
+  `eval_judge`), so the inconsistency rates of runs with different verifier judges compare;
+- `nodpo` (an ablation, only when asked for with `--arms`): the loop without its DPO stages. The verifier runs and
+  80% of the always-solved questions are dropped from the next GRPO fit, as in the loop, but no DPO fit runs. Loop
+  minus `nodpo` is what the DPO stages do; `nodpo` minus `grpo` is what the data filter does.
 
 Every stage's policy is evaluated on the held-out split (`test.json`, never used to choose a setting; `--split
 val` evaluates on the development split instead, for tuning): greedy accuracy, sampled accuracy (8 samples per
@@ -24,6 +27,7 @@ optimiser steps. The warm start is also evaluated on a control where every quest
     python benchmarks/loop_vs_grpo.py --task colour --quick --seeds 0              # a few minutes
     python benchmarks/loop_vs_grpo.py --task colour --split val ...                # tune on the development split
     python benchmarks/loop_vs_grpo.py --task colour --arms loop --set judge=hybrid judge_model=DIR  # the hybrid
+    python benchmarks/loop_vs_grpo.py --task colour --arms grpo loop nodpo                         # the ablation
 
 Writes `benchmarks/results/loop_vs_grpo_<task>[_quick].json` (settings, one row per arm x seed x stage, the
 warm start's control, summaries with 95% intervals over seeds) and a PNG plot beside it.
@@ -87,6 +91,9 @@ MERGER_LORA = (r".*(language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_
 
 JUDGES = ("rule", "hybrid")
 
+ARMS = {"grpo": "GRPO alone", "loop": "VerIPO loop", "nodpo": "loop without DPO"}
+NO_DPO = sys.maxsize  # a min_questions_with_pairs no verifier reaches: every DPO stage is skipped, saying why
+
 
 QUICK = dict(num_val=64, iterations=2, grpo_steps=32, eval_samples=4)
 
@@ -147,6 +154,21 @@ def make_judge(setting: Setting) -> Any:
     return HybridJudge(llm=llm, rule=RuleJudge())
 
 
+def arm_options(setting: Setting, arm: str) -> dict[str, Any]:
+    """What `iterate` is given for one arm on top of the settings every arm shares: GRPO alone runs no verifier;
+    the loop's verifier uses the setting's judge; `nodpo` runs the verifier (rules: only its always-solved
+    statistics are used) and its data filter, and skips every DPO stage."""
+    from lightning_veripo.verifier import RuleJudge
+
+    if arm == "grpo":
+        return {"grpo_only": True, "judge": None}
+    if arm == "loop":
+        return {"grpo_only": False, "judge": make_judge(setting)}
+    if arm == "nodpo":
+        return {"grpo_only": False, "judge": RuleJudge(), "min_questions_with_pairs": NO_DPO}
+    raise ValueError(f"arm {arm!r}: expected one of {', '.join(ARMS)}")
+
+
 def _loop_kwargs(setting: Setting, eval_path: Path, seed: int) -> dict[str, Any]:
     from lightning_veripo.data.videoqa import FrameSampling
 
@@ -204,9 +226,8 @@ def run_seed(
         if not (arm_dir / "state.json").exists():
             shutil.rmtree(arm_dir, ignore_errors=True)
             shutil.copytree(warm, arm_dir)  # the same warm start: its stage is finished there
-        judge = make_judge(setting) if arm == "loop" else None
         out = iterate(str(model), st["grpo"], st["dpo"], work_dir=str(arm_dir), iterations=setting.iterations,
-                      grpo_only=arm == "grpo", judge=judge, eval_judge=RuleJudge(), **kwargs)  # fmt: skip
+                      eval_judge=RuleJudge(), **{**kwargs, **arm_options(setting, arm)})  # fmt: skip
         finished = {s["stage"]: s for s in json.loads((arm_dir / "state.json").read_text())["finished"]}
         wall, cpu, steps0 = 0.0, 0.0, out[0]["step"]
         for row in out:
@@ -281,20 +302,22 @@ def stage_costs(rows: list[dict[str, Any]], setting: dict[str, Any]) -> dict[str
 
 
 def paired_differences(rows: list[dict[str, Any]], keys: tuple[str, ...] = ("accuracy", "sampled_accuracy",
-                       "sampled_inconsistency_rate", "sampled_reasoning_tokens")) -> dict[str, Any]:  # fmt: skip
-    """Loop minus GRPO alone after the last stage of each, per seed (the same warm start: a paired comparison),
-    with the mean and 95% interval over seeds."""
+                       "sampled_inconsistency_rate", "sampled_reasoning_tokens"),
+                       arms: tuple[str, str] = ("loop", "grpo")) -> dict[str, Any]:  # fmt: skip
+    """Arm `arms[0]` minus arm `arms[1]` (default: the loop minus GRPO alone) after the last evaluated stage of
+    each, per seed (the same warm start: a paired comparison), with the mean and 95% interval over seeds."""
     out: dict[str, Any] = {}
     final: dict[tuple[str, int], dict[str, Any]] = {}
     for r in rows:
-        if r.get("accuracy") is not None and r["arm"] in ("grpo", "loop"):
+        if r.get("accuracy") is not None and r["arm"] in arms:
             key = (r["arm"], r["seed"])
             if key not in final or _stage_order(r["stage"]) > _stage_order(final[key]["stage"]):
                 final[key] = r
-    seeds = sorted({s for a, s in final if a == "grpo"} & {s for a, s in final if a == "loop"})
+    a, b = arms
+    seeds = sorted({s for arm, s in final if arm == a} & {s for arm, s in final if arm == b})
     for key in keys:
-        diffs = [final[("loop", s)][key] - final[("grpo", s)][key] for s in seeds
-                 if final[("loop", s)].get(key) is not None and final[("grpo", s)].get(key) is not None]  # fmt: skip
+        diffs = [final[(a, s)][key] - final[(b, s)][key] for s in seeds
+                 if final[(a, s)].get(key) is not None and final[(b, s)].get(key) is not None]  # fmt: skip
         if diffs:
             mean, half = interval95(diffs)
             out[key] = {
@@ -338,13 +361,15 @@ def plot(summary: list[dict[str, Any]], path: Path, title: str, rows: list[dict[
 
     panels = (("accuracy", "greedy accuracy"), ("sampled_accuracy", "sampled accuracy (T=1)"),
               ("sampled_inconsistency_rate", "inconsistency (sampled, rule judge)"))  # fmt: skip
-    evaluated = [r for r in rows or [] if r.get("accuracy") is not None and r["arm"] in ("grpo", "loop")]
+    evaluated = [r for r in rows or [] if r.get("accuracy") is not None and r["arm"] in ARMS]
+    colours = {"grpo": "tab:blue", "loop": "tab:red", "nodpo": "tab:green"}
+    present = [arm for arm in ARMS if any(e["arm"] == arm for e in summary)]
     fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4))
     for ax, (key, label) in zip(axes, panels, strict=True):
-        for arm, colour in (("grpo", "tab:blue"), ("loop", "tab:red")):
+        for arm in present:
+            colour, name = colours[arm], ARMS[arm]
             pts = [e for e in summary if e["arm"] == arm and key in e]
             x = [e[time_key] for e in pts]
-            name = "GRPO alone" if arm == "grpo" else "VerIPO loop"
             ax.plot(x, [e[key] for e in pts], marker="o", color=colour, linewidth=2, label=f"{name} (mean)")
             per_seed: dict[int, list[dict[str, Any]]] = {}
             for r in evaluated:
@@ -398,7 +423,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=None, help="JSON path (PNG beside it)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--warm-only", action="store_true", help="only the warm start and its control")
-    parser.add_argument("--arms", nargs="+", choices=("grpo", "loop"), default=["grpo", "loop"])
+    parser.add_argument("--arms", nargs="+", choices=tuple(ARMS), default=["grpo", "loop"],
+                        help="nodpo: the loop without DPO stages (an ablation; not run unless named)")  # fmt: skip
     parser.add_argument("--from-json", type=Path, default=None,
                         help="re-summarise, print and plot an earlier run's JSON (rewritten in place)")  # fmt: skip
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="override a Setting field")
@@ -494,10 +520,17 @@ def report(result: dict[str, Any], out: Path) -> int:
         for key, d in result["loop_minus_grpo_final_reading"].items():
             print(f"over those seeds, loop - GRPO alone, {key}: {d['mean']:+.3f} ± {d['ci95']:.3f} "
                   f"(per seed {d['per_seed']})")  # fmt: skip
+    if any(r["arm"] == "nodpo" for r in rows):
+        result["ablation"] = {f"{a}_minus_{b}_final": paired_differences(rows, arms=(a, b))
+                              for a, b in (("loop", "nodpo"), ("nodpo", "grpo"))}  # fmt: skip
+        for name, diffs in result["ablation"].items():
+            for key, d in diffs.items():
+                print(f"{name.replace('_final', '')}: {key} {d['mean']:+.3f} ± {d['ci95']:.3f} "
+                      f"(per seed {d['per_seed']})")  # fmt: skip
     costs = result["stage_costs"]
     print(f"GRPO stage / DPO stage CPU time per prompt: {costs['ratio']:.2f} ± {costs['ratio_ci95']:.2f}x")
     out.write_text(json.dumps(result, indent=1))
-    if any(r["arm"] in ("grpo", "loop") for r in rows):
+    if any(r["arm"] in ARMS for r in rows):
         questions = result["setting"]["num_test" if result["split"] == "test" else "num_val"]
         title = f"{result['task']}: VerIPO loop vs GRPO alone ({len(result['seeds'])} seeds, {questions} questions)"
         plot(result["summary"], out.with_suffix(".png"), title, rows)

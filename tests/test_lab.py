@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
+import statistics
 import sys
 from pathlib import Path
 
@@ -168,3 +169,38 @@ def test_a_boolean_setting_reads_true_or_false_and_nothing_else(capsys) -> None:
     with pytest.raises(SystemExit):
         lab.main(["--set", "rl_vision_merger=yes", "--warm-only", "--seeds", "0"])
     assert "rl_vision_merger is true or false" in capsys.readouterr().err
+
+
+def test_paired_differences_subtract_the_named_arms_final_stages_seed_by_seed() -> None:
+    def row(arm: str, seed: int, stage: str, acc: float) -> dict[str, object]:
+        return {"arm": arm, "seed": seed, "stage": stage, "accuracy": acc}
+
+    rows = [
+        row("grpo", 0, "sft", 0.5), row("grpo", 0, "iter_2/grpo", 0.7), row("grpo", 1, "iter_2/grpo", 0.6),
+        row("nodpo", 0, "iter_1/grpo", 0.1), row("nodpo", 0, "iter_2/grpo", 0.8), row("nodpo", 1, "iter_2/grpo", 0.4),
+        row("loop", 0, "iter_2/dpo", 0.9), row("loop", 0, "iter_2/grpo", 0.2),  # dpo is the later stage
+        {"arm": "nodpo", "seed": 0, "stage": "iter_2/dpo", "skipped": "..."},  # not evaluated: ignored
+    ]  # fmt: skip
+    default = lab.paired_differences(rows, keys=("accuracy",))
+    assert default["accuracy"]["per_seed"] == [
+        pytest.approx(0.2)
+    ]  # loop - grpo, seed 0 only (no loop seed 1)
+    ablation = lab.paired_differences(rows, keys=("accuracy",), arms=("nodpo", "grpo"))["accuracy"]
+    assert ablation["per_seed"] == [pytest.approx(0.1), pytest.approx(-0.2)]
+    assert ablation["mean"] == pytest.approx(-0.05)
+    assert ablation["ci95"] == pytest.approx(12.71 * statistics.stdev([0.1, -0.2]) / math.sqrt(2), abs=1e-4)
+
+
+def test_each_arm_gets_its_own_loop_options() -> None:
+    from lightning_veripo.verifier import RuleJudge
+
+    setting = lab.Setting(min_questions_with_pairs=8)
+    assert lab.arm_options(setting, "grpo") == {"grpo_only": True, "judge": None}
+    loop = lab.arm_options(setting, "loop")
+    assert loop["grpo_only"] is False and isinstance(loop["judge"], RuleJudge)
+    assert "min_questions_with_pairs" not in loop  # the setting's 8 applies
+    nodpo = lab.arm_options(setting, "nodpo")
+    assert nodpo["grpo_only"] is False and isinstance(nodpo["judge"], RuleJudge)
+    assert nodpo["min_questions_with_pairs"] > 10**12  # more questions than any data set: no DPO stage runs
+    with pytest.raises(ValueError, match="expected one of grpo, loop, nodpo"):
+        lab.arm_options(setting, "dpo")

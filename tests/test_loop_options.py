@@ -80,6 +80,10 @@ def test_iterate_evaluates_the_base_and_skips_dpo_below_the_minimum_of_questions
         f"the verifier's pairs cover {covered} question(s), fewer than min_questions_with_pairs=1000"
     )
     assert "iter_1/dpo skipped" in run.stderr
+    # a skipped DPO stage still leaves the data filter to the next GRPO fit (the lab's `nodpo` ablation rests on it)
+    solved = json.loads((work / "iter_1/verifier/stats.json").read_text())["always_solved"]
+    dropped = json.loads((work / "iter_1/exclude_ids.json").read_text())
+    assert set(dropped) <= set(solved) and len(dropped) == int(len(solved) * 0.8)
     rows = [json.loads(x) for x in (work / "metrics.jsonl").read_text().splitlines()]
     assert [r["stage"] for r in rows] == ["base", "sft", "iter_1/grpo"]
     for row in rows:
