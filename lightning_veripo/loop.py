@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import random
 import time
 from dataclasses import dataclass, field
@@ -35,6 +34,7 @@ from lightning_veripo.console import header, held_back, plural, quiet, say
 from lightning_veripo.data.videoqa import FrameSampling
 from lightning_veripo.verifier.judges import Judge, RuleJudge
 from lightning_veripo.verifier.pairs import PairConfig
+from lightning_veripo.verifier.run import write_text_atomic
 
 
 @dataclass
@@ -43,15 +43,6 @@ class Stage:
 
     config: str
     args: list[str] = field(default_factory=list)
-
-
-def _write_json_atomic(path: Path, data: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w") as f:
-        json.dump(data, f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 class LoopState:
@@ -75,7 +66,7 @@ class LoopState:
 
     def mark(self, stage: str, adapter: str | None, **info: Any) -> None:
         self.data["finished"].append({"stage": stage, "adapter": adapter, **info})
-        _write_json_atomic(self.path, self.data)
+        write_text_atomic(self.path, json.dumps(self.data, indent=1))
 
 
 def run_stage(
@@ -274,7 +265,7 @@ def iterate(
     def record(row: dict[str, Any], name: str, adapter: str | None, **info: Any) -> None:
         rows.append(row)
         _log_eval(tensorboard, row)
-        _write_lines_atomic(work / "metrics.jsonl", [json.dumps(r) for r in rows])
+        write_text_atomic(work / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
         state.mark(name, adapter, **info)
         sampled = f", sampled accuracy {row['sampled_accuracy']:.3f}" if "sampled_accuracy" in row else ""
         say(f"   {name}: accuracy {row['accuracy']:.3f}{sampled}, format {row['format_rate']:.3f}, "
@@ -386,7 +377,7 @@ def _discard_solved(stats_path: Path, out: Path, fraction: float, seed: int) -> 
         return None
     solved = sorted(json.loads(stats_path.read_text()).get("always_solved", []))
     drop = random.Random(seed).sample(solved, int(len(solved) * fraction))
-    _write_json_atomic(out, sorted(drop))
+    write_text_atomic(out, json.dumps(sorted(drop), indent=1))
     return out
 
 
@@ -412,12 +403,6 @@ def _rss_mb() -> float:
 
 def _read_lines(path: Path) -> list[str]:
     return [x for x in path.read_text().splitlines() if x.strip()] if path.exists() else []
-
-
-def _write_lines_atomic(path: Path, lines: list[str]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text("".join(line + "\n" for line in lines))
-    os.replace(tmp, path)
 
 
 def _log_eval(tensorboard: Path, row: dict[str, Any]) -> None:
