@@ -84,9 +84,9 @@ class Setting:
     rl_vision_merger: bool = False
 
 
-# The language model's projections (LoRAConfig's default) and the vision merger's two linear layers.
-MERGER_LORA = (r".*(language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
-               r"|visual\.merger\.mlp\.[02])")  # fmt: skip
+# The language model's projections (LoRAConfig's default) and the vision merger's two linear layers
+# (lightning_veripo.backbone.LORA_TARGETS), as configs/demo.yaml's RL stages have them.
+MERGER_LORA = "language_model+merger"
 
 
 JUDGES = ("rule", "hybrid")

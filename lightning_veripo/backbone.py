@@ -25,6 +25,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -56,16 +57,37 @@ _MODALITIES = (
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+_LANGUAGE_MODEL = r"language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
+# The vision merger's two linear layers (the projection of the video into the language model): Qwen2-VL and
+# Qwen2.5-VL name them `visual.merger.mlp.0/2`, Qwen3-VL `visual.merger.linear_fc1/2`.
+_MERGER = r"visual\.merger\.(mlp\.[02]|linear_fc[12])"
+# Named LoRA targets for `LoRAConfig.target_modules`, as regexes that peft matches (re.fullmatch) to module names.
+LORA_TARGETS = {
+    "language_model": rf".*{_LANGUAGE_MODEL}",
+    "language_model+merger": rf".*({_LANGUAGE_MODEL}|{_MERGER})",
+}
+
+
 @dataclass
 class LoRAConfig:
-    """peft LoRA settings. The default targets the language model's attention and MLP projections only."""
+    """peft LoRA settings.
+
+    `target_modules` is a name in `LORA_TARGETS` (`language_model`: the language model's attention and MLP
+    projections; `language_model+merger`: those and the vision merger, which needs `freeze_vision=false`), a
+    regex that peft matches whole against module names, or a list of module names. The default is the
+    `language_model` regex, written out.
+    """
 
     r: int = 16
     alpha: int = 32
     dropout: float = 0.0
-    target_modules: str | list[str] = (
-        r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
-    )
+    target_modules: str | list[str] = LORA_TARGETS["language_model"]
+
+    def resolved_targets(self) -> str | list[str]:
+        """`target_modules` with a preset name replaced by its regex."""
+        if isinstance(self.target_modules, str):
+            return LORA_TARGETS.get(self.target_modules, self.target_modules)
+        return self.target_modules
 
 
 _TRUE = {"1", "on", "yes", "true"}
@@ -188,6 +210,11 @@ class VideoLLM(nn.Module):
                 f"VideoLLM adapter_path={adapter_path!r} continues a LoRA adapter and needs `lora` settings; to "
                 "fold a finished adapter into the weights for full fine-tuning, pass it in merge_adapters"
             )
+        if lora is not None and lora.target_modules == "language_model+merger" and freeze_vision:
+            raise ValueError(
+                "VideoLLM lora.target_modules='language_model+merger' puts LoRA on the vision merger, which is "
+                "part of the vision tower: set freeze_vision=false, or the merger's adapter gets no gradient"
+            )
         self.model_name_or_path = str(model_name_or_path)
         self.dtype_name = dtype
         self.attn_implementation = attn_implementation
@@ -257,10 +284,18 @@ class VideoLLM(nn.Module):
             r=self.lora.r,
             lora_alpha=self.lora.alpha,
             lora_dropout=self.lora.dropout,
-            target_modules=self.lora.target_modules,
+            target_modules=self.lora.resolved_targets(),
             bias="none",
         )
-        return get_peft_model(model, spec)
+        peft_model = get_peft_model(model, spec)
+        if self.lora.target_modules == "language_model+merger":
+            merger = [n for n, _ in peft_model.named_modules() if re.search(_MERGER + r"\.lora_A$", n)]
+            if not merger:
+                raise ValueError(
+                    f"LoRA target_modules='language_model+merger': {type(model).__name__} has no vision merger "
+                    f"layer this preset knows ({_MERGER}); give a regex that names its merger's layers"
+                )
+        return peft_model
 
     @staticmethod
     def _vision_tower(model: nn.Module) -> nn.Module:

@@ -260,3 +260,28 @@ def test_arch_grpo_temporal_bonus_runs_on_shuffled_frame_features(arch_backbone,
     record = _fit_grpo(arch_backbone, synthetic_dir, "completion_chars", steps=1, temporal=True)
 
     assert "train/rewards/temporal" in record.metrics[0]
+
+
+def test_the_merger_lora_preset_adapts_the_language_model_and_the_merger_and_no_other_vision_layer(
+    arch_model: tuple[str, Path], arch_batch: dict[str, Any]
+) -> None:
+    lora = LoRAConfig(r=4, alpha=8, target_modules="language_model+merger")
+    backbone = VideoLLM(str(arch_model[1]), lora=lora, freeze_vision=False).load()
+    adapted = {n.removesuffix(".lora_A") for n, _ in backbone.model.named_modules() if n.endswith(".lora_A")}
+    vision = {n for n in adapted if ".visual." in n}
+    merger = {"qwen3_vl": ("linear_fc1", "linear_fc2")}.get(arch_model[0], ("mlp.0", "mlp.2"))
+    assert {n.split(".visual.")[1] for n in vision} == {f"merger.{m}" for m in merger}
+    plain = {
+        n.removesuffix(".lora_A")
+        for n, _ in VideoLLM(str(arch_model[1]), lora=LoRAConfig(r=4, alpha=8)).load().model.named_modules()
+        if n.endswith(".lora_A")
+    }
+    assert adapted - vision == plain and plain  # the language model's adapters are the default's
+    # the merger's adapter learns: the log-probs of a completion give its LoRA weights a gradient
+    completions = _sample(backbone, arch_batch, num_samples=1)
+    per_token = backbone.sequence_logprobs(arch_batch, completions.ids, completions.mask)
+    (per_token * completions.mask).sum().backward()
+    grads = [p.grad for n, p in backbone.model.named_parameters() if ".visual.merger." in n and "lora_B" in n]
+    assert len(grads) == 2 and all(g is not None and g.abs().sum() > 0 for g in grads)
+    with pytest.raises(ValueError, match="set freeze_vision=false"):
+        VideoLLM(str(arch_model[1]), lora=lora)  # the tower frozen: the merger's adapter would never learn

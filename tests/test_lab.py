@@ -152,7 +152,10 @@ def test_rl_vision_merger_puts_the_demos_lora_on_both_rl_stages_and_only_there(t
     demo = yaml.safe_load((REPO / "configs/demo.yaml").read_text())
     for name in ("grpo", "dpo"):
         assert added[1] in demo[name]["args"] and added[0] in demo[name]["args"]
-    # peft matches target_modules (a string) with re.fullmatch against module names
+    # the preset's regex: peft matches it with re.fullmatch against module names
+    from lightning_veripo.backbone import LoRAConfig
+
+    regex = LoRAConfig(target_modules=lab.MERGER_LORA).resolved_targets()
     names = {
         "model.language_model.layers.0.self_attn.q_proj": True,
         "model.language_model.layers.1.mlp.down_proj": True,
@@ -162,7 +165,7 @@ def test_rl_vision_merger_puts_the_demos_lora_on_both_rl_stages_and_only_there(t
         "model.visual.patch_embed.proj": False,
         "lm_head": False,
     }
-    assert {n: bool(re.fullmatch(lab.MERGER_LORA, n)) for n in names} == names
+    assert {n: bool(re.fullmatch(regex, n)) for n in names} == names
 
 
 def test_a_boolean_setting_reads_true_or_false_and_nothing_else(capsys) -> None:
