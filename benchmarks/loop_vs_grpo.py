@@ -75,6 +75,7 @@ class Setting:
     dpo_beta: float = 0.1
     dpo_sft_weight: float = 1.0  # the NLL term on the chosen completion
     min_questions_with_pairs: int = 8
+    discard_solved_fraction: float = 0.8  # share of the always-solved questions the next GRPO fit drops
     eval_samples: int = 8
     judge: str = "rule"  # the loop's verifier judge (evaluations are always rule-judged): JUDGES
     judge_model: str = ""  # judge=hybrid: the LLM's directory (a transformers causal LM); none by default
@@ -176,6 +177,7 @@ def _loop_kwargs(setting: Setting, eval_path: Path, seed: int) -> dict[str, Any]
         eval_sampling=FrameSampling(num_frames=4, min_pixels=3136, max_pixels=3136),
         eval_max_new_tokens=setting.max_new_tokens, eval_batch_size=16, eval_num_samples=setting.eval_samples,
         min_questions_with_pairs=setting.min_questions_with_pairs, val_path=str(eval_path), seed=seed,
+        discard_solved_fraction=setting.discard_solved_fraction,
     )  # fmt: skip
 
 
@@ -246,6 +248,48 @@ def run_seed(
             rows.append({"task": task, "arm": arm, "seed": seed, "stage": f"iter_{k}/verifier",
                          "verifier": {x: st_.get(x) for x in keys}})  # fmt: skip
     return {"rows": rows, "control": {"seed": seed, **{k: control.get(k) for k in METRICS}}}
+
+
+def rescore(task: str, setting: Setting, seed: int, work: Path, eval_path: Path, arms: tuple[str, ...],
+            split: str) -> dict[str, Any]:  # fmt: skip
+    """Evaluate a finished run again on another split, training nothing: the warm start (with its control) and
+    each arm's last trained stage, every adapter merged in order. A difference seen on one split should hold on
+    the other; a setting chosen from the test split's numbers is checked on the development split this way."""
+    from lightning_veripo.backbone import VideoLLM
+    from lightning_veripo.evaluate import evaluate
+    from lightning_veripo.verifier import RuleJudge
+
+    kwargs = _loop_kwargs(setting, eval_path, seed)
+    base = work / f"model_{seed}"
+
+    def scored(adapters: list[str], path: Path) -> dict[str, Any]:
+        policy = VideoLLM(str(base), merge_adapters=adapters).load()
+        metrics = evaluate(policy, str(path), kwargs["eval_sampling"], setting.max_new_tokens, 16, judge=RuleJudge(),
+                           num_samples=setting.eval_samples, seed=seed)  # fmt: skip
+        return {k: metrics.get(k) for k in METRICS}
+
+    def trained(arm: str) -> list[dict[str, Any]]:
+        state_path = work / f"seed_{seed}" / arm / "state.json"
+        if not state_path.is_file():
+            raise FileNotFoundError(f"{state_path}: no finished {arm!r} run of seed {seed} to evaluate again")
+        return [s for s in json.loads(state_path.read_text())["finished"] if s.get("adapter")]
+
+    warm = trained("warm")
+    warm_row = scored([s["adapter"] for s in warm], eval_path)
+    control = scored(
+        [s["adapter"] for s in warm],
+        rotated_videos(eval_path, work / f"seed_{seed}" / f"control_{split}.json"),
+    )
+    rows = []
+    for arm in arms:
+        stages = trained(arm)
+        rows.append(
+            {"task": task, "arm": arm, "seed": seed, "stage": warm[-1]["stage"], "split": split, **warm_row}
+        )
+        if len(stages) > len(warm):
+            rows.append({"task": task, "arm": arm, "seed": seed, "stage": stages[-1]["stage"], "split": split,
+                         **scored([s["adapter"] for s in stages], eval_path)})  # fmt: skip
+    return {"rows": rows, "control": {"seed": seed, **control}}
 
 
 def interval95(values: list[float]) -> tuple[float, float]:
@@ -343,7 +387,8 @@ def print_table(summary: list[dict[str, Any]], control: list[dict[str, Any]]) ->
     print(head + " ".join(f"{c:>15}" for c in short))
     for e in summary:
         cells = [f"{e.get(c, float('nan')):.3f}±{e.get(c + '_ci95', 0):.3f}".rjust(15) for c in cols]
-        print(f"{e['arm']:5} {e['stage']:11} {e['wall_s']:8.1f} {e.get('cpu_s', 0.0):8.1f} {e['steps']:6.0f} "
+        wall, cpu, steps = (e.get(k, math.nan) for k in ("wall_s", "cpu_s", "steps"))  # none when rescored
+        print(f"{e['arm']:5} {e['stage']:11} {wall:8.1f} {cpu:8.1f} {steps:6.0f} "
               + " ".join(cells))  # fmt: skip
     for key in ("accuracy", "sampled_accuracy"):
         mean, half = interval95([c[key] for c in control])
@@ -428,6 +473,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--from-json", type=Path, default=None,
                         help="re-summarise, print and plot an earlier run's JSON (rewritten in place)")  # fmt: skip
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="override a Setting field")
+    parser.add_argument("--rescore", action="store_true",
+                        help="train nothing: evaluate a finished run in --work (the same --arms, --seeds and --set) "
+                        "again on --split, the warm start and each arm's last stage")  # fmt: skip
     args = parser.parse_args(argv)
     if args.from_json is not None:
         return report(json.loads(args.from_json.read_text()), args.from_json)
@@ -456,6 +504,8 @@ def main(argv: list[str] | None = None) -> int:
             make_judge(setting)
         except ValueError as err:
             parser.error(str(err))
+    if args.rescore and (args.work is None or not (args.work / "data" / "train.json").is_file()):
+        parser.error("--rescore evaluates a finished run again: give its --work directory")
     work = args.work or Path(f"/tmp/loop_vs_grpo_{args.task}_{int(time.time())}")
     data = work / "data"
     if not (data / "train.json").exists():
@@ -467,11 +517,14 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     for seed in args.seeds:
         arms = () if args.warm_only else tuple(args.arms)
-        result = run_seed(args.task, setting, seed, work, eval_path, data, arms)
+        if args.rescore:
+            result = rescore(args.task, setting, seed, work, eval_path, arms, args.split)
+        else:
+            result = run_seed(args.task, setting, seed, work, eval_path, data, arms)
         rows += result["rows"]
         control.append(result["control"])
     suffix = ("_quick" if args.quick else "") + ("_dev" if args.split == "val" else "")
-    suffix += "_warm" if args.warm_only else ""
+    suffix += ("_warm" if args.warm_only else "") + ("_rescored" if args.rescore else "")
     out = args.out or RESULTS / f"loop_vs_grpo_{args.task}{suffix}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     result = {"task": args.task, "split": args.split, "seeds": args.seeds, "setting": asdict(setting),
@@ -528,9 +581,12 @@ def report(result: dict[str, Any], out: Path) -> int:
                 print(f"{name.replace('_final', '')}: {key} {d['mean']:+.3f} ± {d['ci95']:.3f} "
                       f"(per seed {d['per_seed']})")  # fmt: skip
     costs = result["stage_costs"]
-    print(f"GRPO stage / DPO stage CPU time per prompt: {costs['ratio']:.2f} ± {costs['ratio_ci95']:.2f}x")
+    if costs["per_seed"]:  # only a loop arm with a DPO stage has both costs
+        print(
+            f"GRPO stage / DPO stage CPU time per prompt: {costs['ratio']:.2f} ± {costs['ratio_ci95']:.2f}x"
+        )
     out.write_text(json.dumps(result, indent=1))
-    if any(r["arm"] in ARMS for r in rows):
+    if any(r["arm"] in ARMS and r.get("cpu_s") is not None for r in rows):  # a rescored run has no times
         questions = result["setting"]["num_test" if result["split"] == "test" else "num_val"]
         title = f"{result['task']}: VerIPO loop vs GRPO alone ({len(result['seeds'])} seeds, {questions} questions)"
         plot(result["summary"], out.with_suffix(".png"), title, rows)

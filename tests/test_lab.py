@@ -86,6 +86,21 @@ def test_on_the_quick_setting_grpo_alone_raises_held_out_accuracy_above_a_warm_s
     assert trained["sampled_accuracy"] > warm["sampled_accuracy"], "GRPO alone must improve on the warm start"
     assert trained["steps"] == 2 * report["setting"]["grpo_steps"]
 
+    # --rescore trains nothing and evaluates the finished run again: on the same split it gives the run's numbers
+    # (adapters merged in order instead of live; the same questions, batches and sampling seed)
+    again = tmp_path / "again.json"
+    lab.main(["--task", "colour", "--quick", "--seeds", "0", "--arms", "grpo", "--work", str(tmp_path / "work"),
+              "--out", str(again), "--rescore"])  # fmt: skip
+    rescored = json.loads(again.read_text())
+    assert {r["stage"] for r in rescored["rows"]} == {"sft", "iter_2/grpo"}
+    for r in rescored["rows"]:
+        for key in ("accuracy", "sampled_accuracy", "inconsistency_rate"):
+            assert r[key] == pytest.approx(rows[r["stage"]][key], abs=1.5 / 128), (r["stage"], key)
+    assert rescored["control"][0]["sampled_accuracy"] == pytest.approx(
+        control["sampled_accuracy"], abs=1.5 / 128
+    )
+    assert not (tmp_path / "work" / "seed_0" / "grpo" / "iter_3").exists()  # nothing trained
+
 
 def test_seeds_reading_the_video_are_those_whose_warm_start_beats_their_own_control_by_the_margin() -> None:
     rows = [
@@ -207,3 +222,14 @@ def test_each_arm_gets_its_own_loop_options() -> None:
     assert nodpo["min_questions_with_pairs"] > 10**12  # more questions than any data set: no DPO stage runs
     with pytest.raises(ValueError, match="expected one of grpo, loop, nodpo"):
         lab.arm_options(setting, "dpo")
+    # the data filter's share is a setting of every arm's loop (GRPO alone runs no verifier, so it has no effect)
+    kwargs = lab._loop_kwargs(lab.Setting(discard_solved_fraction=0.0), Path("test.json"), seed=0)
+    assert kwargs["discard_solved_fraction"] == 0.0
+    assert lab._loop_kwargs(lab.Setting(), Path("test.json"), seed=0)["discard_solved_fraction"] == 0.8
+
+
+def test_rescore_needs_a_finished_run(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        lab.main(["--rescore", "--work", str(tmp_path / "nothing"), "--seeds", "0"])
+    assert "--rescore evaluates a finished run again: give its --work directory" in capsys.readouterr().err
+    assert not (tmp_path / "nothing").exists()
