@@ -15,6 +15,7 @@ uninterrupted fit's. `verify_checkpoint` does the same from a checkpoint file, w
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -91,6 +92,7 @@ class VerifierCallback(pl.Callback):
         self.judge_batch_size = judge_batch_size
         self.progress = progress
         self.rollouts: list[Rollout] = []
+        self._rollout_lines: list[str] = []  # self.rollouts as JSON lines, the form checkpoints hold
         self.stats: dict[str, Any] | None = None
         self.resolved_out_dir: Path | None = None
         self._trained = False
@@ -100,6 +102,7 @@ class VerifierCallback(pl.Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage == "fit":  # a callback reused for another fit starts empty; a resume restores after this
             self.rollouts, self.stats, self._trained, self._restored = [], None, False, False
+            self._rollout_lines = []
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._trained = True
@@ -116,7 +119,11 @@ class VerifierCallback(pl.Callback):
                 )
                 self._warned_no_rollouts = True
             return
-        self.rollouts.extend(r if isinstance(r, Rollout) else Rollout.from_dict(r) for r in rollouts)
+        added = [r if isinstance(r, Rollout) else Rollout.from_dict(r) for r in rollouts]
+        self.rollouts.extend(added)
+        # encoded once here: a checkpoint is saved after every step, and converting the whole fit's rollouts
+        # at each save made a 64-step fit's checkpoints cost as much CPU as its training
+        self._rollout_lines.extend(json.dumps(r.to_dict()) + "\n" for r in added)
 
     def _out_dir(self, trainer: pl.Trainer) -> Path:
         # trainer.log_dir is a collective: every rank runs it.
@@ -192,13 +199,21 @@ class VerifierCallback(pl.Callback):
     def state_dict(self) -> dict[str, Any]:
         # Lightning saves rank zero's callback state only, so gather every rank's rollouts into it. Checkpoint
         # saving runs on all ranks (trainer.save_checkpoint is collective), so this collective is reached by all.
-        return {"rollouts": [r.to_dict() for r in _all_rollouts(self.rollouts)]}
+        # One string of JSON lines: a checkpoint after every step then copies it instead of re-encoding every
+        # rollout of the fit so far.
+        local = "".join(self._rollout_lines)
+        if not _distributed():
+            return {"rollouts_jsonl": local}
+        shards: list[Any] = [None] * dist.get_world_size()
+        dist.all_gather_object(shards, local)
+        return {"rollouts_jsonl": "".join(shards)}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        rollouts = [Rollout.from_dict(d) for d in state_dict.get("rollouts", [])]
+        rollouts = _state_rollouts(state_dict)
         # The checkpoint holds every rank's rollouts; rank zero, which judges them all, takes them.
         rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
         self.rollouts = rollouts if rank == 0 else []
+        self._rollout_lines = [json.dumps(r.to_dict()) + "\n" for r in self.rollouts]
         self._restored = True
 
     def _log(self, trainer: pl.Trainer, stats: dict[str, Any], out_dir: Path) -> None:
@@ -240,7 +255,15 @@ def checkpoint_rollouts(ckpt_path: str | Path) -> list[Rollout]:
         raise ValueError(
             f"{path} holds {len(states)} {name} states (expected 1): was the fit run with one VerifierCallback?"
         )
-    return [Rollout.from_dict(d) for d in states[0].get("rollouts", [])]
+    return _state_rollouts(states[0])
+
+
+def _state_rollouts(state: dict[str, Any]) -> list[Rollout]:
+    """The rollouts of a VerifierCallback state: JSON lines (`rollouts_jsonl`), or the list of dicts that
+    checkpoints written before that form hold (`rollouts`)."""
+    if "rollouts_jsonl" in state:
+        return [Rollout.from_dict(json.loads(line)) for line in state["rollouts_jsonl"].split("\n") if line]
+    return [Rollout.from_dict(d) for d in state.get("rollouts", [])]
 
 
 def verify_checkpoint(

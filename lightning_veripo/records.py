@@ -7,6 +7,7 @@ everything the Rollout-Aware Verifier needs to judge it and build preference pai
 
 from __future__ import annotations
 
+import copy
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -68,9 +69,23 @@ class Rollout:
         return float(self.rewards.get("accuracy", 0.0))
 
     def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["record"] = self.record.to_dict()
-        return d
+        """A JSON-ready copy (nothing shared with the rollout but immutable values). Written out field by field:
+        `dataclasses.asdict` copies `completion_ids` element by element, and the verifier's checkpoint state
+        converts every rollout of a fit."""
+        return {
+            "record": self.record.to_dict(),
+            "completion": self.completion,
+            "completion_ids": list(self.completion_ids),
+            "rewards": dict(self.rewards),
+            "reward": self.reward,
+            "advantage": self.advantage,
+            "group_mean_accuracy": self.group_mean_accuracy,
+            "truncated": self.truncated,
+            "step": self.step,
+            "sample_index": self.sample_index,
+            "prompt": self.prompt,
+            "sampling": copy.deepcopy(self.sampling),
+        }
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Rollout:

@@ -418,3 +418,52 @@ def test_under_ddp_every_rank_rollouts_reach_the_verifier_and_survive_a_resume(t
     ]  # fmt: skip
     assert len(rollouts) == 8
     assert untimed_files(tmp_path / "verifier") == untimed_files(tmp_path / "verifier_uninterrupted")
+
+
+def test_a_rollouts_dict_is_an_independent_copy_of_every_field() -> None:
+    import dataclasses
+
+    rollout = group_rollouts("q0", 3)[0]
+    rollout.completion_ids = [5, 6, 7]
+    rollout.sampling = {"temperature": 1.0, "frames": [0, 4, 8]}
+    d = rollout.to_dict()
+    assert d == dataclasses.asdict(rollout) | {"record": rollout.record.to_dict()}
+    assert Rollout.from_dict(json.loads(json.dumps(d))) == dataclasses.replace(
+        rollout, sampling={"temperature": 1.0, "frames": [0, 4, 8]}
+    )
+    d["completion_ids"].append(8)
+    d["rewards"]["accuracy"] = -1.0
+    d["sampling"]["frames"].append(12)
+    assert rollout.completion_ids == [5, 6, 7] and rollout.rewards["accuracy"] == 1.0
+    assert rollout.sampling["frames"] == [0, 4, 8]
+
+
+def test_saving_a_checkpoint_does_not_encode_the_fits_rollouts_again(tmp_path, monkeypatch):
+    """A checkpoint is saved after every step: each rollout is encoded once, when it arrives, not at every save
+    (which made the checkpoints of a 64-step fit cost as much CPU as its training)."""
+    calls = []
+    original = Rollout.to_dict
+    monkeypatch.setattr(Rollout, "to_dict", lambda self: calls.append(self.step) or original(self))
+    checkpointed_fit(tmp_path, 3, [VerifierCallback(progress=False)])
+    encoded_for_checkpoints = len(calls) - 12  # the verifier's rollouts.jsonl writes each rollout once too
+    assert encoded_for_checkpoints == 12  # 3 steps x 4 rollouts, each once, though 6 checkpoints were saved
+    assert [r.step for r in checkpoint_rollouts(tmp_path / "ckpt" / "last.ckpt")] == [0] * 4 + [1] * 4 + [
+        2
+    ] * 4
+
+
+def test_a_checkpoint_written_before_the_json_lines_state_still_resumes(tmp_path):
+    """Checkpoints of earlier versions hold the rollouts as a list of dicts; they load and resume as before."""
+    checkpointed_fit(tmp_path, 2, [VerifierCallback(progress=False)])
+    path = tmp_path / "ckpt" / "last.ckpt"
+    checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    (key,) = [k for k in checkpoint["callbacks"] if k.startswith("VerifierCallback")]
+    state = checkpoint["callbacks"][key]
+    lines = state.pop("rollouts_jsonl").splitlines()
+    state["rollouts"] = [json.loads(line) for line in lines]
+    torch.save(checkpoint, path)
+    assert [r.step for r in checkpoint_rollouts(path)] == [0] * 4 + [1] * 4
+    resumed = VerifierCallback(progress=False)
+    checkpointed_fit(tmp_path, 3, [resumed], ckpt_path=path)
+    assert resumed.stats is not None and resumed.stats["num_rollouts"] == 12
+    assert [r.step for r in checkpoint_rollouts(path)] == [0] * 4 + [1] * 4 + [2] * 4  # saved in the new form
