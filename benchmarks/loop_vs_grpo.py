@@ -345,18 +345,24 @@ def stage_costs(rows: list[dict[str, Any]], setting: dict[str, Any]) -> dict[str
     return {"per_seed": per_seed, "ratio": round(mean, 2), "ratio_ci95": round(half, 2)}
 
 
-def paired_differences(rows: list[dict[str, Any]], keys: tuple[str, ...] = ("accuracy", "sampled_accuracy",
-                       "sampled_inconsistency_rate", "sampled_reasoning_tokens"),
-                       arms: tuple[str, str] = ("loop", "grpo")) -> dict[str, Any]:  # fmt: skip
-    """Arm `arms[0]` minus arm `arms[1]` (default: the loop minus GRPO alone) after the last evaluated stage of
-    each, per seed (the same warm start: a paired comparison), with the mean and 95% interval over seeds."""
-    out: dict[str, Any] = {}
+def final_rows(rows: list[dict[str, Any]], arms: tuple[str, ...]) -> dict[tuple[str, int], dict[str, Any]]:
+    """(arm, seed) -> the row of that arm's last evaluated stage on that seed."""
     final: dict[tuple[str, int], dict[str, Any]] = {}
     for r in rows:
         if r.get("accuracy") is not None and r["arm"] in arms:
             key = (r["arm"], r["seed"])
             if key not in final or _stage_order(r["stage"]) > _stage_order(final[key]["stage"]):
                 final[key] = r
+    return final
+
+
+def paired_differences(rows: list[dict[str, Any]], keys: tuple[str, ...] = ("accuracy", "sampled_accuracy",
+                       "sampled_inconsistency_rate", "sampled_reasoning_tokens"),
+                       arms: tuple[str, str] = ("loop", "grpo")) -> dict[str, Any]:  # fmt: skip
+    """Arm `arms[0]` minus arm `arms[1]` (default: the loop minus GRPO alone) after the last evaluated stage of
+    each, per seed (the same warm start: a paired comparison), with the mean and 95% interval over seeds."""
+    out: dict[str, Any] = {}
+    final = final_rows(rows, arms)
     a, b = arms
     seeds = sorted({s for arm, s in final if arm == a} & {s for arm, s in final if arm == b})
     for key in keys:
@@ -588,7 +594,8 @@ def report(result: dict[str, Any], out: Path) -> int:
     out.write_text(json.dumps(result, indent=1))
     if any(r["arm"] in ARMS and r.get("cpu_s") is not None for r in rows):  # a rescored run has no times
         questions = result["setting"]["num_test" if result["split"] == "test" else "num_val"]
-        title = f"{result['task']}: VerIPO loop vs GRPO alone ({len(result['seeds'])} seeds, {questions} questions)"
+        names = " vs ".join(name for arm, name in ARMS.items() if any(r["arm"] == arm for r in rows))
+        title = f"{result['task']}: {names} ({len(result['seeds'])} seeds, {questions} questions)"
         plot(result["summary"], out.with_suffix(".png"), title, rows)
     print(f"wrote {out}" + (f" and {out.with_suffix('.png')}" if out.with_suffix(".png").exists() else ""))
     return 0
