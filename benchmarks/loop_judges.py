@@ -155,20 +155,15 @@ def rejudge(run: dict[str, Any], seed: int, setting: dict[str, Any], split: str)
     but judged by the rules alone: the loop evaluates with its own judge, and the sampled completions are not
     kept, so this is how a hybrid run's sampled inconsistency is put on the rule judge's yardstick. Done for the
     rule runs too, as a check that reloading the merged adapters reproduces the loop's own evaluation."""
-    from lightning_veripo.backbone import VideoLLM
-    from lightning_veripo.evaluate import evaluate
-    from lightning_veripo.verifier import RuleJudge
-
     work = run["work"]
     lab_dir = work.parents[1]
     adapters = [
         s["adapter"] for s in json.loads((work / "state.json").read_text())["finished"] if s.get("adapter")
     ]
     eval_path = lab_dir / "data" / ("test.json" if split == "test" else "val.json")
-    kwargs = lab._loop_kwargs(lab.Setting(**setting), eval_path, seed)
-    policy = VideoLLM(str(lab_dir / f"model_{seed}"), merge_adapters=adapters).load()
-    metrics = evaluate(policy, str(eval_path), kwargs["eval_sampling"], kwargs["eval_max_new_tokens"],
-                       kwargs["eval_batch_size"], RuleJudge(), num_samples=kwargs["eval_num_samples"], seed=seed)  # fmt: skip
+    metrics = lab.evaluate_merged(
+        lab.Setting(**setting), lab_dir / f"model_{seed}", adapters, eval_path, seed
+    )
     return {k: round(metrics[k], 6) for k in FINAL if k in metrics}
 
 

@@ -181,6 +181,21 @@ def _loop_kwargs(setting: Setting, eval_path: Path, seed: int) -> dict[str, Any]
     )  # fmt: skip
 
 
+def evaluate_merged(
+    setting: Setting, base: Path, adapters: list[str], path: Path, seed: int
+) -> dict[str, Any]:
+    """`base` with `adapters` merged in order, evaluated on `path` as the loop evaluates its stages (the lab's
+    frames, batch, samples and sampling seed), judged by the rules."""
+    from lightning_veripo.backbone import VideoLLM
+    from lightning_veripo.evaluate import evaluate
+    from lightning_veripo.verifier import RuleJudge
+
+    kwargs = _loop_kwargs(setting, path, seed)
+    policy = VideoLLM(str(base), merge_adapters=adapters).load()
+    return evaluate(policy, str(path), kwargs["eval_sampling"], kwargs["eval_max_new_tokens"],
+                    kwargs["eval_batch_size"], RuleJudge(), num_samples=kwargs["eval_num_samples"], seed=seed)  # fmt: skip
+
+
 def rotated_videos(path: Path, out: Path) -> Path:
     """The control: the same questions, each with the next record's video (a policy blind to the video
     scores the same here; one that reads it drops toward chance)."""
@@ -198,8 +213,6 @@ def run_seed(
     task: str, setting: Setting, seed: int, work: Path, eval_path: Path, data: Path, arms: tuple[str, ...]
 ) -> dict[str, Any]:
     """The warm start of one seed, its control, then both arms; returns rows and the control's metrics."""
-    from lightning_veripo.backbone import VideoLLM
-    from lightning_veripo.evaluate import evaluate
     from lightning_veripo.loop import iterate
     from lightning_veripo.tiny import make_tiny_model
     from lightning_veripo.verifier import RuleJudge
@@ -212,12 +225,8 @@ def run_seed(
     kwargs = _loop_kwargs(setting, eval_path, seed)
     iterate(str(model), st["grpo"], st["dpo"], work_dir=str(warm), iterations=0, sft=st["sft"], **kwargs)
     state = json.loads((warm / "state.json").read_text())
-    policy = VideoLLM(str(model), merge_adapters=[s["adapter"] for s in state["finished"]])
-    policy.load()
-    control = evaluate(policy, str(rotated_videos(eval_path, work / f"seed_{seed}" / "control.json")),
-                       kwargs["eval_sampling"], setting.max_new_tokens, 16, num_samples=setting.eval_samples,
-                       seed=seed)  # fmt: skip
-    del policy
+    control = evaluate_merged(setting, model, [s["adapter"] for s in state["finished"]],
+                              rotated_videos(eval_path, work / f"seed_{seed}" / "control.json"), seed)  # fmt: skip
     rows = []
     warm_row = json.loads((warm / "metrics.jsonl").read_text().splitlines()[0])
     if not arms:
@@ -255,17 +264,10 @@ def rescore(task: str, setting: Setting, seed: int, work: Path, eval_path: Path,
     """Evaluate a finished run again on another split, training nothing: the warm start (with its control) and
     each arm's last trained stage, every adapter merged in order. A difference seen on one split should hold on
     the other; a setting chosen from the test split's numbers is checked on the development split this way."""
-    from lightning_veripo.backbone import VideoLLM
-    from lightning_veripo.evaluate import evaluate
-    from lightning_veripo.verifier import RuleJudge
-
-    kwargs = _loop_kwargs(setting, eval_path, seed)
     base = work / f"model_{seed}"
 
     def scored(adapters: list[str], path: Path) -> dict[str, Any]:
-        policy = VideoLLM(str(base), merge_adapters=adapters).load()
-        metrics = evaluate(policy, str(path), kwargs["eval_sampling"], setting.max_new_tokens, 16, judge=RuleJudge(),
-                           num_samples=setting.eval_samples, seed=seed)  # fmt: skip
+        metrics = evaluate_merged(setting, base, adapters, path, seed)
         return {k: metrics.get(k) for k in METRICS}
 
     def trained(arm: str) -> list[dict[str, Any]]:
