@@ -123,7 +123,7 @@ class VerifierCallback(pl.Callback):
         self.rollouts.extend(added)
         # encoded once here: a checkpoint is saved after every step, and converting the whole fit's rollouts
         # at each save made a 64-step fit's checkpoints cost as much CPU as its training
-        self._rollout_lines.extend(json.dumps(r.to_dict()) + "\n" for r in added)
+        self._rollout_lines.extend(map(_rollout_line, added))
 
     def _out_dir(self, trainer: pl.Trainer) -> Path:
         # trainer.log_dir is a collective: every rank runs it.
@@ -213,7 +213,7 @@ class VerifierCallback(pl.Callback):
         # The checkpoint holds every rank's rollouts; rank zero, which judges them all, takes them.
         rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
         self.rollouts = rollouts if rank == 0 else []
-        self._rollout_lines = [json.dumps(r.to_dict()) + "\n" for r in self.rollouts]
+        self._rollout_lines = [_rollout_line(r) for r in self.rollouts]
         self._restored = True
 
     def _log(self, trainer: pl.Trainer, stats: dict[str, Any], out_dir: Path) -> None:
@@ -256,6 +256,11 @@ def checkpoint_rollouts(ckpt_path: str | Path) -> list[Rollout]:
             f"{path} holds {len(states)} {name} states (expected 1): was the fit run with one VerifierCallback?"
         )
     return _state_rollouts(states[0])
+
+
+def _rollout_line(rollout: Rollout) -> str:
+    """One rollout as a line of the checkpoint state's `rollouts_jsonl`."""
+    return json.dumps(rollout.to_dict()) + "\n"
 
 
 def _state_rollouts(state: dict[str, Any]) -> list[Rollout]:

@@ -62,9 +62,10 @@ _LANGUAGE_MODEL = r"language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_
 # Qwen2.5-VL name them `visual.merger.mlp.0/2`, Qwen3-VL `visual.merger.linear_fc1/2`.
 _MERGER = r"visual\.merger\.(mlp\.[02]|linear_fc[12])"
 # Named LoRA targets for `LoRAConfig.target_modules`, as regexes that peft matches (re.fullmatch) to module names.
+MERGER_TARGETS = "language_model+merger"
 LORA_TARGETS = {
     "language_model": rf".*{_LANGUAGE_MODEL}",
-    "language_model+merger": rf".*({_LANGUAGE_MODEL}|{_MERGER})",
+    MERGER_TARGETS: rf".*({_LANGUAGE_MODEL}|{_MERGER})",
 }
 
 
@@ -210,9 +211,9 @@ class VideoLLM(nn.Module):
                 f"VideoLLM adapter_path={adapter_path!r} continues a LoRA adapter and needs `lora` settings; to "
                 "fold a finished adapter into the weights for full fine-tuning, pass it in merge_adapters"
             )
-        if lora is not None and lora.target_modules == "language_model+merger" and freeze_vision:
+        if lora is not None and lora.target_modules == MERGER_TARGETS and freeze_vision:
             raise ValueError(
-                "VideoLLM lora.target_modules='language_model+merger' puts LoRA on the vision merger, which is "
+                f"VideoLLM lora.target_modules={MERGER_TARGETS!r} puts LoRA on the vision merger, which is "
                 "part of the vision tower: set freeze_vision=false, or the merger's adapter gets no gradient"
             )
         self.model_name_or_path = str(model_name_or_path)
@@ -288,11 +289,11 @@ class VideoLLM(nn.Module):
             bias="none",
         )
         peft_model = get_peft_model(model, spec)
-        if self.lora.target_modules == "language_model+merger":
+        if self.lora.target_modules == MERGER_TARGETS:
             merger = [n for n, _ in peft_model.named_modules() if re.search(_MERGER + r"\.lora_A$", n)]
             if not merger:
                 raise ValueError(
-                    f"LoRA target_modules='language_model+merger': {type(model).__name__} has no vision merger "
+                    f"LoRA target_modules={MERGER_TARGETS!r}: {type(model).__name__} has no vision merger "
                     f"layer this preset knows ({_MERGER}); give a regex that names its merger's layers"
                 )
         return peft_model
