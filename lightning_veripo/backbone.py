@@ -21,132 +21,37 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import hashlib
-import json
 import logging
-import os
-import re
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 import torch
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
-from lightning_veripo.prefill import completion_hidden_states, prefill_prompts, shared_prefill_blocker
+from lightning_veripo.batching import MODALITIES, expand_prompts, vision_items_per_row
+from lightning_veripo.completions import (
+    FORBIDDEN_GENERATION_TOKENS,
+    Completions,
+    completions_from_ids,
+    end_token_ids,
+    pad_token_id,
+    tokenize_completions,
+)
+from lightning_veripo.lora import MERGER_TARGETS, LoRAConfig, attach_lora
+from lightning_veripo.model_path import resolve_model_path
+from lightning_veripo.policy import policy_identity
+from lightning_veripo.prefill import (
+    activation_checkpointing,
+    active_dropout,
+    prefill_prompts,
+    shared_prefill_blocker,
+)
+from lightning_veripo.scoring import rowwise_logprobs, shared_prompt_logprobs
 
 logger = logging.getLogger(__name__)
 
-# Tokens a rollout must never contain: vision placeholders make the next forward pass fail ("video features
-# and video tokens do not match"), and a new chat turn would leak a fake user message into the completion.
-FORBIDDEN_GENERATION_TOKENS = (
-    "<|image_pad|>",
-    "<|video_pad|>",
-    "<|vision_pad|>",
-    "<|vision_start|>",
-    "<|vision_end|>",
-    "<|im_start|>",
-)
-# (modality, pixel key, grid key, extra per-item keys) as Qwen-VL processors name them.
-_MODALITIES = (
-    ("video", "pixel_values_videos", "video_grid_thw", ("second_per_grid_ts",)),
-    ("image", "pixel_values", "image_grid_thw", ()),
-)
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-_LANGUAGE_MODEL = r"language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
-# The vision merger's two linear layers (the projection of the video into the language model): Qwen2-VL and
-# Qwen2.5-VL name them `visual.merger.mlp.0/2`, Qwen3-VL `visual.merger.linear_fc1/2`.
-_MERGER = r"visual\.merger\.(mlp\.[02]|linear_fc[12])"
-# Named LoRA targets for `LoRAConfig.target_modules`, as regexes that peft matches (re.fullmatch) to module names.
-MERGER_TARGETS = "language_model+merger"
-LORA_TARGETS = {
-    "language_model": rf".*{_LANGUAGE_MODEL}",
-    MERGER_TARGETS: rf".*({_LANGUAGE_MODEL}|{_MERGER})",
-}
-
-
-@dataclass
-class LoRAConfig:
-    """peft LoRA settings.
-
-    `target_modules` is a name in `LORA_TARGETS` (`language_model`: the language model's attention and MLP
-    projections; `language_model+merger`: those and the vision merger, which needs `freeze_vision=false`), a
-    regex that peft matches whole against module names, or a list of module names. The default is the
-    `language_model` regex, written out.
-    """
-
-    r: int = 16
-    alpha: int = 32
-    dropout: float = 0.0
-    target_modules: str | list[str] = LORA_TARGETS["language_model"]
-
-    def resolved_targets(self) -> str | list[str]:
-        """`target_modules` with a preset name replaced by its regex."""
-        if isinstance(self.target_modules, str):
-            return LORA_TARGETS.get(self.target_modules, self.target_modules)
-        return self.target_modules
-
-
-_TRUE = {"1", "on", "yes", "true"}
-_OFFLINE_VARIABLES = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
-
-
-def _hub_offline() -> bool:
-    return any(os.environ.get(name, "").strip().lower() in _TRUE for name in _OFFLINE_VARIABLES)
-
-
-def _in_hub_cache(repo_id: str) -> bool:
-    """Whether the hub cache holds this repo's config.json (what an offline load needs first)."""
-    try:
-        from huggingface_hub import try_to_load_from_cache
-
-        return isinstance(try_to_load_from_cache(repo_id, "config.json"), str)
-    except Exception:  # not a valid repo id, or no hub client: nothing cached under that name
-        return False
-
-
-def resolve_model_path(name_or_path: str) -> str:
-    """A model location for `from_pretrained`: an existing local directory (`~` expanded) or a hub name.
-
-    A missing local path raises FileNotFoundError at once instead of being sent to the hub as a repo id
-    (where it fails only after network retries): when it is absolute, starts with `.` or `~`, has no `/` or
-    more than one, or its first component is a local directory; and any missing location while the hub is
-    offline (`HF_HUB_OFFLINE=1` / `TRANSFORMERS_OFFLINE=1`) unless the hub cache holds it. An `owner/name`
-    that is not a local path goes to transformers, which resolves it on the hub.
-    """
-    text = str(name_or_path)
-    local = Path(text).expanduser()
-    if local.exists():
-        return str(local)
-    parts = text.split("/")
-    looks_local = (
-        local.is_absolute() or text.startswith((".", "~")) or len(parts) != 2 or Path(parts[0]).is_dir()
-    )
-    if looks_local or (_hub_offline() and not _in_hub_cache(text)):
-        why = (
-            "it does not exist"
-            if looks_local
-            else "it does not exist locally, and the hub is offline (HF_HUB_OFFLINE) with no cached copy"
-        )
-        raise FileNotFoundError(
-            f"VideoLLM: model_name_or_path={text!r} is not a model directory: {why}. Build the offline tiny "
-            "model there with `veripo make-tiny-model DIR`, or pass `make_tiny_if_missing=True` to build it "
-            "on first load (demo only); a hub model is named `owner/name`."
-        )
-    return text
-
-
-class Completions(NamedTuple):
-    """G sampled completions per prompt, prompt-major: rows g*G .. g*G+G-1 belong to prompt g."""
-
-    ids: torch.Tensor  # [N*G, T] token ids, padded after the end
-    mask: torch.Tensor  # [N*G, T] 1 for completion tokens (the end-of-turn token included)
-    text: list[str]  # N*G decoded completions (end-of-turn and padding removed)
-    truncated: torch.Tensor  # [N*G] bool: reached max_new_tokens without an end-of-turn token
 
 
 class VideoLLM(nn.Module):
@@ -276,27 +181,8 @@ class VideoLLM(nn.Module):
         return self
 
     def _attach_adapter(self, model: nn.Module, adapter_path: str | None) -> nn.Module:
-        from peft import LoraConfig, PeftModel, get_peft_model
-
-        if adapter_path:
-            return PeftModel.from_pretrained(model, adapter_path, is_trainable=True)
         assert self.lora is not None
-        spec = LoraConfig(
-            r=self.lora.r,
-            lora_alpha=self.lora.alpha,
-            lora_dropout=self.lora.dropout,
-            target_modules=self.lora.resolved_targets(),
-            bias="none",
-        )
-        peft_model = get_peft_model(model, spec)
-        if self.lora.target_modules == MERGER_TARGETS:
-            merger = [n for n, _ in peft_model.named_modules() if re.search(_MERGER + r"\.lora_A$", n)]
-            if not merger:
-                raise ValueError(
-                    f"LoRA target_modules={MERGER_TARGETS!r}: {type(model).__name__} has no vision merger "
-                    f"layer this preset knows ({_MERGER}); give a regex that names its merger's layers"
-                )
-        return peft_model
+        return attach_lora(model, self.lora, adapter_path)
 
     @staticmethod
     def _vision_tower(model: nn.Module) -> nn.Module:
@@ -388,10 +274,7 @@ class VideoLLM(nn.Module):
         the base model (its weights are too big to hash on every load), of the weights and LoRA settings
         for an adapter. Computed once per backbone."""
         if self._policy is None:
-            self._policy = {
-                "base_model": _base_model_identity(self.model_name_or_path),
-                "merge_adapters": [_adapter_identity(path) for path in self.merge_adapters],
-            }
+            self._policy = policy_identity(self.model_name_or_path, self.merge_adapters)
         return self._policy
 
     # ------------------------------------------------------------------ vision
@@ -405,73 +288,28 @@ class VideoLLM(nn.Module):
             requires_grad = not self.freeze_vision
         outputs: dict[str, Any] = {}
         with torch.set_grad_enabled(requires_grad and torch.is_grad_enabled()):
-            for modality, pixel_key, grid_key, _ in _MODALITIES:
+            for modality, pixel_key, grid_key, _ in MODALITIES:
                 if batch.get(pixel_key) is None:
                     continue
                 fn = getattr(base, f"get_{modality}_features")
                 outputs[modality] = fn(batch[pixel_key], batch[grid_key], return_dict=True)
         return outputs
 
+    def vision_items(self, batch: dict[str, Any]) -> dict[str, list[list[int]]]:
+        """Which vision items (videos, images, in batch order) each prompt row of `batch` owns, per modality."""
+        return {modality: self.vision_items_per_row(batch, modality) for modality, *_ in MODALITIES}
+
     def vision_items_per_row(self, batch: dict[str, Any], modality: str) -> list[list[int]]:
-        """Which vision items (videos or images, in batch order) each prompt row owns, matched by the count
-        of placeholder tokens in the row against each item's token count."""
-        grid_key = {"video": "video_grid_thw", "image": "image_grid_thw"}[modality]
-        if batch.get(grid_key) is None:
-            return [[] for _ in range(batch["input_ids"].shape[0])]
-        merge = int(getattr(self._vision_tower(self.hf_model), "spatial_merge_size", 2)) ** 2
-        item_tokens = (batch[grid_key].prod(-1) // merge).tolist()
+        """Which `modality` items each prompt row owns (`batching.vision_items_per_row` for this model)."""
+        merge = int(getattr(self._vision_tower(self.hf_model), "spatial_merge_size", 2))
         token_id = getattr(self.hf_model.config, f"{modality}_token_id")
-        per_row: list[list[int]] = []
-        item = 0
-        for count in (batch["input_ids"] == token_id).sum(-1).tolist():
-            mine: list[int] = []
-            while count > 0:
-                if item >= len(item_tokens):
-                    raise ValueError(
-                        f"more {modality} placeholder tokens in the prompts than {modality} inputs"
-                    )
-                count -= item_tokens[item]
-                mine.append(item)
-                item += 1
-            if count != 0:
-                raise ValueError(f"{modality} placeholder tokens do not line up with the {modality} inputs")
-            per_row.append(mine)
-        return per_row
+        return vision_items_per_row(batch, modality, token_id, merge)
 
     def _expand_prompt_inputs(
         self, batch: dict[str, Any], num_samples: int, vision: dict[str, Any] | None
     ) -> dict[str, Any]:
-        """Repeat a prompt batch G times (prompt-major). Vision features are repeated, never re-encoded,
-        when `vision` is given; otherwise the pixels are repeated (the straightforward path)."""
-        ids = batch["input_ids"]
-        out: dict[str, Any] = {
-            "input_ids": ids.repeat_interleave(num_samples, 0),
-            "attention_mask": batch["attention_mask"].repeat_interleave(num_samples, 0),
-        }
-        if batch.get("mm_token_type_ids") is not None:
-            out["mm_token_type_ids"] = batch["mm_token_type_ids"].repeat_interleave(num_samples, 0)
-        mm: dict[str, Any] = {}
-        for modality, pixel_key, grid_key, extra_keys in _MODALITIES:
-            if batch.get(grid_key) is None:
-                continue
-            grid = batch[grid_key]
-            sizes = grid.prod(-1).tolist()
-            rows = self.vision_items_per_row(batch, modality)
-            order = [i for items in rows for _ in range(num_samples) for i in items]
-            index = torch.tensor(order, dtype=torch.long, device=grid.device)
-            out[grid_key] = grid.index_select(0, index)
-            for key in extra_keys:
-                if batch.get(key) is not None:
-                    value = torch.as_tensor(batch[key], device=grid.device)
-                    out[key] = value.index_select(0, index)
-            if vision is not None and modality in vision:
-                mm[modality] = select_vision_items(vision[modality], order)
-            else:
-                chunks = torch.split(batch[pixel_key], sizes)
-                out[pixel_key] = torch.cat([chunks[i] for i in order])
-        if mm:
-            out["mm_encoder_outputs"] = mm
-        return out
+        """Repeat a prompt batch G times (prompt-major), vision features repeated when given (`expand_prompts`)."""
+        return expand_prompts(batch, num_samples, self.vision_items(batch), vision)
 
     # ------------------------------------------------------------------ generation
     @torch.no_grad()
@@ -500,7 +338,7 @@ class VideoLLM(nn.Module):
         shared = self._uses_shared_prefill(batch, num_samples, synced_gpus)
         prompt_len = batch["input_ids"].shape[1]
         was_training = model.training
-        checkpointing = _activation_checkpointing(self.hf_model)
+        checkpointing = activation_checkpointing(self.hf_model)
         if checkpointing:
             self.hf_model.gradient_checkpointing_disable()
         model.eval()
@@ -545,22 +383,7 @@ class VideoLLM(nn.Module):
 
     def completions_from_ids(self, ids: torch.Tensor, max_new_tokens: int | None = None) -> Completions:
         """Mask and decode raw generated ids: a completion ends at (and includes) its first end token."""
-        if ids.shape[1] == 0:
-            ids = ids.new_full((ids.shape[0], 1), self.pad_token_id)
-        is_end = torch.isin(ids, torch.tensor(self.end_token_ids, device=ids.device))
-        has_end = is_end.any(-1)
-        first_end = torch.where(has_end, is_end.int().argmax(-1), ids.shape[1])
-        positions = torch.arange(ids.shape[1], device=ids.device)
-        mask = (positions[None, :] <= first_end[:, None]).long() & (positions[None, :] < ids.shape[1])
-        mask = torch.where(has_end[:, None], mask, (positions[None, :] < ids.shape[1]).long())
-        ids = ids.masked_fill(mask == 0, self.pad_token_id)
-        text = [
-            self.tokenizer.decode(row[: int(n)].tolist(), skip_special_tokens=False)
-            for row, n in zip(ids, torch.where(has_end, first_end, ids.shape[1]), strict=True)
-        ]
-        limit = max_new_tokens if max_new_tokens is not None else ids.shape[1]
-        truncated = ~has_end & (mask.sum(-1) >= limit)
-        return Completions(ids=ids, mask=mask, text=text, truncated=truncated)
+        return completions_from_ids(self.tokenizer, ids, max_new_tokens)
 
     def tokenize_completions(self, texts: list[str], add_end: bool = True) -> Completions:
         """Token ids of given completion texts (e.g. preference pairs), right-padded, end-of-turn appended
@@ -585,38 +408,29 @@ class VideoLLM(nn.Module):
         `reference=True` scores with the reference policy, without gradient. With `share_vision` the vision
         tower runs at most once per prompt (`vision` reuses features from `encode_vision`); without it the
         pixels are repeated per completion and re-encoded, as peers do. With `shared_prefill` (and
-        `share_vision`) each prompt runs through the decoder once for its G rows (`_shared_prompt_logprobs`).
+        `share_vision`) each prompt runs through the decoder once for its G rows (`scoring.shared_prompt_logprobs`).
         """
         model = self._require()
         if share_vision and vision is None:
             vision = self.encode_vision(batch)
-        if share_vision and self._scores_prompt_once(batch, num_samples, reference):
-            args = (completion_ids, completion_mask, num_samples, reference, vision, temperature)
-            return self._shared_prompt_logprobs(batch, *args)
-        inputs = self._expand_prompt_inputs(batch, num_samples, vision if share_vision else None)
-        n_rows = inputs["input_ids"].shape[0]
-        if completion_ids.shape[0] != n_rows:
+        shared = share_vision and self._scores_prompt_once(batch, num_samples, reference)
+        inputs = self._expand_prompt_inputs(
+            batch, 1 if shared else num_samples, vision if share_vision else None
+        )
+        n_prompts = batch["input_ids"].shape[0]
+        if completion_ids.shape[0] != n_prompts * num_samples:
             raise ValueError(
-                f"{completion_ids.shape[0]} completions for {batch['input_ids'].shape[0]} prompts x {num_samples} samples"
+                f"{completion_ids.shape[0]} completions for {n_prompts} prompts x {num_samples} samples"
             )
-        T = completion_ids.shape[1]
-        completion_ids = completion_ids.to(inputs["input_ids"].device)
-        completion_mask = completion_mask.to(inputs["attention_mask"].device)
-        inputs["input_ids"] = torch.cat([inputs["input_ids"], completion_ids], 1)
-        inputs["attention_mask"] = torch.cat([inputs["attention_mask"], completion_mask.long()], 1)
-        if "mm_token_type_ids" in inputs:
-            pad = inputs["mm_token_type_ids"].new_zeros(completion_ids.shape)
-            inputs["mm_token_type_ids"] = torch.cat([inputs["mm_token_type_ids"], pad], 1)
         ctx = torch.no_grad() if reference else contextlib.nullcontext()
         with ctx, self.reference() if reference else contextlib.nullcontext(model) as scorer:
-            if self.logprob_chunk_tokens is None:
-                logits = scorer(**inputs, use_cache=False, logits_to_keep=T + 1).logits[:, :-1]
-                return selective_log_softmax(logits.float() / temperature, completion_ids) * completion_mask
-            body, head = _body_and_head(scorer)
-            hidden = body(**inputs, use_cache=False)[0][:, -(T + 1) : -1]  # [N*G, T, H]: predicts each token
-            return chunked_logprobs(
-                hidden, head, completion_ids, completion_mask, temperature, self.logprob_chunk_tokens
-            )
+            args = (completion_ids, completion_mask)
+            if shared:
+                assert self.logprob_chunk_tokens is not None  # _scores_prompt_once requires it
+                return shared_prompt_logprobs(
+                    scorer, inputs, *args, num_samples, temperature, self.logprob_chunk_tokens
+                )
+            return rowwise_logprobs(scorer, inputs, *args, temperature, self.logprob_chunk_tokens)
 
     def _scores_prompt_once(self, batch: dict[str, Any], num_samples: int, reference: bool = False) -> bool:
         """Whether `sequence_logprobs` can run each prompt once for its rows and give the per-row values.
@@ -630,312 +444,11 @@ class VideoLLM(nn.Module):
         prompt_tokens = batch["input_ids"].shape[1] + 1  # scoring caches the whole prompt: any length will do
         reason = shared_prefill_blocker(self.hf_model, prompt_tokens, synced_gpus=False)
         if reason is None and model.training:
-            if torch.is_grad_enabled() and not reference and _activation_checkpointing(self.hf_model):
+            if torch.is_grad_enabled() and not reference and activation_checkpointing(self.hf_model):
                 reason = "gradient checkpointing drops the cache that shares the prompt (loss pass only)"
-            elif _active_dropout(model):
+            elif active_dropout(model):
                 reason = "dropout is active in training mode: the per-row pass draws one mask per row"
         if reason is not None and reason not in self._prefill_fallbacks:
             self._prefill_fallbacks.add(reason)
             logger.warning("VideoLLM: scoring each completion row with its own prompt pass: %s", reason)
         return reason is None
-
-    def _shared_prompt_logprobs(
-        self,
-        batch: dict[str, Any],
-        completion_ids: torch.Tensor,
-        completion_mask: torch.Tensor,
-        num_samples: int,
-        reference: bool,
-        vision: dict[str, Any],
-        temperature: float,
-    ) -> torch.Tensor:
-        """`sequence_logprobs` with each prompt through the decoder once (`prefill.completion_hidden_states`)."""
-        prompts = self._expand_prompt_inputs(batch, 1, vision)
-        n_rows = prompts["input_ids"].shape[0] * num_samples
-        if completion_ids.shape[0] != n_rows:
-            raise ValueError(
-                f"{completion_ids.shape[0]} completions for {batch['input_ids'].shape[0]} prompts x {num_samples} samples"
-            )
-        completion_ids = completion_ids.to(prompts["input_ids"].device)
-        completion_mask = completion_mask.to(prompts["attention_mask"].device)
-        ctx = torch.no_grad() if reference else contextlib.nullcontext()
-        with ctx, self.reference() if reference else contextlib.nullcontext(self._require()) as scorer:
-            body, head = _body_and_head(scorer)
-            hidden = completion_hidden_states(body, prompts, completion_ids, completion_mask, num_samples)
-            return chunked_logprobs(
-                hidden, head, completion_ids, completion_mask, temperature, self.logprob_chunk_tokens
-            )
-
-
-class PolicyMismatchError(ValueError):
-    """A checkpoint's trainable weights were trained on another base model or other merged adapters."""
-
-
-def _active_dropout(model: nn.Module) -> bool:
-    """Whether a forward of `model` in training mode drops anything: a dropout module (LoRA's) or the
-    attention dropout of its config."""
-    config = getattr(model, "config", None)
-    text = config.get_text_config() if config is not None and hasattr(config, "get_text_config") else config
-    if float(getattr(text, "attention_dropout", 0.0) or 0.0) > 0:
-        return True
-    return any(isinstance(m, nn.Dropout) and m.p > 0 for m in model.modules())
-
-
-def _activation_checkpointing(model: nn.Module) -> bool:
-    """Whether gradient (activation) checkpointing is on: `is_activation_checkpointing` where transformers has
-    it, else `is_gradient_checkpointing` (a deprecated alias that warns in the versions that have both)."""
-    on = getattr(model, "is_activation_checkpointing", None)
-    return bool(getattr(model, "is_gradient_checkpointing", False) if on is None else on)
-
-
-END_OF_TURN = "<|im_end|>"
-
-
-def end_token_ids(tokenizer: Any) -> list[int]:
-    """Tokens that end a completion: end-of-turn, end-of-text and the tokenizer's eos, those it has."""
-    vocab = tokenizer.get_vocab()
-    ids = [vocab[t] for t in (END_OF_TURN, "<|endoftext|>") if t in vocab]
-    eos = tokenizer.eos_token_id
-    return sorted(set(ids + ([eos] if eos is not None else [])))
-
-
-def pad_token_id(tokenizer: Any) -> int:
-    """The tokenizer's pad token, else its first end token."""
-    pad = tokenizer.pad_token_id
-    return pad if pad is not None else end_token_ids(tokenizer)[0]
-
-
-def tokenize_completions(tokenizer: Any, texts: list[str], add_end: bool = True) -> Completions:
-    """Completion texts -> `Completions`: token ids right-padded with `pad_token_id`, the end-of-turn token
-    appended when `add_end` (and the vocabulary has it), as generation ends them; nothing truncated. The one
-    tokenization of given completions: SFT targets (`VideoLLM.tokenize_completions`) and DPO's chosen and
-    rejected texts (`PreferenceCollator`)."""
-    end = tokenizer.get_vocab().get(END_OF_TURN) if add_end else None
-    pad = pad_token_id(tokenizer)
-    rows = []
-    for text in texts:
-        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-        if end is not None:
-            ids = ids + [end]
-        rows.append(torch.tensor(ids or [pad], dtype=torch.long))
-    ids = nn.utils.rnn.pad_sequence(rows, batch_first=True, padding_value=pad)  # [B, T]
-    lengths = torch.tensor([len(r) for r in rows])
-    mask = (torch.arange(ids.shape[1])[None, :] < lengths[:, None]).long()  # [B, T]
-    return Completions(
-        ids=ids, mask=mask, text=list(texts), truncated=torch.zeros(len(rows), dtype=torch.bool)
-    )
-
-
-_ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
-_LORA_SETTINGS = (
-    "r",
-    "lora_alpha",
-    "use_rslora",
-    "use_dora",
-    "rank_pattern",
-    "alpha_pattern",
-    "target_modules",
-)
-
-
-def _absolute(location: str) -> str:
-    """An existing local path made absolute; anything else (a hub name) as it is."""
-    path = Path(location).expanduser()
-    return str(path.resolve()) if path.exists() else location
-
-
-def _base_model_identity(location: str) -> dict[str, Any]:
-    config = Path(location).expanduser() / "config.json"
-    digest = hashlib.sha256(config.read_bytes()).hexdigest() if config.is_file() else None
-    return {"path": location, "resolved": _absolute(location), "config_sha256": digest}
-
-
-def _adapter_identity(location: str) -> dict[str, Any]:
-    folder = Path(location).expanduser()
-    digest = hashlib.sha256()
-    weights = [folder / name for name in _ADAPTER_WEIGHTS if (folder / name).is_file()]
-    for path in weights:
-        with open(path, "rb") as f:
-            for block in iter(lambda: f.read(1 << 22), b""):
-                digest.update(block)
-    config = folder / "adapter_config.json"
-    if config.is_file():
-        settings = json.loads(config.read_text())
-        digest.update(json.dumps({k: settings.get(k) for k in _LORA_SETTINGS}, sort_keys=True).encode())
-    sha256 = digest.hexdigest() if weights else None
-    return {"path": location, "resolved": _absolute(location), "sha256": sha256}
-
-
-def _describe(policy: dict[str, Any]) -> str:
-    adapters = [a["resolved"] for a in policy["merge_adapters"]]
-    return f"base {policy['base_model']['resolved']} + merged adapters {json.dumps(adapters)}"
-
-
-def check_policy(saved: dict[str, Any], built: dict[str, Any]) -> None:
-    """Raise `PolicyMismatchError` unless a checkpoint's policy (`saved`, from `policy_identity()` when it was
-    written) is the one this backbone `built`: the same base model (by config.json, else by name) and the
-    same merged adapters (by content) in the same order. The message names the settings that rebuild it."""
-    fixes = []
-    base_saved, base_built = saved["base_model"], built["base_model"]
-    if base_saved.get("config_sha256") and base_built.get("config_sha256"):
-        same_base = base_saved["config_sha256"] == base_built["config_sha256"]
-    else:
-        same_base = base_saved["resolved"] == base_built["resolved"]
-    if not same_base:
-        fixes.append(f"--model.init_args.backbone.init_args.model_name_or_path={base_saved['resolved']}")
-    merged_saved, merged_built = saved["merge_adapters"], built["merge_adapters"]
-    if [a["sha256"] for a in merged_saved] != [a["sha256"] for a in merged_built]:
-        adapters = json.dumps([a["resolved"] for a in merged_saved])
-        fixes.append(f"'--model.init_args.backbone.init_args.merge_adapters={adapters}'")
-    if fixes:
-        raise PolicyMismatchError(
-            "the checkpoint's weights were trained on another policy than the one built here (its metrics "
-            f"would describe neither):\n  checkpoint: {_describe(saved)}\n  built here: {_describe(built)}\n"
-            "Build the checkpoint's policy with (adapters merge in this order): " + " ".join(fixes)
-        )
-
-
-def map_vision_items(output: Any, fn: Callable[[list[torch.Tensor]], list[torch.Tensor]]) -> Any:
-    """A new vision-encoder output (one modality of `encode_vision`) whose per-item features are `fn(items)`.
-
-    `fn` maps the list of per-item feature tensors (one per video or image, in batch order) to a new list. It
-    is applied to every per-item field alike: `pooler_output` (the features that replace the placeholder
-    tokens) and any other field split the same way, such as Qwen3-VL's `deepstack_features` (a list over
-    vision layers of per-item tuples, added to the early decoder layers' hidden states). Fields that are not
-    split per item (the vision tower's concatenated `last_hidden_state`) are dropped: the language model reads
-    only the per-item features.
-    """
-    items = list(output.pooler_output)
-    sizes = [item.shape[0] for item in items]
-
-    def per_item(value: Any) -> bool:
-        if not isinstance(value, (list, tuple)) or len(value) != len(sizes):
-            return False
-        pairs = zip(value, sizes, strict=True)
-        return all(isinstance(v, torch.Tensor) and v.shape[:1] == (n,) for v, n in pairs)
-
-    fields: dict[str, Any] = {}
-    for key, value in output.items():
-        if per_item(value):
-            fields[key] = fn(list(value))
-        elif isinstance(value, (list, tuple)) and value and all(per_item(v) for v in value):
-            fields[key] = [fn(list(v)) for v in value]
-    return type(output)(**fields)
-
-
-def select_vision_items(output: Any, order: list[int]) -> Any:
-    """The vision-encoder output of the items at `order` (repeats allowed), every per-item field alike."""
-    return map_vision_items(output, lambda items: [items[i] for i in order])
-
-
-def selective_log_softmax(logits: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """log_softmax(logits)[..., index] without materialising the whole log-softmax: [B, T, V] -> [B, T]."""
-    picked = torch.gather(logits, -1, index.unsqueeze(-1)).squeeze(-1)
-    return picked - torch.logsumexp(logits, dim=-1)
-
-
-def _body_and_head(model: nn.Module) -> tuple[nn.Module, nn.Module]:
-    """A transformers `...ForConditionalGeneration` (bare or inside a peft wrapper) split into the module that
-    returns the last hidden states (`.model`) and its LM head. peft injects LoRA into both in place, so the
-    split runs the adapter, and `disable_adapter()` disables it, as the whole model's forward does."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    body, head = getattr(base, "model", None), base.get_output_embeddings()
-    if not isinstance(body, nn.Module) or head is None:
-        raise TypeError(
-            f"{type(base).__name__} has no `.model` decoder and LM head to run the chunked log-probs with; "
-            "set VideoLLM(logprob_chunk_tokens=None) to score with the model's own forward"
-        )
-    return body, head
-
-
-def _token_logprobs(
-    hidden: torch.Tensor, head: nn.Module, targets: torch.Tensor, temperature: float
-) -> torch.Tensor:
-    """log softmax(head(hidden) / temperature)[targets] in float32: [n, H] -> [n]."""
-    return selective_log_softmax(head(hidden).float() / temperature, targets)
-
-
-class _LinearLogprobs(torch.autograd.Function):
-    """log softmax((hidden W^T + b) / t)[targets] for one chunk of tokens, [n, H] -> [n] float32, whose
-    backward recomputes the chunk's logits instead of keeping them, and works in place on them: the softmax
-    minus the one-hot target is the gradient of the picked log-prob with respect to the logits.
-    The chunk's autocast state (bf16-mixed) is replayed in the backward, so both compute in the same dtypes."""
-
-    @staticmethod
-    def _logits(
-        hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, t: float
-    ) -> torch.Tensor:
-        logits = nn.functional.linear(hidden, weight, bias)
-        return logits.float().div_(t) if t != 1.0 else logits.float()
-
-    @staticmethod
-    def forward(
-        ctx: Any,
-        hidden: torch.Tensor,
-        weight: torch.Tensor,
-        bias: torch.Tensor | None,
-        targets: torch.Tensor,
-        temperature: float,
-    ) -> torch.Tensor:
-        device = hidden.device.type
-        ctx.autocast = (device, torch.is_autocast_enabled(device), torch.get_autocast_dtype(device))
-        ctx.temperature = temperature
-        logits = _LinearLogprobs._logits(hidden, weight, bias, temperature)  # [n, V]
-        lse = torch.logsumexp(logits, -1)  # [n]
-        ctx.save_for_backward(hidden, weight, bias, targets, lse)
-        return logits.gather(-1, targets[:, None]).squeeze(-1) - lse
-
-    @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        hidden, weight, bias, targets, lse = ctx.saved_tensors
-        device, enabled, dtype = ctx.autocast
-        with torch.autocast(device, dtype=dtype, enabled=enabled):
-            logits = nn.functional.linear(hidden, weight, bias)
-        compute_dtype = logits.dtype
-        t = ctx.temperature
-        probs = (logits.float().div_(t) if t != 1.0 else logits.float()).sub_(lse[:, None]).exp_()
-        del logits
-        d = probs.mul_(-grad[:, None]).scatter_add_(-1, targets[:, None], grad[:, None])  # d out / d logits
-        d = (d.div_(t) if t != 1.0 else d).to(compute_dtype)  # [n, V]
-        need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
-        grad_hidden = d @ weight.to(compute_dtype) if need_hidden else None
-        grad_weight = d.t() @ hidden.to(compute_dtype) if need_weight else None
-        grad_bias = d.sum(0) if bias is not None and need_bias else None
-        return grad_hidden, grad_weight, grad_bias, None, None
-
-
-def chunked_logprobs(
-    hidden: torch.Tensor,
-    head: nn.Module,
-    targets: torch.Tensor,
-    mask: torch.Tensor,
-    temperature: float = 1.0,
-    chunk_tokens: int = 256,
-) -> torch.Tensor:
-    """Per-token log-probs [B, T] (float32, 0 where masked) of `targets` under `head(hidden) / temperature`,
-    never holding more than `chunk_tokens` rows of full-vocabulary logits.
-
-    hidden: [B, T, H] the states that predict each target; targets, mask: [B, T]. Only the unmasked tokens are
-    scored, `chunk_tokens` at a time (across rows). The forward keeps only each chunk's log-probs; the backward
-    recomputes the chunk's logits to give the gradients of `hidden` and of the head's trainable weights (tied
-    embeddings, full fine-tuning), chunk by chunk. A plain `nn.Linear` head runs `_LinearLogprobs` (the
-    gradient written in place over the recomputed logits); any other head (LoRA on the LM head) runs as an
-    activation checkpoint per chunk, which recomputes it through autograd.
-    """
-    B, T = targets.shape
-    where = mask.reshape(-1).nonzero().squeeze(-1)  # [n] unmasked (row, position) pairs
-    states = hidden.reshape(B * T, -1).index_select(0, where)  # [n, H]
-    picked = targets.reshape(-1).index_select(0, where)  # [n]
-    linear = type(head) is nn.Linear  # not a subclass: quantised heads keep their own forward
-    trainable = any(p.requires_grad for p in head.parameters())
-    recompute = torch.is_grad_enabled() and (states.requires_grad or trainable)
-    pieces = []
-    for h, y in zip(states.split(chunk_tokens), picked.split(chunk_tokens), strict=True):
-        if linear:
-            pieces.append(_LinearLogprobs.apply(h, head.weight, head.bias, y, temperature))
-        elif recompute:
-            pieces.append(checkpoint(_token_logprobs, h, head, y, temperature, use_reentrant=False))
-        else:
-            pieces.append(_token_logprobs(h, head, y, temperature))
-    out = hidden.new_zeros(B * T, dtype=torch.float32).index_put((where,), torch.cat(pieces))
-    return out.view(B, T)

@@ -19,9 +19,9 @@ from typing import Any
 from lightning.pytorch import Trainer
 from lightning.pytorch.cli import LightningCLI
 
-from lightning_veripo.backbone import PolicyMismatchError
 from lightning_veripo.console import fix_progress_bar
 from lightning_veripo.module import VideoLLMModule
+from lightning_veripo.policy import PolicyMismatchError
 
 # Every command with its line in `veripo --help`: LightningCLI's four, then the plain functions below.
 COMMANDS = {

@@ -31,7 +31,8 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Subset
 
 from lightning_veripo import losses
-from lightning_veripo.backbone import Completions, VideoLLM
+from lightning_veripo.backbone import VideoLLM
+from lightning_veripo.completions import Completions
 from lightning_veripo.data.preference import PreferenceDataset
 from lightning_veripo.module import VideoLLMModule
 

@@ -28,7 +28,9 @@ from typing import Any, NamedTuple
 import torch
 
 from lightning_veripo import losses
-from lightning_veripo.backbone import Completions, VideoLLM, map_vision_items, select_vision_items
+from lightning_veripo.backbone import VideoLLM
+from lightning_veripo.batching import select_prompts, shuffle_video_features
+from lightning_veripo.completions import Completions
 from lightning_veripo.loggers import logged_step
 from lightning_veripo.metrics import ReasoningMetrics, update_reasoning_metrics  # the latter was here once
 from lightning_veripo.module import VideoLLMModule
@@ -519,60 +521,3 @@ class GRPOModule(VideoLLMModule):
     def on_test_epoch_end(self) -> None:
         self.log_dict({f"test/{k}": v for k, v in self.test_metrics.compute().items()})
         self.test_metrics.reset()
-
-
-def select_prompts(
-    batch: dict[str, Any], keep: torch.Tensor, backbone: VideoLLM, vision: dict[str, Any] | None = None
-) -> tuple[dict[str, Any], dict[str, Any] | None]:
-    """The prompts of `batch` where `keep` [N] is True, with their vision inputs and encoded features."""
-    if keep.all():
-        return batch, vision
-    idx = keep.nonzero().flatten()
-    out = {
-        k: batch[k][idx]
-        for k in ("input_ids", "attention_mask", "mm_token_type_ids")
-        if batch.get(k) is not None
-    }
-    sub_vision: dict[str, Any] | None = {} if vision is not None else None
-    for modality, pixel_key, grid_key, extra in (
-        ("video", "pixel_values_videos", "video_grid_thw", "second_per_grid_ts"),
-        ("image", "pixel_values", "image_grid_thw", None),
-    ):
-        if batch.get(grid_key) is None:
-            continue
-        items = backbone.vision_items_per_row(batch, modality)
-        chosen = [i for p in idx.tolist() for i in items[p]]
-        grid = batch[grid_key]
-        out[grid_key] = grid[chosen]
-        if extra and batch.get(extra) is not None:
-            out[extra] = batch[extra][chosen]
-        if batch.get(pixel_key) is not None:
-            chunks = torch.split(batch[pixel_key], grid.prod(-1).tolist())
-            out[pixel_key] = torch.cat([chunks[i] for i in chosen])
-        if sub_vision is not None and modality in vision:
-            sub_vision[modality] = select_vision_items(vision[modality], chosen)  # deepstack features too
-    return out, sub_vision
-
-
-def shuffle_video_features(video: Any, grid_thw: torch.Tensor, seed: int) -> Any:
-    """The same video features with their temporal slots in a random (non-identity) order, for T-GRPO.
-
-    Every per-video field of the encoder output is permuted alike (Qwen3-VL's deepstack features included)."""
-    gen = torch.Generator().manual_seed(seed)
-    perms: list[torch.Tensor | None] = []
-    for t, _, _ in grid_thw.tolist():
-        if t < 2:
-            perms.append(None)
-            continue
-        perm = torch.randperm(t, generator=gen)
-        while torch.equal(perm, torch.arange(t)):
-            perm = torch.randperm(t, generator=gen)
-        perms.append(perm)
-
-    def permute(items: list[torch.Tensor]) -> list[torch.Tensor]:
-        return [
-            x if p is None else x.view(len(p), -1, x.shape[-1])[p.to(x.device)].reshape_as(x)
-            for x, p in zip(items, perms, strict=True)
-        ]
-
-    return map_vision_items(video, permute)

@@ -8,9 +8,8 @@ import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
 
-from lightning_veripo.backbone import VideoLLM, check_policy
-
-POLICY_KEY = "veripo_policy"  # where a checkpoint keeps VideoLLM.policy_identity()
+from lightning_veripo.backbone import VideoLLM
+from lightning_veripo.policy import POLICY_KEY, check_policy
 
 
 class VideoLLMModule(L.LightningModule):

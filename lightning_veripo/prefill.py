@@ -135,3 +135,20 @@ def completion_hidden_states(
     completion = {"input_ids": completion_ids, "attention_mask": full_mask, "position_ids": positions}
     completion_states = body(**completion, cache=cache, use_cache=True)[0]  # [N*G, T, H]
     return torch.cat([prompt_states[:, -1:].repeat_interleave(G, 0), completion_states[:, :-1]], 1)
+
+
+def active_dropout(model: nn.Module) -> bool:
+    """Whether a forward of `model` in training mode drops anything: a dropout module (LoRA's) or the
+    attention dropout of its config."""
+    config = getattr(model, "config", None)
+    text = config.get_text_config() if config is not None and hasattr(config, "get_text_config") else config
+    if float(getattr(text, "attention_dropout", 0.0) or 0.0) > 0:
+        return True
+    return any(isinstance(m, nn.Dropout) and m.p > 0 for m in model.modules())
+
+
+def activation_checkpointing(model: nn.Module) -> bool:
+    """Whether gradient (activation) checkpointing is on: `is_activation_checkpointing` where transformers has
+    it, else `is_gradient_checkpointing` (a deprecated alias that warns in the versions that have both)."""
+    on = getattr(model, "is_activation_checkpointing", None)
+    return bool(getattr(model, "is_gradient_checkpointing", False) if on is None else on)

@@ -19,9 +19,10 @@ from typing import Any  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from lightning_veripo.backbone import LoRAConfig, VideoLLM  # noqa: E402
+from lightning_veripo.backbone import VideoLLM  # noqa: E402
 from lightning_veripo.data.synthetic import make_synthetic_data  # noqa: E402
 from lightning_veripo.data.videoqa import FrameSampling, VideoQACollator, VideoQADataset  # noqa: E402
+from lightning_veripo.lora import LoRAConfig  # noqa: E402
 from lightning_veripo.tiny import make_tiny_model  # noqa: E402
 
 # The tiny models are far too small to profit from many threads; oversubscription only slows CI down.

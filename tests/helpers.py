@@ -8,7 +8,8 @@ from typing import Any
 import lightning as L
 import torch
 
-from lightning_veripo.backbone import Completions, VideoLLM
+from lightning_veripo.backbone import VideoLLM
+from lightning_veripo.completions import Completions
 
 
 class RecordSteps(L.Callback):

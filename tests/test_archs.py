@@ -20,15 +20,12 @@ import transformers
 from helpers import RecordSteps, hand_logprobs, perturb_lora
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
-from lightning_veripo.backbone import (
-    FORBIDDEN_GENERATION_TOKENS,
-    Completions,
-    LoRAConfig,
-    VideoLLM,
-    select_vision_items,
-)
+from lightning_veripo.backbone import VideoLLM
+from lightning_veripo.batching import select_vision_items
+from lightning_veripo.completions import FORBIDDEN_GENERATION_TOKENS, Completions
 from lightning_veripo.data.videoqa import FrameSampling, VideoQACollator, VideoQADataModule, VideoQADataset
 from lightning_veripo.grpo import GRPOModule
+from lightning_veripo.lora import LoRAConfig
 from lightning_veripo.rewards import RewardSet
 from lightning_veripo.tiny import ARCHS, make_tiny_model
 

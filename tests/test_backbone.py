@@ -6,7 +6,9 @@ import pytest
 import torch
 from helpers import hand_logprobs, perturb_lora
 
-from lightning_veripo.backbone import FORBIDDEN_GENERATION_TOKENS, LoRAConfig, VideoLLM
+from lightning_veripo.backbone import VideoLLM
+from lightning_veripo.completions import FORBIDDEN_GENERATION_TOKENS
+from lightning_veripo.lora import LoRAConfig
 
 LORA = LoRAConfig(r=4, alpha=8)
 

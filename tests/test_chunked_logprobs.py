@@ -18,14 +18,11 @@ from helpers import perturb_lora
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-from lightning_veripo.backbone import (
-    FORBIDDEN_GENERATION_TOKENS,
-    LoRAConfig,
-    VideoLLM,
-    chunked_logprobs,
-    selective_log_softmax,
-)
+from lightning_veripo.backbone import VideoLLM
+from lightning_veripo.completions import FORBIDDEN_GENERATION_TOKENS
 from lightning_veripo.data.videoqa import FrameSampling, VideoQACollator, VideoQADataset
+from lightning_veripo.logprobs import chunked_logprobs, selective_log_softmax
+from lightning_veripo.lora import LoRAConfig
 from lightning_veripo.tiny import ARCHS, make_tiny_model
 
 G = 3  # completions per prompt: 2 prompts -> 6 rows

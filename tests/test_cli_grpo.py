@@ -23,10 +23,11 @@ import torch
 from helpers import DEMO_FIT_TEST_ARGS, DEMO_LOOP_TEST_ARGS, DEMO_SFT_TEST_ARGS
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from lightning_veripo.backbone import LoRAConfig, PolicyMismatchError, VideoLLM, check_policy
+from lightning_veripo.backbone import VideoLLM
 from lightning_veripo.cli import COMMANDS, VeripoCLI, main
 from lightning_veripo.grpo import GRPOModule
-from lightning_veripo.module import POLICY_KEY
+from lightning_veripo.lora import LoRAConfig
+from lightning_veripo.policy import POLICY_KEY, PolicyMismatchError, check_policy
 from lightning_veripo.tiny import make_tiny_model
 
 REPO = Path(__file__).resolve().parents[1]

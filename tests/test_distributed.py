@@ -22,8 +22,9 @@ import pytest
 import torch
 
 from lightning_veripo import losses
-from lightning_veripo.backbone import LoRAConfig, VideoLLM
+from lightning_veripo.backbone import VideoLLM
 from lightning_veripo.data.videoqa import FrameSampling, VideoQADataModule
+from lightning_veripo.lora import LoRAConfig
 from lightning_veripo.sft import SFTModule
 from lightning_veripo.verifier.run import read_rollouts, run_verifier_from_files
 

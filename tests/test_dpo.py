@@ -17,10 +17,11 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.loggers import TensorBoardLogger
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from lightning_veripo.backbone import LoRAConfig, VideoLLM
+from lightning_veripo.backbone import VideoLLM
 from lightning_veripo.data.preference import PreferenceCollator, PreferenceDataModule, PreferenceDataset
 from lightning_veripo.data.videoqa import FrameSampling
 from lightning_veripo.dpo import DPOModule, load_ref_cache, pair_completions, ref_cache_path
+from lightning_veripo.lora import LoRAConfig
 from lightning_veripo.losses import dpo_loss
 from lightning_veripo.records import VideoQARecord
 from lightning_veripo.verifier.pairs import PreferencePair
@@ -152,7 +153,7 @@ def test_all_masked_rows_give_finite_loss_and_gradients(
 
 
 def test_pairs_interleave_prompt_major() -> None:
-    from lightning_veripo.backbone import Completions
+    from lightning_veripo.completions import Completions
 
     chosen = Completions(torch.tensor([[1, 2, 3], [4, 5, 0]]), torch.tensor([[1, 1, 1], [1, 1, 0]]), [], None)
     rejected = Completions(torch.tensor([[6], [7]]), torch.tensor([[1], [1]]), [], None)

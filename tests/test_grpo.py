@@ -16,9 +16,10 @@ import torch
 from helpers import RecordSteps
 
 from lightning_veripo import losses
-from lightning_veripo.backbone import LoRAConfig, VideoLLM
+from lightning_veripo.backbone import VideoLLM
 from lightning_veripo.data.videoqa import FrameSampling, VideoQADataModule
 from lightning_veripo.grpo import GRPOModule
+from lightning_veripo.lora import LoRAConfig
 from lightning_veripo.rewards import RewardSet
 
 G = 4  # rollouts per prompt in the quick tests

@@ -18,9 +18,11 @@ import torch
 from helpers import RecordSteps
 
 from lightning_veripo import losses
-from lightning_veripo.backbone import Completions, LoRAConfig, VideoLLM
+from lightning_veripo.backbone import VideoLLM
+from lightning_veripo.completions import Completions
 from lightning_veripo.data.videoqa import FrameSampling, VideoQADataModule
 from lightning_veripo.grpo import GRPOModule
+from lightning_veripo.lora import LoRAConfig
 from lightning_veripo.records import VideoQARecord
 from lightning_veripo.rewards import RewardSet
 

@@ -18,11 +18,12 @@ import pytest
 import torch
 from helpers import RecordSteps
 
-from lightning_veripo.backbone import LoRAConfig, VideoLLM
+from lightning_veripo.backbone import VideoLLM
 from lightning_veripo.data.synthetic import make_synthetic_data
 from lightning_veripo.data.videoqa import FrameSampling, VideoQADataModule
 from lightning_veripo.evaluate import evaluate
 from lightning_veripo.grpo import GRPOModule
+from lightning_veripo.lora import LoRAConfig
 from lightning_veripo.sft import SFTModule
 
 SFT_STEPS, GRPO_STEPS, G = 100, 40, 8

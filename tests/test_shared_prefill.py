@@ -18,8 +18,9 @@ import pytest
 import torch
 from helpers import perturb_lora
 
-from lightning_veripo.backbone import LoRAConfig, VideoLLM
+from lightning_veripo.backbone import VideoLLM
 from lightning_veripo.data.videoqa import FrameSampling, VideoQACollator, VideoQADataset
+from lightning_veripo.lora import LoRAConfig
 from lightning_veripo.tiny import ARCHS, make_tiny_model
 
 G = 3

@@ -26,7 +26,7 @@ import lightning as L
 import numpy as np
 from torch.utils.data import DataLoader, Dataset
 
-from lightning_veripo.backbone import tokenize_completions
+from lightning_veripo.completions import tokenize_completions
 from lightning_veripo.data.videoqa import REQUIRED_FIELDS as RECORD_FIELDS
 from lightning_veripo.data.videoqa import (
     FrameSampling,
