@@ -28,8 +28,9 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from lightning_veripo.loggers import logged_step
 from lightning_veripo.records import Rollout
-from lightning_veripo.verifier.judges import Judge, RuleJudge
+from lightning_veripo.verifier.judges import RuleJudge
 from lightning_veripo.verifier.pairs import REASONS, PairConfig, PreferencePair
+from lightning_veripo.verifier.protocol import Judge
 from lightning_veripo.verifier.run import PAIRS_FILE, STATS_FILE, read_pairs, run_verifier
 
 SCALAR_STATS = (

@@ -48,6 +48,7 @@ from lightning_veripo.prefill import (
     shared_prefill_blocker,
 )
 from lightning_veripo.scoring import rowwise_logprobs, shared_prompt_logprobs
+from lightning_veripo.tiny import make_tiny_model
 
 logger = logging.getLogger(__name__)
 
@@ -153,8 +154,6 @@ class VideoLLM(nn.Module):
 
         path = self.model_name_or_path
         if self.make_tiny_if_missing and not (Path(path).expanduser() / "config.json").exists():
-            from lightning_veripo.tiny import make_tiny_model
-
             make_tiny_model(Path(path).expanduser(), size=self.tiny_size)
         path = resolve_model_path(path)
         kwargs: dict[str, Any] = {"dtype": _DTYPES[self.dtype_name]}

@@ -5,6 +5,7 @@ veripo fit --config configs/demo_grpo.yaml      # any LightningModule of this pa
 veripo iterate --config configs/demo.yaml       # the VerIPO loop: GRPO -> verifier -> DPO, repeated
 veripo make-tiny-model DIR [--seed 0] [--arch qwen2_5_vl|qwen2_vl|qwen3_vl]   # tiny random Qwen-VL
 veripo make-synthetic-data DIR --num_train N --num_val M [--seed 0]           # --num-train etc. work too
+veripo verify ROLLOUTS_JSONL OUT_DIR [--judge ...]   # the verifier alone, on saved rollouts
 
 An error under a command ends with a tip naming that command's help (`veripo iterate --help`); an error in a
 loop stage's arguments names `veripo fit --help`, the options a stage takes.
@@ -13,15 +14,17 @@ loop stage's arguments names `veripo fit --help`, the options a stage takes.
 from __future__ import annotations
 
 import difflib
+import json
 import sys
-from typing import Any
 
-from lightning.pytorch import Trainer
-from lightning.pytorch.cli import LightningCLI
+from jsonargparse import auto_cli
 
-from lightning_veripo.console import fix_progress_bar
-from lightning_veripo.module import VideoLLMModule
+from lightning_veripo.data.synthetic import make_synthetic_data
+from lightning_veripo.loop import iterate
 from lightning_veripo.policy import PolicyMismatchError
+from lightning_veripo.stage_cli import VeripoCLI
+from lightning_veripo.tiny import make_tiny_model
+from lightning_veripo.verifier.run import run_verifier_from_files
 
 # Every command with its line in `veripo --help`: LightningCLI's four, then the plain functions below.
 COMMANDS = {
@@ -32,43 +35,8 @@ COMMANDS = {
     "iterate": "run the VerIPO loop: GRPO -> verifier -> DPO, repeated",
     "make-tiny-model": "write the offline tiny random Qwen-VL to a directory",
     "make-synthetic-data": "write the synthetic video-QA task to a directory",
+    "verify": "judge a saved rollouts.jsonl again and write verdicts, pairs and stats (e.g. with another judge)",
 }
-
-
-class VeripoCLI(LightningCLI):
-    """LightningCLI with this package's modules and data modules chosen by `class_path` in the YAML.
-
-    Without subcommands (`run=False`, as the loop runs each stage) the parser takes `veripo fit`'s arguments,
-    so its errors point to `veripo fit --help`."""
-
-    def __init__(
-        self,
-        args: list[str] | dict | None = None,
-        run: bool = True,
-        parser_kwargs: dict[str, Any] | None = None,
-        **kwargs,
-    ) -> None:
-        import lightning as L
-
-        # the usage line and an error's "run: <prog> --help" tip name this command however it was started
-        parser_kwargs = {"prog": "veripo" if run else "veripo fit", **(parser_kwargs or {})}
-        super().__init__(
-            model_class=VideoLLMModule,
-            datamodule_class=L.LightningDataModule,
-            subclass_mode_model=True,
-            subclass_mode_data=True,
-            save_config_kwargs={"overwrite": True},
-            parser_kwargs=parser_kwargs,
-            args=args,
-            run=run,
-            **kwargs,
-        )
-
-    def instantiate_trainer(self, **kwargs: Any) -> Trainer:
-        """Lightning's trainer, its rich progress bar reading `Epoch 12` (not `Epoch 12/-2`) under `max_steps`."""
-        trainer = super().instantiate_trainer(**kwargs)
-        fix_progress_bar(trainer)
-        return trainer
 
 
 def overview() -> str:
@@ -104,23 +72,20 @@ def _underscore_flags(args: list[str]) -> list[str]:
 
 def _command(argv: list[str]) -> int | None:
     """The commands that are plain functions (jsonargparse reads their typed signatures); None for fit & co."""
-    from jsonargparse import auto_cli
-
-    from lightning_veripo.data.synthetic import make_synthetic_data
-    from lightning_veripo.loop import iterate
-    from lightning_veripo.tiny import make_tiny_model
-
     commands = {
         "make-tiny-model": make_tiny_model,
         "make-synthetic-data": make_synthetic_data,
         "iterate": iterate,
+        "verify": run_verifier_from_files,
     }
     if not argv or argv[0] not in commands:
         return None
     args = argv[1:] if argv[0] == "iterate" else _underscore_flags(argv[1:])
     # prog: usage lines and the "tip: ... run: <prog> --help" of an error name this command, not bare `veripo`
     out = auto_cli(commands[argv[0]], args=args, prog=f"veripo {argv[0]}")
-    if argv[0] != "iterate":
+    if argv[0] == "verify":
+        print(json.dumps(out, indent=2))
+    elif argv[0] != "iterate":
         print(f"wrote {out}")
     return 0
 

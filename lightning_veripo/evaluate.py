@@ -15,10 +15,11 @@ from tqdm.auto import tqdm
 
 from lightning_veripo.backbone import VideoLLM
 from lightning_veripo.data.videoqa import FrameSampling, VideoQACollator, VideoQADataset
+from lightning_veripo.files import write_jsonl_atomic
 from lightning_veripo.metrics import ReasoningMetrics, update_reasoning_metrics
 from lightning_veripo.parsing import extract_answer
-from lightning_veripo.verifier.judges import Judge, RuleJudge
-from lightning_veripo.verifier.run import write_jsonl_atomic
+from lightning_veripo.verifier.judges import RuleJudge
+from lightning_veripo.verifier.protocol import Judge
 
 
 @torch.no_grad()

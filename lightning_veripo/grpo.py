@@ -36,7 +36,8 @@ from lightning_veripo.metrics import ReasoningMetrics, update_reasoning_metrics 
 from lightning_veripo.module import VideoLLMModule
 from lightning_veripo.records import Rollout, VideoQARecord
 from lightning_veripo.rewards import RewardSet, accuracy_reward
-from lightning_veripo.verifier.judges import Judge, RuleJudge
+from lightning_veripo.verifier.judges import RuleJudge
+from lightning_veripo.verifier.protocol import Judge
 
 
 class Scores(NamedTuple):

@@ -23,18 +23,27 @@ from __future__ import annotations
 import contextlib
 import json
 import random
+import resource
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from lightning.pytorch.callbacks import ModelCheckpoint
+from torch.utils.tensorboard import SummaryWriter
 
+from lightning_veripo.backbone import VideoLLM
+from lightning_veripo.callbacks.verifier import VerifierCallback, verify_checkpoint
 from lightning_veripo.console import header, held_back, plural, quiet, say
 from lightning_veripo.data.videoqa import FrameSampling
-from lightning_veripo.verifier.judges import Judge, RuleJudge
+from lightning_veripo.evaluate import evaluate
+from lightning_veripo.files import write_text_atomic
+from lightning_veripo.stage_cli import VeripoCLI
+from lightning_veripo.tiny import make_tiny_model
+from lightning_veripo.verifier.judges import RuleJudge
 from lightning_veripo.verifier.pairs import PairConfig
-from lightning_veripo.verifier.run import write_text_atomic
+from lightning_veripo.verifier.protocol import Judge
 
 
 @dataclass
@@ -86,8 +95,6 @@ def run_stage(
     Its TensorBoard curves start at x = `step_offset` (the steps of the stages before it). With a `title`, a
     header (what runs, from which policy, on what data, how many steps) is printed before the fit.
     Returns the fitted LightningModule (its backbone holds the new policy) and the fit's optimizer steps."""
-    from lightning_veripo.cli import VeripoCLI
-
     stage_dir.mkdir(parents=True, exist_ok=True)
     backbone = "--model.init_args.backbone.init_args."
     args = [
@@ -221,14 +228,10 @@ def iterate(
         make_tiny_if_missing: build the offline tiny model at `base_model` if it does not exist (the demo), of
             `tiny_size` (a preset of lightning_veripo.tiny.SIZES: "tiny" or "small").
     """
-    from lightning_veripo.callbacks.verifier import VerifierCallback
-    from lightning_veripo.evaluate import evaluate
 
     work = Path(work_dir)
     work.mkdir(parents=True, exist_ok=True)
     if make_tiny_if_missing and not (Path(base_model).expanduser() / "config.json").exists():
-        from lightning_veripo.tiny import make_tiny_model
-
         say(f"building the offline tiny model ({tiny_size}) at {base_model}")
         make_tiny_model(Path(base_model).expanduser(), size=tiny_size)
     state = LoopState(work)
@@ -276,7 +279,6 @@ def iterate(
         (the demo's synthetic set is made by its stages' data modules)."""
         if not eval_base or state.finished("base"):
             return
-        from lightning_veripo.backbone import VideoLLM
 
         header("base: the starting checkpoint", f"model: {base_model}")
         base = VideoLLM(base_model).load()
@@ -358,7 +360,6 @@ def iterate(
 def _ensure_verifier_files(iteration: Path, judge: Judge | None, pair_config: PairConfig | None) -> None:
     """After a finished GRPO stage, the verifier must have finished too (its stats.json): if the files are
     missing (e.g. removed by hand), judge the rollouts of GRPO's last checkpoint again; never go on without them."""
-    from lightning_veripo.callbacks.verifier import verify_checkpoint
 
     verifier, ckpt = iteration / "verifier", iteration / "grpo" / "checkpoints" / "last.ckpt"
     if (verifier / "stats.json").is_file():
@@ -394,8 +395,6 @@ def _rss_mb() -> float:
                 return round(int(line.split()[1]) / 1024, 1)
     except OSError:
         pass
-    import resource
-    import sys
 
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
     return round(peak / (1024 * 1024 if sys.platform == "darwin" else 1024), 1)
@@ -406,7 +405,6 @@ def _read_lines(path: Path) -> list[str]:
 
 
 def _log_eval(tensorboard: Path, row: dict[str, Any]) -> None:
-    from torch.utils.tensorboard import SummaryWriter
 
     with SummaryWriter(str(tensorboard / "loop")) as writer:
         for key, value in row.items():

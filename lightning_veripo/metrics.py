@@ -11,7 +11,7 @@ from torchmetrics import Metric
 from lightning_veripo.parsing import extract_answer, extract_think, is_well_formed
 from lightning_veripo.records import PROBLEM_TYPES, VideoQARecord
 from lightning_veripo.rewards import accuracy_reward
-from lightning_veripo.verifier.judges import Judge, JudgeItem
+from lightning_veripo.verifier.protocol import Judge, JudgeItem
 
 
 def metric_key(problem_type: str) -> str:

@@ -1,8 +1,9 @@
-"""The records that flow through VerIPO: a video-QA question, and one rollout of the policy on it.
+"""The records that flow through VerIPO: a video-QA question, one rollout of the policy on it, a preference pair.
 
 `VideoQARecord` is one entry of a Video-R1-format JSON file. `Rollout` is one sampled completion with
 everything the Rollout-Aware Verifier needs to judge it and build preference pairs (written as one line of
-`rollouts.jsonl`).
+`rollouts.jsonl`). `PreferencePair` is one chosen/rejected pair the verifier builds for DPO (one line of
+`pairs.jsonl`).
 """
 
 from __future__ import annotations
@@ -89,6 +90,35 @@ class Rollout:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Rollout:
+        d = dict(d)
+        d["record"] = VideoQARecord.from_dict(d["record"])
+        return cls(**d)
+
+
+@dataclass
+class PreferencePair:
+    """One chosen/rejected pair for DPO (one line of pairs.jsonl), with where both completions came from."""
+
+    problem_id: str
+    record: VideoQARecord
+    prompt: str  # the rendered prompt both completions answered
+    video: str | None  # the record's media path
+    sampling: dict[str, Any]  # frames/fps/... the rollouts were generated with
+    chosen: str
+    rejected: str
+    chosen_step: int
+    chosen_sample_index: int
+    rejected_step: int
+    rejected_sample_index: int
+    reason: str  # one of lightning_veripo.verifier.pairs.REASONS
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["record"] = self.record.to_dict()
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> PreferencePair:
         d = dict(d)
         d["record"] = VideoQARecord.from_dict(d["record"])
         return cls(**d)

@@ -3,7 +3,7 @@ would: each one's verdicts say which judge made them."""
 
 from __future__ import annotations
 
-from lightning_veripo.verifier.judges import JudgeItem, Verdict
+from lightning_veripo.verifier.protocol import JudgeItem, Verdict
 
 
 class Contrarian:

@@ -308,6 +308,7 @@ def test_veripo_help_lists_every_command_with_one_line_each(tmp_path: Path) -> N
         "iterate",
         "make-tiny-model",
         "make-synthetic-data",
+        "verify",
     ]
     assert "veripo COMMAND --help" in result.stdout
 

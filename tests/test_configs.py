@@ -99,7 +99,7 @@ def test_loop_config_parses(names: list[str], capsys: pytest.CaptureFixture[str]
         if config.get(stage):
             assert (REPO / config[stage]["config"]).is_file()
     if "judge_vllm.yaml" in names:
-        assert config["judge"]["class_path"] == "lightning_veripo.verifier.judges.OpenAIJudge"
+        assert config["judge"]["class_path"] == "lightning_veripo.verifier.llm_judges.OpenAIJudge"
 
 
 def test_a_typo_in_a_config_is_refused(

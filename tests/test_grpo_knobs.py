@@ -403,7 +403,7 @@ class EveryVerdict:
         self.questions: list[str] = []
 
     def judge(self, items: list[Any]) -> list[Any]:
-        from lightning_veripo.verifier.judges import Verdict
+        from lightning_veripo.verifier.protocol import Verdict
 
         self.questions.extend(item.question for item in items)
         return [Verdict(consistent=self.consistent, rationale="fixed") for _ in items]

@@ -24,7 +24,7 @@ from lightning_veripo.verifier import (
     Verdict,
     judge_rollouts,
 )
-from lightning_veripo.verifier.judges import parse_verdict
+from lightning_veripo.verifier.llm_judges import parse_verdict
 
 OPTIONS = ("A. red", "B. green", "C. blue", "D. yellow")
 
@@ -591,21 +591,33 @@ def test_openai_judge_without_start_check_records_connection_errors():
     assert verdict.consistent is None and "refused" in verdict.rationale.lower()
 
 
-def test_the_llm_judges_live_beside_the_rule_judge_and_keep_their_old_paths() -> None:
-    """TransformersJudge and OpenAIJudge moved to verifier/llm_judges.py; the old module path (configs'
-    class_path) and the package still give the same objects."""
+def test_each_judge_has_one_home_and_an_old_path_names_the_new_one() -> None:
+    """The LLM judges live in verifier/llm_judges.py, the shared records in verifier/protocol.py; the package
+    exports the same objects; the names that once lived in verifier/judges.py raise an error naming their home
+    (in code and as a config class_path), instead of being re-exported from there."""
     import jsonargparse
 
     from lightning_veripo import verifier
-    from lightning_veripo.verifier import judges, llm_judges
+    from lightning_veripo.verifier import judges, llm_judges, protocol
 
-    for name in ("TransformersJudge", "OpenAIJudge", "judge_prompt", "parse_verdict", "JUDGE_INSTRUCTION"):
-        assert getattr(judges, name) is getattr(llm_judges, name), name
     assert verifier.OpenAIJudge is llm_judges.OpenAIJudge and verifier.TransformersJudge is TransformersJudge
+    assert verifier.Verdict is protocol.Verdict and verifier.RuleJudge is judges.RuleJudge
     assert llm_judges.OpenAIJudge.__module__ == "lightning_veripo.verifier.llm_judges"
-    assert not hasattr(judges, "NoSuchJudge")
-    judge = jsonargparse.ArgumentParser()
+    for name, home in (
+        ("OpenAIJudge", "llm_judges"),
+        ("parse_verdict", "llm_judges"),
+        ("Verdict", "protocol"),
+    ):
+        with pytest.raises(AttributeError, match=f"import it from lightning_veripo.verifier.{home}"):
+            getattr(judges, name)
+    with pytest.raises(AttributeError, match="has no attribute 'NoSuchJudge'"):
+        judges.NoSuchJudge  # noqa: B018
+    judge = jsonargparse.ArgumentParser(exit_on_error=False)
     judge.add_argument("--judge", type=verifier.Judge)
-    config = judge.parse_args(["--judge", json.dumps({"class_path": "lightning_veripo.verifier.judges.OpenAIJudge",
-                                                      "init_args": {"base_url": "http://x:1", "model": "m"}})])  # fmt: skip
+    init = {"base_url": "http://x:1", "model": "m"}
+    new = {"class_path": "lightning_veripo.verifier.llm_judges.OpenAIJudge", "init_args": init}
+    config = judge.parse_args(["--judge", json.dumps(new)])
     assert isinstance(judge.instantiate_classes(config).judge, llm_judges.OpenAIJudge)
+    old = {"class_path": "lightning_veripo.verifier.judges.OpenAIJudge", "init_args": init}
+    with pytest.raises(jsonargparse.ArgumentError, match="lightning_veripo.verifier.llm_judges"):
+        judge.parse_args(["--judge", json.dumps(old)])

@@ -18,7 +18,8 @@ from lightning_veripo.metrics import ReasoningMetrics, update_reasoning_metrics
 from lightning_veripo.parsing import extract_think, is_well_formed
 from lightning_veripo.records import Rollout, VideoQARecord
 from lightning_veripo.rewards import accuracy_reward
-from lightning_veripo.verifier.judges import Judge, JudgeItem, RuleJudge, Verdict
+from lightning_veripo.verifier.judges import RuleJudge
+from lightning_veripo.verifier.protocol import Judge, JudgeItem, Verdict
 
 
 def _record(

@@ -66,6 +66,7 @@ from lightning_veripo.data.videoqa import (
     load_video,
     read_records,
 )
+from lightning_veripo.files import write_jsonl_atomic
 from lightning_veripo.grpo import GRPOModule
 from lightning_veripo.records import PROBLEM_TYPES, Rollout, VideoQARecord
 from lightning_veripo.rewards import (
@@ -77,7 +78,7 @@ from lightning_veripo.rewards import (
     regression_accuracy,
 )
 from lightning_veripo.verifier import JudgeItem, JudgeUnavailableError, OpenAIJudge, PairConfig, RuleJudge
-from lightning_veripo.verifier.judges import parse_verdict
+from lightning_veripo.verifier.llm_judges import parse_verdict
 from lightning_veripo.verifier.run import (
     PAIRS_FILE,
     ROLLOUTS_FILE,
@@ -86,7 +87,6 @@ from lightning_veripo.verifier.run import (
     read_pairs,
     read_rollouts,
     run_verifier,
-    write_jsonl_atomic,
 )
 
 SAMPLING = FrameSampling(num_frames=4, min_pixels=56 * 56, max_pixels=56 * 56)

@@ -17,6 +17,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from torch.utils.data import DataLoader
 
 from lightning_veripo.callbacks.verifier import VerifierCallback, checkpoint_rollouts, verify_checkpoint
+from lightning_veripo.cli import main
 from lightning_veripo.records import Rollout, VideoQARecord
 from lightning_veripo.verifier import (
     PairConfig,
@@ -27,7 +28,6 @@ from lightning_veripo.verifier import (
     run_verifier,
     run_verifier_from_files,
 )
-from lightning_veripo.verifier.run import main
 
 OPTIONS = ("A. red", "B. green", "C. blue", "D. yellow")
 GROUP = [  # (reasoning, answer, accuracy): one question's rollouts as the rule judge will see them
@@ -156,7 +156,10 @@ def test_verifier_runs_again_from_its_own_rollouts_file_and_from_the_command_lin
     pairs_before = (tmp_path / "fit" / "pairs.jsonl").read_bytes()
     stats = run_verifier_from_files(tmp_path / "fit" / "rollouts.jsonl", tmp_path / "fit", progress=False)
     assert stats["num_rollouts"] == 4 and (tmp_path / "fit" / "pairs.jsonl").read_bytes() == pairs_before
-    main([str(tmp_path / "fit" / "rollouts.jsonl"), str(tmp_path / "cli"), "--progress=false"])
+    assert (
+        main(["verify", str(tmp_path / "fit" / "rollouts.jsonl"), str(tmp_path / "cli"), "--progress=false"])
+        == 0
+    )
     assert (tmp_path / "cli" / "pairs.jsonl").read_bytes() == pairs_before
     assert not [p for p in (tmp_path / "cli").iterdir() if p.name.startswith(".")], (
         "no temp files left behind"

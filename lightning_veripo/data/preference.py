@@ -1,11 +1,11 @@
 """Preference pairs for DPO: read pairs.jsonl, re-read each video with the rollout's frames, batch the pairs.
 
-One line of `pairs.jsonl` is a `lightning_veripo.verifier.pairs.PreferencePair` (the verifier writes them):
+One line of `pairs.jsonl` is a `lightning_veripo.records.PreferencePair` (the verifier writes them):
 the question's `record`, the `prompt`, the `sampling` the rollouts were generated with, the `chosen` and
 `rejected` completion texts and the `reason` the pair exists. The policy must be scored on the pixels it saw
 while sampling, so when `sampling["frames_indices"]` is recorded the video is decoded at exactly those frames;
 otherwise `FrameSampling` picks them. The file is read with the verifier's reader
-(`lightning_veripo.verifier.run.read_jsonl`); every problem with a line (not UTF-8, not JSON, a missing field,
+(`lightning_veripo.files.read_jsonl`); every problem with a line (not UTF-8, not JSON, a missing field,
 a missing video) raises a `PreferenceError` that names `file:line`.
 
 A batch is the prompt batch `VideoQACollator` builds (one left-padded prompt per pair) plus `chosen` and
@@ -36,9 +36,8 @@ from lightning_veripo.data.videoqa import (
     load_video,
     order,
 )
-from lightning_veripo.records import DATA_TYPES
-from lightning_veripo.verifier.pairs import PreferencePair
-from lightning_veripo.verifier.run import read_jsonl
+from lightning_veripo.files import read_jsonl
+from lightning_veripo.records import DATA_TYPES, PreferencePair
 
 PAIR_FIELDS = tuple(f.name for f in dataclasses.fields(PreferencePair))
 

@@ -28,6 +28,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
+from lightning_veripo.data.synthetic import make_synthetic_data
 from lightning_veripo.records import DATA_TYPES, PROBLEM_TYPES, VideoQARecord
 
 REQUIRED_FIELDS = ("problem_id", "problem", "data_type", "problem_type", "solution")
@@ -418,8 +419,6 @@ class VideoQADataModule(L.LightningDataModule):
     def prepare_data(self) -> None:
         if self.synthetic is None or self.train_path is None or Path(self.train_path).exists():
             return
-        from lightning_veripo.data.synthetic import make_synthetic_data
-
         spec = self.synthetic
         make_synthetic_data(
             Path(self.train_path).parent,

@@ -6,9 +6,9 @@ probabilities of the two verdict words as the reply's start: one forward pass, o
 rollout; the probability goes into the verdict). `HybridJudge` lets the rule judge decide where it can and asks an
 LLM judge only about the rollouts the rules leave unjudged.
 
-They share the rule judge's skeleton (lightning_veripo.verifier.judges: rule checks for every rollout, a failed
-batch recorded as unjudged) and return the same `Verdict`. `lightning_veripo.verifier.judges` re-exports
-them, so `lightning_veripo.verifier.judges.OpenAIJudge` keeps working as a class path.
+They share every judge's skeleton (lightning_veripo.verifier.protocol.RolloutJudge: rule checks for every
+rollout, a failed batch recorded as unjudged) and return the same `Verdict`. In a config:
+`class_path: lightning_veripo.verifier.llm_judges.OpenAIJudge`.
 """
 
 from __future__ import annotations
@@ -26,14 +26,14 @@ import warnings
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from lightning_veripo.verifier.judges import (
+from lightning_veripo.verifier.judges import RuleJudge
+from lightning_veripo.verifier.protocol import (
+    Decision,
     Judge,
     JudgeItem,
     JudgeUnavailableError,
-    RuleJudge,
+    RolloutJudge,
     Verdict,
-    _Decision,
-    _RolloutJudge,
 )
 
 JUDGE_INSTRUCTION = (
@@ -86,16 +86,16 @@ def parse_verdict(text: str) -> tuple[bool | None, str]:
 
 def likelihood_decision(
     logp_consistent: float, logp_inconsistent: float, min_confidence: float, raw: str, latency_s: float
-) -> _Decision:
+) -> Decision:
     """The verdict from the log-probabilities of the two verdicts: P(consistent) is their softmax (the rest of the
     vocabulary left out); the likelier verdict decides unless its probability is below `min_confidence`."""
     p = 1.0 / (1.0 + math.exp(logp_inconsistent - logp_consistent))
     shown = f"P(consistent)={p:.3f}"
     if max(p, 1.0 - p) < min_confidence or p == 0.5:
         why = f"unjudged: {shown}, the likelier verdict is below min_confidence={min_confidence}"
-        return _Decision(None, why, raw, latency_s, round(p, 6))
+        return Decision(None, why, raw, latency_s, round(p, 6))
     label = "consistent" if p > 0.5 else "inconsistent"
-    return _Decision(p > 0.5, f"{label}: {shown} from the verdicts' likelihoods", raw, latency_s, round(p, 6))
+    return Decision(p > 0.5, f"{label}: {shown} from the verdicts' likelihoods", raw, latency_s, round(p, 6))
 
 
 def _check_mode(owner: str, mode: str, min_confidence: float) -> None:
@@ -105,7 +105,7 @@ def _check_mode(owner: str, mode: str, min_confidence: float) -> None:
         raise ValueError(f"{owner}: min_confidence must be in [0.5, 1], got {min_confidence}")
 
 
-class TransformersJudge(_RolloutJudge):
+class TransformersJudge(RolloutJudge):
     """A small local causal LM as the consistency judge, batched with left padding.
 
     `mode="generate"`: greedy decoding of `VERDICT: ...` (up to max_new_tokens), parsed; a reply with no
@@ -176,13 +176,13 @@ class TransformersJudge(_RolloutJudge):
             return self._tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         return prompt
 
-    def _decide(self, items: list[JudgeItem]) -> list[_Decision]:
+    def _decide(self, items: list[JudgeItem]) -> list[Decision]:
         self._load()
         if self.mode == "likelihood":
             return self._decide_by_likelihood(items)
         return self._decide_by_generation(items)
 
-    def _decide_by_likelihood(self, items: list[JudgeItem]) -> list[_Decision]:
+    def _decide_by_likelihood(self, items: list[JudgeItem]) -> list[Decision]:
         import torch
 
         t0 = time.perf_counter()
@@ -227,7 +227,7 @@ class TransformersJudge(_RolloutJudge):
             out.append(likelihood_decision(a, b, self.min_confidence, raw, latency))
         return out
 
-    def _decide_by_generation(self, items: list[JudgeItem]) -> list[_Decision]:
+    def _decide_by_generation(self, items: list[JudgeItem]) -> list[Decision]:
         import torch
 
         t0 = time.perf_counter()
@@ -246,13 +246,13 @@ class TransformersJudge(_RolloutJudge):
             )
         texts = tok.batch_decode(out[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
         latency = (time.perf_counter() - t0) / len(items)
-        return [_Decision(*parse_verdict(text), text, latency) for text in texts]
+        return [Decision(*parse_verdict(text), text, latency) for text in texts]
 
 
 _NETWORK_ERRORS = (urllib.error.URLError, OSError, http.client.HTTPException)
 
 
-class OpenAIJudge(_RolloutJudge):
+class OpenAIJudge(RolloutJudge):
     """A judge served over the OpenAI-compatible /v1/chat/completions API (vLLM, SGLang, llama.cpp, ...).
 
     Standard library only: a thread pool bounds concurrent requests, each with a timeout on every socket wait
@@ -360,13 +360,13 @@ class OpenAIJudge(_RolloutJudge):
             ) from err
         self._checked = True
 
-    def _decide(self, items: list[JudgeItem]) -> list[_Decision]:
+    def _decide(self, items: list[JudgeItem]) -> list[Decision]:
         if not self._checked:
             self.check_server()
         with ThreadPoolExecutor(max_workers=min(self.max_concurrency, len(items))) as pool:
             return list(pool.map(self._judge_one, items))
 
-    def _judge_one(self, item: JudgeItem) -> _Decision:
+    def _judge_one(self, item: JudgeItem) -> Decision:
         if self.mode == "likelihood" and not self._logprobs_missing:
             decision = self._judge_one_by_likelihood(item)
             if decision is not None:
@@ -378,7 +378,7 @@ class OpenAIJudge(_RolloutJudge):
             )
         return decision
 
-    def _post(self, body: dict[str, Any]) -> tuple[dict[str, Any] | None, _Decision | None, float]:
+    def _post(self, body: dict[str, Any]) -> tuple[dict[str, Any] | None, Decision | None, float]:
         """(the parsed chat completion, None, seconds) or (None, the unjudged decision saying why, seconds)."""
         t0 = time.perf_counter()
         try:
@@ -389,11 +389,11 @@ class OpenAIJudge(_RolloutJudge):
             detail = err.read().decode("utf-8", "replace")[:2000] if err.fp else ""
             why = f"judge error: HTTP {err.code} from {self.base_url}/chat/completions"
             latency = time.perf_counter() - t0
-            return None, _Decision(None, why, detail, latency), latency
+            return None, Decision(None, why, detail, latency), latency
         except _NETWORK_ERRORS as err:
             why = f"judge error after {self.max_retries + 1} attempts: {type(err).__name__}: {err}"
             latency = time.perf_counter() - t0
-            return None, _Decision(None, why, "", latency), latency
+            return None, Decision(None, why, "", latency), latency
         latency = time.perf_counter() - t0
         try:
             choice = json.loads(raw)["choices"][0]
@@ -401,10 +401,10 @@ class OpenAIJudge(_RolloutJudge):
                 raise TypeError("message content is not a string")
         except (ValueError, KeyError, IndexError, TypeError):
             why = "unjudged: malformed response, not an OpenAI chat completion"
-            return None, _Decision(None, why, raw[:4000], latency), latency
+            return None, Decision(None, why, raw[:4000], latency), latency
         return choice, None, latency
 
-    def _judge_one_by_generation(self, item: JudgeItem) -> _Decision:
+    def _judge_one_by_generation(self, item: JudgeItem) -> Decision:
         messages = [{"role": "user", "content": judge_prompt(item, self.max_reasoning_chars)}]
         body = {"model": self.model, "messages": messages, "temperature": self.temperature}
         body["max_tokens"] = self.max_tokens
@@ -413,9 +413,9 @@ class OpenAIJudge(_RolloutJudge):
             assert failed is not None
             return failed
         content = choice["message"]["content"]
-        return _Decision(*parse_verdict(content), content, latency)
+        return Decision(*parse_verdict(content), content, latency)
 
-    def _judge_one_by_likelihood(self, item: JudgeItem) -> _Decision | None:
+    def _judge_one_by_likelihood(self, item: JudgeItem) -> Decision | None:
         """The likelihood verdict, or None when the server answered without logprobs (warned once)."""
         messages = [{"role": "user", "content": judge_prompt(item, self.max_reasoning_chars, one_word=True)}]
         body = {"model": self.model, "messages": messages, "temperature": 0.0, "max_tokens": 1}
@@ -451,7 +451,7 @@ class OpenAIJudge(_RolloutJudge):
                 logp[word] = math.log(sum(math.exp(lp) for lp in hits))
         if not logp:
             why = f"unjudged: neither verdict among the top {len(listed)} first tokens"
-            return _Decision(None, why, raw, latency)
+            return Decision(None, why, raw, latency)
         floor = min(lp for _, lp in listed)
         yes, no = (logp.get(w, floor) for w in VERDICT_WORDS)
         return likelihood_decision(yes, no, self.min_confidence, raw, latency)

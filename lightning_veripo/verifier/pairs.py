@@ -22,8 +22,8 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from lightning_veripo.parsing import extract_think
-from lightning_veripo.records import Rollout, VideoQARecord
-from lightning_veripo.verifier.judges import Verdict
+from lightning_veripo.records import PreferencePair, Rollout
+from lightning_veripo.verifier.protocol import Verdict
 
 # Order in which rejected rollouts take the capped pair slots of a question (round-robin across reasons).
 REASONS = (
@@ -68,35 +68,6 @@ class PairConfig:
             raise ValueError(
                 f"PairConfig.max_pairs_per_question must be >= 1, got {self.max_pairs_per_question}"
             )
-
-
-@dataclass
-class PreferencePair:
-    """One chosen/rejected pair for DPO (one line of pairs.jsonl), with where both completions came from."""
-
-    problem_id: str
-    record: VideoQARecord
-    prompt: str  # the rendered prompt both completions answered
-    video: str | None  # the record's media path
-    sampling: dict[str, Any]  # frames/fps/... the rollouts were generated with
-    chosen: str
-    rejected: str
-    chosen_step: int
-    chosen_sample_index: int
-    rejected_step: int
-    rejected_sample_index: int
-    reason: str  # one of REASONS
-
-    def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["record"] = self.record.to_dict()
-        return d
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> PreferencePair:
-        d = dict(d)
-        d["record"] = VideoQARecord.from_dict(d["record"])
-        return cls(**d)
 
 
 @dataclass

@@ -1,7 +1,7 @@
 """Run the Rollout-Aware Verifier: judge a GRPO fit's rollouts, build preference pairs, write them for DPO.
 
 A plain, idempotent function, so it runs the same from `VerifierCallback` at the end of a GRPO fit, from the
-loop driver, or by hand on saved rollouts (`python -m lightning_veripo.verifier.run --help`). The same
+loop driver, or by hand on saved rollouts (`veripo verify --help`). The same
 rollouts, judge and config give byte-identical files except the timing fields (`latency_s` in
 verdicts.jsonl, `wall_time_s` and `judge_time_s` in stats.json). Files in `out_dir`, each written atomically:
 
@@ -17,20 +17,19 @@ the previous run or complete from this one, never cut short, and no `stats.json`
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
-import tempfile
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from tqdm.auto import tqdm
 
+from lightning_veripo.files import read_jsonl, write_jsonl_atomic, write_text_atomic
 from lightning_veripo.records import Rollout
-from lightning_veripo.verifier.judges import Judge, JudgeItem, JudgeUnavailableError, RuleJudge, Verdict
+from lightning_veripo.verifier.judges import RuleJudge
 from lightning_veripo.verifier.pairs import PairConfig, PairStats, PreferencePair, build_pairs, is_correct
+from lightning_veripo.verifier.protocol import Judge, JudgeItem, JudgeUnavailableError, Verdict
 
 ROLLOUTS_FILE = "rollouts.jsonl"
 VERDICTS_FILE = "verdicts.jsonl"
@@ -177,25 +176,6 @@ def run_verifier_from_files(
     )
 
 
-def read_jsonl(path: str | Path) -> Iterator[tuple[int, Any]]:
-    """(line number, decoded JSON) for every non-blank line of a JSONL file, read as bytes: a line that is not
-    UTF-8 or not JSON raises ValueError naming `file:line` (a file cut short by a kill shows as its last line).
-    The reader of every JSONL file the verifier writes, and of pairs.jsonl in `PreferenceDataset`."""
-    with open(path, "rb") as f:
-        for lineno, raw in enumerate(f, 1):
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as err:
-                raise ValueError(f"{path}:{lineno}: not UTF-8 text ({err})") from err
-            if line.strip():
-                try:
-                    yield lineno, json.loads(line)
-                except json.JSONDecodeError as err:
-                    raise ValueError(
-                        f"{path}:{lineno}: not a JSON line ({err}); was the file cut short?"
-                    ) from err
-
-
 def read_rollouts(path: str | Path) -> list[Rollout]:
     """Rollouts from a rollouts.jsonl; a bad line raises with its file and line number."""
     out = []
@@ -223,48 +203,3 @@ def read_pairs(path: str | Path) -> list[PreferencePair]:
         except (KeyError, TypeError, ValueError) as err:
             raise ValueError(f"{path}:{lineno}: not a preference pair ({err!r})") from err
     return out
-
-
-def write_text_atomic(path: str | Path, text: str) -> None:
-    """Write via a temp file in the same directory, fsync, then os.replace: readers (and a run killed half
-    way) see the old file or the new one, never a torn one.
-
-    A failed write (disk full, ...) removes the temp file and raises an OSError of the same errno that names
-    `path`; text that cannot be encoded as UTF-8 (a lone surrogate) raises ValueError before any file is made.
-    """
-    path = Path(path)
-    try:
-        data = text.encode("utf-8")
-    except UnicodeEncodeError as err:
-        raise ValueError(f"cannot write {path}: the text is not valid Unicode ({err})") from err
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600; these files are for reading by people and other jobs
-        os.replace(tmp, path)
-    except BaseException as err:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        if isinstance(err, OSError) and err.errno is not None:
-            raise OSError(err.errno, f"cannot write {path}: {err.strerror or err}") from err
-        raise
-
-
-def write_jsonl_atomic(path: str | Path, rows: Iterable[dict[str, Any]]) -> None:
-    write_text_atomic(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
-
-
-def main(args: list[str] | None = None) -> dict[str, Any]:
-    """Command line: `python -m lightning_veripo.verifier.run --rollouts_path R --out_dir D [--judge ...]`."""
-    from jsonargparse import auto_cli
-
-    stats = auto_cli(run_verifier_from_files, args=args)
-    print(json.dumps(stats, indent=2))
-    return stats
-
-
-if __name__ == "__main__":
-    main()

@@ -1,0 +1,51 @@
+"""The LightningCLI of one stage: `veripo fit / validate / test / predict`, and each fit the loop runs.
+
+Any LightningModule and data module of this package is chosen by `class_path` in the YAML. The loop
+(`lightning_veripo.loop`) runs every stage through this class; `lightning_veripo.cli` is the `veripo` command
+around it and the loop.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning as L
+from lightning.pytorch import Trainer
+from lightning.pytorch.cli import LightningCLI
+
+from lightning_veripo.console import fix_progress_bar
+from lightning_veripo.module import VideoLLMModule
+
+
+class VeripoCLI(LightningCLI):
+    """LightningCLI with this package's modules and data modules chosen by `class_path` in the YAML.
+
+    Without subcommands (`run=False`, as the loop runs each stage) the parser takes `veripo fit`'s arguments,
+    so its errors point to `veripo fit --help`."""
+
+    def __init__(
+        self,
+        args: list[str] | dict | None = None,
+        run: bool = True,
+        parser_kwargs: dict[str, Any] | None = None,
+        **kwargs,
+    ) -> None:
+        # the usage line and an error's "run: <prog> --help" tip name this command however it was started
+        parser_kwargs = {"prog": "veripo" if run else "veripo fit", **(parser_kwargs or {})}
+        super().__init__(
+            model_class=VideoLLMModule,
+            datamodule_class=L.LightningDataModule,
+            subclass_mode_model=True,
+            subclass_mode_data=True,
+            save_config_kwargs={"overwrite": True},
+            parser_kwargs=parser_kwargs,
+            args=args,
+            run=run,
+            **kwargs,
+        )
+
+    def instantiate_trainer(self, **kwargs: Any) -> Trainer:
+        """Lightning's trainer, its rich progress bar reading `Epoch 12` (not `Epoch 12/-2`) under `max_steps`."""
+        trainer = super().instantiate_trainer(**kwargs)
+        fix_progress_bar(trainer)
+        return trainer
