@@ -11,7 +11,7 @@ run with the same GRPO settings and the same number of GRPO steps:
   always-solved questions dropped from the next GRPO fit. Its judge is the rule judge unless `--set judge=hybrid
   judge_model=DIR`: the rules where a stated conclusion allows, a local causal LM (TransformersJudge, likelihood
   verdicts by default) for the rest. Every evaluation, of both arms, is judged by the rules (`iterate`'s
-  `eval_judge`), so the inconsistency rates of runs with different verifier judges compare;
+  `evaluation.judge`), so the inconsistency rates of runs with different verifier judges compare;
 - `nodpo` (an ablation, only when asked for with `--arms`): the loop without its DPO stages. The verifier runs and
   80% of the always-solved questions are dropped from the next GRPO fit, as in the loop, but no DPO fit runs. Loop
   minus `nodpo` is what the DPO stages do; `nodpo` minus `grpo` is what the data filter does.
@@ -133,7 +133,7 @@ def stages(setting: Setting, data: Path, seed: int) -> dict[str, Any]:
 def make_judge(setting: Setting) -> Any:
     """The loop arm's judge: `rule` (RuleJudge) or `hybrid` (the rules where a stated conclusion allows, the LLM
     at `judge_model` for the rest; it loads on first use). The loop uses it for the verifier's pairs; its
-    evaluations are judged by the rules (`eval_judge`). Raises ValueError for an unknown judge or a hybrid
+    evaluations are judged by the rules (`evaluation.judge`). Raises ValueError for an unknown judge or a hybrid
     without a model directory."""
     from lightning_veripo.verifier import HybridJudge, RuleJudge, TransformersJudge
 
@@ -170,12 +170,21 @@ def arm_options(setting: Setting, arm: str) -> dict[str, Any]:
     raise ValueError(f"arm {arm!r}: expected one of {', '.join(ARMS)}")
 
 
-def _loop_kwargs(setting: Setting, eval_path: Path, seed: int) -> dict[str, Any]:
+def lab_evaluation(setting: Setting) -> Any:
+    """How the lab evaluates every stage (and the rescoring): the lab's frames, batch and samples, judged by
+    the rules whatever the verifier's judge, so runs with different judges compare."""
     from lightning_veripo.data.videoqa import FrameSampling
+    from lightning_veripo.evaluate import EvalSettings
+    from lightning_veripo.verifier import RuleJudge
 
+    frames = FrameSampling(num_frames=4, min_pixels=3136, max_pixels=3136)
+    return EvalSettings(frames, max_new_tokens=setting.max_new_tokens, batch_size=16,
+                        num_samples=setting.eval_samples, judge=RuleJudge())  # fmt: skip
+
+
+def _loop_kwargs(setting: Setting, eval_path: Path, seed: int) -> dict[str, Any]:
     return dict(
-        eval_sampling=FrameSampling(num_frames=4, min_pixels=3136, max_pixels=3136),
-        eval_max_new_tokens=setting.max_new_tokens, eval_batch_size=16, eval_num_samples=setting.eval_samples,
+        evaluation=lab_evaluation(setting),
         min_questions_with_pairs=setting.min_questions_with_pairs, val_path=str(eval_path), seed=seed,
         discard_solved_fraction=setting.discard_solved_fraction,
     )  # fmt: skip
@@ -188,12 +197,9 @@ def evaluate_merged(
     frames, batch, samples and sampling seed), judged by the rules."""
     from lightning_veripo.backbone import VideoLLM
     from lightning_veripo.evaluate import evaluate
-    from lightning_veripo.verifier import RuleJudge
 
-    kwargs = _loop_kwargs(setting, path, seed)
     policy = VideoLLM(str(base), merge_adapters=adapters).load()
-    return evaluate(policy, str(path), kwargs["eval_sampling"], kwargs["eval_max_new_tokens"],
-                    kwargs["eval_batch_size"], RuleJudge(), num_samples=kwargs["eval_num_samples"], seed=seed)  # fmt: skip
+    return evaluate(policy, str(path), lab_evaluation(setting), seed=seed)
 
 
 def rotated_videos(path: Path, out: Path) -> Path:
@@ -215,7 +221,6 @@ def run_seed(
     """The warm start of one seed, its control, then both arms; returns rows and the control's metrics."""
     from lightning_veripo.loop import iterate
     from lightning_veripo.tiny import make_tiny_model
-    from lightning_veripo.verifier import RuleJudge
 
     model = work / f"model_{seed}"
     if not (model / "config.json").exists():
@@ -238,7 +243,7 @@ def run_seed(
             shutil.rmtree(arm_dir, ignore_errors=True)
             shutil.copytree(warm, arm_dir)  # the same warm start: its stage is finished there
         out = iterate(str(model), st["grpo"], st["dpo"], work_dir=str(arm_dir), iterations=setting.iterations,
-                      eval_judge=RuleJudge(), **{**kwargs, **arm_options(setting, arm)})  # fmt: skip
+                      **{**kwargs, **arm_options(setting, arm)})  # fmt: skip
         finished = {s["stage"]: s for s in json.loads((arm_dir / "state.json").read_text())["finished"]}
         wall, cpu, steps0 = 0.0, 0.0, out[0]["step"]
         for row in out:

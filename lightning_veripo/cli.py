@@ -20,6 +20,7 @@ import sys
 from jsonargparse import auto_cli
 
 from lightning_veripo.data.synthetic import make_synthetic_data
+from lightning_veripo.evaluate import RenamedKeyError, refuse_renamed_keys
 from lightning_veripo.loop import iterate
 from lightning_veripo.policy import PolicyMismatchError
 from lightning_veripo.stage_cli import VeripoCLI
@@ -81,6 +82,8 @@ def _command(argv: list[str]) -> int | None:
     if not argv or argv[0] not in commands:
         return None
     args = argv[1:] if argv[0] == "iterate" else _underscore_flags(argv[1:])
+    if argv[0] == "iterate":
+        refuse_renamed_keys(args)
     # prog: usage lines and the "tip: ... run: <prog> --help" of an error name this command, not bare `veripo`
     out = auto_cli(commands[argv[0]], args=args, prog=f"veripo {argv[0]}")
     if argv[0] == "verify":
@@ -112,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
         if code is not None:
             return code
         VeripoCLI(args=argv)  # None: LightningCLI reads sys.argv itself (a list here would make it warn)
-    except PolicyMismatchError as err:  # a checkpoint of another policy: the message says what to set
+    except (PolicyMismatchError, RenamedKeyError) as err:  # the message says what to set instead
         print(f"veripo: error: {err}", file=sys.stderr)
         return 2
     return 0

@@ -31,13 +31,13 @@ from lightning_veripo import losses
 from lightning_veripo.backbone import VideoLLM
 from lightning_veripo.batching import select_prompts, shuffle_video_features
 from lightning_veripo.completions import Completions
+from lightning_veripo.evaluate import EvalSettings
 from lightning_veripo.loggers import logged_step
 from lightning_veripo.metrics import ReasoningMetrics, update_reasoning_metrics  # the latter was here once
 from lightning_veripo.module import VideoLLMModule
 from lightning_veripo.records import Rollout, VideoQARecord
 from lightning_veripo.rewards import RewardSet, accuracy_reward
 from lightning_veripo.verifier.judges import RuleJudge
-from lightning_veripo.verifier.protocol import Judge
 
 
 class Scores(NamedTuple):
@@ -75,8 +75,10 @@ class GRPOModule(VideoLLMModule):
         share_vision: encode each prompt's video once (True) or repeat the pixels per rollout (peers' way).
         lr / weight_decay / warmup_steps: AdamW with linear warmup.
         log_rollouts_every_n_steps: a TensorBoard text panel of a few rollouts every N steps (0 = never).
-        val_temperature: 0 = greedy evaluation; val_max_new_tokens defaults to max_new_tokens.
-        val_judge: judge for the inconsistency rate in evaluation (default: the rule judge).
+        evaluation: validation and test settings (`EvalSettings`): every question greedily, plus
+            `num_samples` samples at `temperature` (logged as `val/sampled_*`); `max_new_tokens` defaults to
+            the module's, the judge of the inconsistency rate to the rules. Frames and batch size come from the
+            data module (its `sampling` and `val_batch_size`).
     """
 
     def __init__(
@@ -113,9 +115,7 @@ class GRPOModule(VideoLLMModule):
         weight_decay: float = 0.0,
         warmup_steps: int = 0,
         log_rollouts_every_n_steps: int = 10,
-        val_temperature: float = 0.0,
-        val_max_new_tokens: int | None = None,
-        val_judge: Judge | None = None,
+        evaluation: EvalSettings = EvalSettings(),  # noqa: B008 (frozen)
     ) -> None:
         super().__init__(backbone, lr, weight_decay, warmup_steps)
         problems = []
@@ -168,11 +168,17 @@ class GRPOModule(VideoLLMModule):
         self.length_min_correct_fraction = length_min_correct_fraction
         self.share_vision = share_vision
         self.log_rollouts_every_n_steps = log_rollouts_every_n_steps
-        self.val_temperature = val_temperature
-        self.val_max_new_tokens = val_max_new_tokens or max_new_tokens
-        self.val_judge = val_judge if val_judge is not None else RuleJudge()
-        self.val_metrics = ReasoningMetrics()
-        self.test_metrics = ReasoningMetrics()
+        self.evaluation = evaluation or EvalSettings()
+        if self.evaluation.frames is not None or self.evaluation.batch_size is not None:
+            raise ValueError(
+                "GRPOModule evaluation.frames / evaluation.batch_size: validation reads the data module's "
+                "batches; set the frames with --data.init_args.sampling and the batch size with "
+                "--data.init_args.val_batch_size instead"
+            )
+        self.val_max_new_tokens = self.evaluation.max_new_tokens or max_new_tokens
+        self.val_judge = self.evaluation.judge if self.evaluation.judge is not None else RuleJudge()
+        self.val_metrics, self.val_sampled_metrics = ReasoningMetrics(), ReasoningMetrics()
+        self.test_metrics, self.test_sampled_metrics = ReasoningMetrics(), ReasoningMetrics()
 
     # ------------------------------------------------------------------ the algorithm
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any]:
@@ -499,26 +505,45 @@ class GRPOModule(VideoLLMModule):
         writer.add_text("train/rollouts", "\n".join(rows), logged_step(self.logger, step))
 
     # ------------------------------------------------------------------ evaluation
-    def _evaluate(self, batch: dict[str, Any], metrics: ReasoningMetrics) -> None:
+    def _evaluate(self, batch: dict[str, Any], greedy: ReasoningMetrics, sampled: ReasoningMetrics) -> None:
         records: list[VideoQARecord] = batch["records"]
+        n, tokenizer, settings = self.evaluation.num_samples, self.backbone.tokenizer, self.evaluation
+        decoding = {"max_new_tokens": self.val_max_new_tokens, "repetition_penalty": settings.repetition_penalty,
+                    "synced_gpus": self._sharded()}  # fmt: skip
         with self._naming_failures(records, "evaluation generation"):
+            vision = self.backbone.encode_vision(batch, requires_grad=False)
             completions = self.backbone.generate(
-                batch, num_samples=1, max_new_tokens=self.val_max_new_tokens,
-                do_sample=self.val_temperature > 0, temperature=max(self.val_temperature, 1e-5),
-                synced_gpus=self._sharded(),
-            )  # fmt: skip
-        update_reasoning_metrics(metrics, completions.text, records, self.backbone.tokenizer, self.val_judge)
+                batch, num_samples=1, do_sample=False, vision=vision, **decoding
+            )
+            update_reasoning_metrics(greedy, completions.text, records, tokenizer, self.val_judge)
+            if n > 0:
+                completions = self.backbone.generate(
+                    batch,
+                    num_samples=n,
+                    do_sample=True,
+                    temperature=settings.temperature,
+                    vision=vision,
+                    **decoding,
+                )
+                repeated = [r for r in records for _ in range(n)]
+                update_reasoning_metrics(sampled, completions.text, repeated, tokenizer, self.val_judge)
+
+    def _log_evaluation(self, split: str, greedy: ReasoningMetrics, sampled: ReasoningMetrics) -> None:
+        logged = {f"{split}/{k}": v for k, v in greedy.compute().items()}
+        if self.evaluation.num_samples > 0:
+            logged.update({f"{split}/sampled_{k}": v for k, v in sampled.compute().items() if "/" not in k})
+        self.log_dict(logged)
+        greedy.reset()
+        sampled.reset()
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        self._evaluate(batch, self.val_metrics)
+        self._evaluate(batch, self.val_metrics, self.val_sampled_metrics)
 
     def on_validation_epoch_end(self) -> None:
-        self.log_dict({f"val/{k}": v for k, v in self.val_metrics.compute().items()})
-        self.val_metrics.reset()
+        self._log_evaluation("val", self.val_metrics, self.val_sampled_metrics)
 
     def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        self._evaluate(batch, self.test_metrics)
+        self._evaluate(batch, self.test_metrics, self.test_sampled_metrics)
 
     def on_test_epoch_end(self) -> None:
-        self.log_dict({f"test/{k}": v for k, v in self.test_metrics.compute().items()})
-        self.test_metrics.reset()
+        self._log_evaluation("test", self.test_metrics, self.test_sampled_metrics)

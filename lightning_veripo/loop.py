@@ -36,8 +36,7 @@ from torch.utils.tensorboard import SummaryWriter
 from lightning_veripo.backbone import VideoLLM
 from lightning_veripo.callbacks.verifier import VerifierCallback, verify_checkpoint
 from lightning_veripo.console import header, held_back, plural, quiet, say
-from lightning_veripo.data.videoqa import FrameSampling
-from lightning_veripo.evaluate import evaluate
+from lightning_veripo.evaluate import EvalSettings, evaluate
 from lightning_veripo.files import write_text_atomic
 from lightning_veripo.stage_cli import VeripoCLI
 from lightning_veripo.tiny import make_tiny_model
@@ -193,12 +192,7 @@ def iterate(
     grpo_only: bool = False,
     judge: Judge | None = None,
     pair_config: PairConfig | None = None,
-    eval_judge: Judge | None = None,
-    eval_sampling: FrameSampling | None = None,
-    eval_max_new_tokens: int = 256,
-    eval_batch_size: int = 8,
-    eval_num_samples: int = 0,
-    eval_temperature: float = 1.0,
+    evaluation: EvalSettings = EvalSettings(),  # noqa: B008 (frozen)
     min_questions_with_pairs: int = 1,
     make_tiny_if_missing: bool = False,
     tiny_size: str = "tiny",
@@ -217,11 +211,10 @@ def iterate(
         discard_solved_fraction: share of the always-solved questions dropped from the next GRPO fit (paper: 80%).
         grpo_only: the baseline: GRPO fits only (no verifier, no DPO), for the same number of iterations.
         judge / pair_config: the Rollout-Aware Verifier's judge (default: rules) and pair rules.
-        eval_judge: the judge of the evaluations' consistency metrics (default: `judge`). Give the rule judge
-            here when the verifier's judge is an LLM: every evaluation then costs no LLM call, and runs with
-            different verifier judges are scored alike.
-        eval_*: evaluation settings: greedy decoding, plus `eval_num_samples` sampled completions per question
-            at `eval_temperature` when > 0 (the `sampled_*` metrics and `pass_at_k`).
+        evaluation: how every stage is evaluated on `val_path` (frames, decoding, samples, judge; see
+            `EvalSettings`). Its judge defaults to `judge`; give the rule judge there when the verifier's judge
+            is an LLM: every evaluation then costs no LLM call, and runs with different verifier judges are
+            scored alike.
         min_questions_with_pairs: a DPO stage runs only when the verifier's pairs cover at least this many
             questions; below it the stage is skipped, saying why (a handful of questions over-fits DPO).
         eval_base: evaluate the starting checkpoint itself first (a "base" row: what the fits start from).
@@ -236,7 +229,7 @@ def iterate(
         make_tiny_model(Path(base_model).expanduser(), size=tiny_size)
     state = LoopState(work)
     tensorboard = work / "tensorboard"
-    sampling = eval_sampling or FrameSampling()
+    evaluation = evaluation or EvalSettings()
     rows: list[dict[str, Any]] = [json.loads(x) for x in _read_lines(work / "metrics.jsonl")]
     per_iteration = ["grpo"] if grpo_only else ["grpo", "dpo"]
     plan = [*(["sft"] if sft else []), *(["activation"] if activation else []),
@@ -256,13 +249,10 @@ def iterate(
         return True
 
     def run_evaluation(backbone: Any, name: str) -> dict[str, float]:
-        samples = (
-            f", {eval_num_samples} samples per question at T={eval_temperature}" if eval_num_samples else ""
-        )
+        n, t = evaluation.num_samples, evaluation.temperature
+        samples = f", {n} samples per question at T={t}" if n else ""
         say(f"   evaluating on {val_path} (greedy{samples})")
-        scorer = eval_judge if eval_judge is not None else judge
-        return evaluate(backbone, val_path, sampling, eval_max_new_tokens, eval_batch_size, scorer,
-                        num_samples=eval_num_samples, temperature=eval_temperature, seed=seed, progress=True,
+        return evaluate(backbone, val_path, evaluation, judge, seed=seed, progress=True,
                         answers_path=work / name / "answers.jsonl")  # fmt: skip
 
     def record(row: dict[str, Any], name: str, adapter: str | None, **info: Any) -> None:

@@ -7,6 +7,7 @@ around it and the loop.
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 import lightning as L
@@ -14,6 +15,7 @@ from lightning.pytorch import Trainer
 from lightning.pytorch.cli import LightningCLI
 
 from lightning_veripo.console import fix_progress_bar
+from lightning_veripo.evaluate import refuse_renamed_keys
 from lightning_veripo.module import VideoLLMModule
 
 
@@ -32,6 +34,7 @@ class VeripoCLI(LightningCLI):
     ) -> None:
         # the usage line and an error's "run: <prog> --help" tip name this command however it was started
         parser_kwargs = {"prog": "veripo" if run else "veripo fit", **(parser_kwargs or {})}
+        refuse_renamed_keys(list(args) if isinstance(args, list) else sys.argv[1:] if args is None else [])
         super().__init__(
             model_class=VideoLLMModule,
             datamodule_class=L.LightningDataModule,

@@ -26,7 +26,7 @@ WORK = "work/demo/veripo"
 # shows a skipped stage with its reason.
 FAST_YAML = "base_model: work/demo/tiny-model\ntiny_size: tiny\n"
 FAST = [
-    "--iterations", "1", "--eval_base", "true", "--eval_num_samples", "0", "--min_questions_with_pairs", "1000",
+    "--iterations", "1", "--eval_base", "true", "--evaluation.num_samples", "0", "--min_questions_with_pairs", "1000",
     "--sft.args", json.dumps(["--trainer.max_steps=12", "--data.init_args.synthetic.num_train=16",
                               "--data.init_args.synthetic.num_val=8"]),
     "--grpo.args", json.dumps(["--trainer.max_steps=2", "--trainer.limit_val_batches=0",

@@ -4,16 +4,22 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import lightning as L
+import pytest
 import torch
 
-from lightning_veripo.data.videoqa import FrameSampling
-from lightning_veripo.evaluate import evaluate
+from lightning_veripo.cli import main
+from lightning_veripo.data.videoqa import FrameSampling, VideoQADataModule
+from lightning_veripo.evaluate import EvalSettings, RenamedKeyError, evaluate, refuse_renamed_keys
+from lightning_veripo.grpo import GRPOModule
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def test_sampling_at_a_vanishing_temperature_reproduces_the_greedy_figures(backbone, synthetic_dir: Path,
                                                                           frame_sampling: FrameSampling) -> None:  # fmt: skip
-    out = evaluate(backbone, str(synthetic_dir / "train.json"), frame_sampling, max_new_tokens=12, batch_size=4,
-                   num_samples=3, temperature=1e-4)  # fmt: skip
+    settings = EvalSettings(frame_sampling, max_new_tokens=12, batch_size=4, num_samples=3, temperature=1e-4)
+    out = evaluate(backbone, str(synthetic_dir / "train.json"), settings)
     for key in ("accuracy", "format_rate", "reasoning_tokens", "inconsistency_rate", "acc_cons"):
         assert out[f"sampled_{key}"] == out[key], key
     # every sample is the greedy completion, so a question is solved by some sample exactly when greedy solves it
@@ -36,9 +42,8 @@ def test_sampled_figures_are_seeded_and_leave_the_global_random_state_alone(back
 
     def run(seed: int) -> dict[str, float]:
         sampled.append([])
-        return evaluate(
-            backbone, path, frame_sampling, max_new_tokens=12, batch_size=4, num_samples=4, seed=seed
-        )
+        settings = EvalSettings(frame_sampling, max_new_tokens=12, batch_size=4, num_samples=4)
+        return evaluate(backbone, path, settings, seed=seed)
 
     torch.manual_seed(123)
     expected_next = torch.rand(3)
@@ -56,7 +61,7 @@ def test_sampled_figures_are_seeded_and_leave_the_global_random_state_alone(back
 
 def test_without_samples_only_the_greedy_figures_are_reported(backbone, synthetic_dir: Path,
                                                              frame_sampling: FrameSampling) -> None:  # fmt: skip
-    out = evaluate(backbone, str(synthetic_dir / "val.json"), frame_sampling, max_new_tokens=8, batch_size=4)
+    out = evaluate(backbone, str(synthetic_dir / "val.json"), EvalSettings(frame_sampling, 8, batch_size=4))
     assert "pass_at_k" not in out and not any(k.startswith("sampled_") for k in out)
     assert {"accuracy", "inconsistency_rate", "acc_cons", "reasoning_tokens", "format_rate"} <= out.keys()
 
@@ -94,7 +99,7 @@ def test_answers_file_keeps_every_greedy_answer_with_the_scores_behind_the_metri
 
     backbone.generate = scripted
     answers = tmp_path / "stage" / "answers.jsonl"
-    out = evaluate(backbone, str(path), frame_sampling, max_new_tokens=8, batch_size=4, answers_path=answers)
+    out = evaluate(backbone, str(path), EvalSettings(frame_sampling, 8, batch_size=4), answers_path=answers)
     lines = [json.loads(x) for x in answers.read_text().splitlines()]
     records = json.loads(path.read_text())
     assert [x["problem_id"] for x in lines] == [r["problem_id"] for r in records]
@@ -107,3 +112,50 @@ def test_answers_file_keeps_every_greedy_answer_with_the_scores_behind_the_metri
     assert out["accuracy"] == sum(expected_acc) / len(lines)
     assert abs(out["inconsistency_rate"] - sum(not x["consistent"] for x in lines) / len(lines)) < 1e-6
     assert not list(answers.parent.glob(".*.tmp")), "written atomically, no temporary left"
+
+
+def test_eval_settings_refuse_impossible_values_naming_each() -> None:
+    with pytest.raises(ValueError, match=r"num_samples=-1 must be >= 0.*temperature=0 must be > 0"):
+        EvalSettings(num_samples=-1, temperature=0)
+    with pytest.raises(ValueError, match=r"max_new_tokens=0 must be >= 1"):
+        EvalSettings(max_new_tokens=0)
+
+
+def test_an_old_evaluation_key_is_refused_naming_the_new_one(tmp_path: Path) -> None:
+    """The loop's eval_* and GRPOModule's val_* keys moved into `evaluation`: in a YAML, on the command line or
+    in a stage's argument list, each is named with its new key before any work starts."""
+    old = tmp_path / "old.yaml"
+    old.write_text(
+        "eval_num_samples: 4\ngrpo:\n  config: x.yaml\n  args: ['--model.init_args.val_judge=null']\n"
+    )
+    with pytest.raises(RenamedKeyError) as refused:
+        refuse_renamed_keys(["--config", str(old), "--eval_max_new_tokens=8"])
+    message = str(refused.value)
+    for expected in (f"{old}: eval_num_samples -> evaluation.num_samples",
+                     f"{old}: grpo.args[0]: --model.init_args.val_judge -> evaluation.judge",
+                     "command line: --eval_max_new_tokens -> evaluation.max_new_tokens"):  # fmt: skip
+        assert expected in message
+    refuse_renamed_keys(
+        ["--config", str(REPO / "configs/demo.yaml"), "--evaluation.num_samples=2"]
+    )  # no error
+    assert main(["iterate", "--config", str(old)]) == 2
+    assert main(["fit", "--config", str(REPO / "configs/demo_grpo.yaml"),
+                 "--model.init_args.val_temperature=0.7"]) == 2  # fmt: skip
+
+
+def test_grpo_validation_logs_sampled_metrics_beside_the_greedy_ones(
+    backbone, synthetic_dir: Path, frame_sampling: FrameSampling
+) -> None:
+    """With `evaluation.num_samples` GRPOModule's validation scores the greedy answer and that many samples; at
+    a vanishing temperature the samples are the greedy answer, so the sampled figures equal the greedy ones."""
+    module = GRPOModule(backbone, num_generations=2, max_new_tokens=8, log_rollouts_every_n_steps=0,
+                        evaluation=EvalSettings(num_samples=2, temperature=1e-4))  # fmt: skip
+    data = VideoQADataModule(train_path=str(synthetic_dir / "train.json"), val_path=str(synthetic_dir / "val.json"),
+                             sampling=frame_sampling, batch_size=2, val_batch_size=4, shuffle=False)  # fmt: skip
+    trainer = L.Trainer(accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, limit_val_batches=1)  # fmt: skip
+    (out,) = trainer.validate(module, datamodule=data, verbose=False)
+    for key in ("accuracy", "format_rate", "inconsistency_rate", "reasoning_tokens"):
+        assert out[f"val/sampled_{key}"] == pytest.approx(out[f"val/{key}"]), key
+    with pytest.raises(ValueError, match="--data.init_args.sampling"):
+        GRPOModule(backbone, evaluation=EvalSettings(frames=frame_sampling))

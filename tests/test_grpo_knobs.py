@@ -21,6 +21,7 @@ from lightning_veripo import losses
 from lightning_veripo.backbone import VideoLLM
 from lightning_veripo.completions import Completions
 from lightning_veripo.data.videoqa import FrameSampling, VideoQADataModule
+from lightning_veripo.evaluate import EvalSettings
 from lightning_veripo.grpo import GRPOModule
 from lightning_veripo.lora import LoRAConfig
 from lightning_veripo.records import VideoQARecord
@@ -383,7 +384,7 @@ def test_gradient_checkpointing_gives_the_same_loss_and_gradients(
     _close(grads_ckpt, grads, rtol=1e-5, atol=1e-7)
 
 
-# ----------------------------------------------------------------------------- val_judge
+# ----------------------------------------------------------------------------- evaluation.judge
 
 # Fixed validation answers by problem type: the reasoning concludes one answer, the <answer> gives it (consistent)
 # or another one (inconsistent) — the shapes the rule judge decides in tests/test_metrics.py.
@@ -410,11 +411,11 @@ class EveryVerdict:
 
 
 @pytest.mark.parametrize(("judge", "expected"), [(None, 0.5), (True, 0.0), (False, 1.0)])
-def test_val_judge_is_the_judge_of_the_validation_inconsistency(
+def test_the_evaluation_judge_is_the_judge_of_the_validation_inconsistency(
     backbone: VideoLLM, synthetic_dir: Path, frame_sampling: FrameSampling, monkeypatch: pytest.MonkeyPatch,
     judge: bool | None, expected: float,
 ) -> None:  # fmt: skip
-    """Validation's inconsistency rate comes from `val_judge`. The generator is replaced by fixed answers
+    """Validation's inconsistency rate comes from `evaluation.judge`. The generator is replaced by fixed answers
     (validation records alternate consistent / inconsistent in loader order), so by hand: the default rule
     judge finds 2 of the 4 inconsistent (0.5); a judge calling everything consistent gives 0.0, one calling
     everything inconsistent 1.0, and that judge is asked about exactly the validation questions."""
@@ -430,7 +431,7 @@ def test_val_judge_is_the_judge_of_the_validation_inconsistency(
     monkeypatch.setattr(backbone, "generate", fixed_generate)
     given = None if judge is None else EveryVerdict(judge)
     module = GRPOModule(backbone, num_generations=G, max_new_tokens=MAX_NEW_TOKENS,
-                        log_rollouts_every_n_steps=0, val_judge=given)  # fmt: skip
+                        log_rollouts_every_n_steps=0, evaluation=EvalSettings(judge=given))  # fmt: skip
     datamodule = VideoQADataModule(train_path=str(synthetic_dir / "train.json"),
                                    val_path=str(synthetic_dir / "val.json"), sampling=frame_sampling,
                                    batch_size=2, shuffle=False)  # fmt: skip

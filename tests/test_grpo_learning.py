@@ -21,7 +21,7 @@ from helpers import RecordSteps
 from lightning_veripo.backbone import VideoLLM
 from lightning_veripo.data.synthetic import make_synthetic_data
 from lightning_veripo.data.videoqa import FrameSampling, VideoQADataModule
-from lightning_veripo.evaluate import evaluate
+from lightning_veripo.evaluate import EvalSettings, evaluate
 from lightning_veripo.grpo import GRPOModule
 from lightning_veripo.lora import LoRAConfig
 from lightning_veripo.sft import SFTModule
@@ -46,7 +46,7 @@ def test_grpo_on_the_synthetic_colour_task_reports_accuracy_before_and_after(
     backbone = VideoLLM(str(tiny_model_dir), lora=LoRAConfig(r=16, alpha=32, target_modules=LM_AND_HEAD))
     train = VideoQADataModule(train_path=str(data / "train.json"), sampling=sampling, batch_size=4)
     _trainer(SFT_STEPS).fit(SFTModule(backbone, lr=3e-3), datamodule=train)
-    before = evaluate(backbone, val, sampling, max_new_tokens=40, batch_size=16)
+    before = evaluate(backbone, val, EvalSettings(sampling, max_new_tokens=40, batch_size=16))
 
     backbone.merge_and_reset()  # GRPO's fresh adapter starts from the warm-started policy
     record = RecordSteps()
@@ -54,7 +54,7 @@ def test_grpo_on_the_synthetic_colour_task_reports_accuracy_before_and_after(
     train = VideoQADataModule(train_path=str(data / "train.json"), sampling=sampling, batch_size=2)
     start = {n: p.detach().clone() for n, p in backbone.model.named_parameters() if p.requires_grad}
     _trainer(GRPO_STEPS, [record]).fit(grpo, datamodule=train)
-    after = evaluate(backbone, val, sampling, max_new_tokens=40, batch_size=16)
+    after = evaluate(backbone, val, EvalSettings(sampling, max_new_tokens=40, batch_size=16))
 
     accuracy = [sum(r.accuracy for r in out["rollouts"]) / len(out["rollouts"]) for out in record.outputs]
     reward = [sum(r.reward for r in out["rollouts"]) / len(out["rollouts"]) for out in record.outputs]

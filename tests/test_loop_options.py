@@ -39,8 +39,8 @@ def test_iterate_evaluates_the_base_and_skips_dpo_below_the_minimum_of_questions
     shutil.copytree(REPO / "configs", tmp_path / "configs")
     quiet = ["--trainer.enable_progress_bar=false"]
     args = [
-        "--iterations", "1", "--eval_base", "true", "--eval_num_samples", "2", "--min_questions_with_pairs", "1000",
-        "--eval_judge", json.dumps({"class_path": "judges_for_tests.Contrarian"}),
+        "--iterations", "1", "--eval_base", "true", "--evaluation.num_samples", "2", "--min_questions_with_pairs", "1000",
+        "--evaluation.judge", json.dumps({"class_path": "judges_for_tests.Contrarian"}),
         "--sft.args", json.dumps(["--trainer.max_steps=60", *quiet]),
         "--grpo.args", json.dumps(["--trainer.max_steps=2", "--trainer.limit_val_batches=0", *quiet,
                                    "--trainer.num_sanity_val_steps=0", "--data.init_args.synthetic.num_train=8",
@@ -66,7 +66,7 @@ def test_iterate_evaluates_the_base_and_skips_dpo_below_the_minimum_of_questions
     )
     assert run.returncode == 0, run.stderr[-4000:]
     work = tmp_path / "work/demo/veripo"
-    # eval_judge scores the evaluations, the verifier keeps its own judge (the demo's rules)
+    # evaluation.judge scores the evaluations, the verifier keeps its own judge (the demo's rules)
     graded = [json.loads(x) for x in (work / "sft/answers.jsonl").read_text().splitlines()]
     assert graded and all(a["rationale"] == Contrarian.REASON for a in graded)
     verdicts = [json.loads(x) for x in (work / "iter_1/verifier/verdicts.jsonl").read_text().splitlines()]

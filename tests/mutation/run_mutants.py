@@ -302,9 +302,9 @@ MUTANTS = [
     Mutant(
         "G7",
         G,
-        "self.val_judge = val_judge if val_judge is not None else RuleJudge()",
+        "self.val_judge = self.evaluation.judge if self.evaluation.judge is not None else RuleJudge()",
         "self.val_judge = RuleJudge()",
-        "val_judge ignored",
+        "evaluation.judge ignored",
     ),
 ]
 
