@@ -35,6 +35,7 @@ from lightning_veripo.data.videoqa import (
     load_image,
     load_video,
     order,
+    stage_processor,
 )
 from lightning_veripo.files import read_jsonl
 from lightning_veripo.records import DATA_TYPES, PreferencePair
@@ -238,17 +239,7 @@ class PreferenceDataModule(L.LightningDataModule):
         return self.datasets[split]
 
     def processor(self) -> Any:
-        if self.processor_path is not None:
-            from transformers import AutoProcessor
-
-            return AutoProcessor.from_pretrained(self.processor_path)
-        module = self.trainer.lightning_module if self.trainer is not None else None
-        backbone = getattr(module, "backbone", None)
-        if backbone is None or backbone.processor is None:
-            raise RuntimeError(
-                "PreferenceDataModule needs processor_path, or a LightningModule with a loaded backbone"
-            )
-        return backbone.processor
+        return stage_processor(self)
 
     def _loader(self, split: str, batch_size: int, shuffle: bool) -> DataLoader:
         dataset = self.dataset(split)

@@ -440,17 +440,7 @@ class VideoQADataModule(L.LightningDataModule):
         return self.datasets[split]
 
     def processor(self) -> Any:
-        if self.processor_path is not None:
-            from transformers import AutoProcessor
-
-            return AutoProcessor.from_pretrained(self.processor_path)
-        module = self.trainer.lightning_module if self.trainer is not None else None
-        backbone = getattr(module, "backbone", None)
-        if backbone is None or backbone.processor is None:
-            raise RuntimeError(
-                "VideoQADataModule needs processor_path, or a LightningModule with a loaded backbone"
-            )
-        return backbone.processor
+        return stage_processor(self)
 
     def _loader(self, split: str, batch_size: int, shuffle: bool) -> DataLoader:
         dataset = self._dataset(split)
@@ -472,3 +462,20 @@ class VideoQADataModule(L.LightningDataModule):
 
     def test_dataloader(self) -> DataLoader:
         return self._loader("test", self.val_batch_size, False)
+
+
+def stage_processor(datamodule: L.LightningDataModule) -> Any:
+    """The processor a data module's collator uses: from its `processor_path` when given, else the one of the
+    backbone its trainer's LightningModule has loaded (so data and model never disagree on tokens)."""
+    path = getattr(datamodule, "processor_path", None)
+    if path is not None:
+        from transformers import AutoProcessor
+
+        return AutoProcessor.from_pretrained(path)
+    trainer = datamodule.trainer
+    backbone = getattr(trainer.lightning_module if trainer is not None else None, "backbone", None)
+    if backbone is None or backbone.processor is None:
+        raise RuntimeError(
+            f"{type(datamodule).__name__} needs processor_path, or a LightningModule with a loaded backbone"
+        )
+    return backbone.processor
