@@ -75,7 +75,7 @@ def take_prompts(
         encoded = vision is not None and modality in vision
         if batch.get(pixel_key) is not None and (keep_pixels or not encoded):
             chunks = torch.split(batch[pixel_key], grid.prod(-1).tolist())
-            out[pixel_key] = torch.cat([chunks[i] for i in order])
+            out[pixel_key] = torch.cat([chunks[i] for i in order]) if order else batch[pixel_key][:0]
         if taken is not None and encoded:
             taken[modality] = select_vision_items(vision[modality], order)  # deepstack features too
     return out, taken

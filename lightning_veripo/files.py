@@ -46,7 +46,10 @@ def write_text_atomic(path: str | Path, text: str) -> None:
         data = text.encode("utf-8")
     except UnicodeEncodeError as err:
         raise ValueError(f"cannot write {path}: the text is not valid Unicode ({err})") from err
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as err:  # no such folder, no permission: name the file asked for, not the temp file
+        raise OSError(err.errno, f"cannot write {path}: {err.strerror or err}") from err
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
