@@ -6,6 +6,7 @@ veripo iterate --config configs/demo.yaml       # the VerIPO loop: GRPO -> verif
 veripo make-tiny-model DIR [--seed 0] [--arch qwen2_5_vl|qwen2_vl|qwen3_vl]   # tiny random Qwen-VL
 veripo make-synthetic-data DIR --num_train N --num_val M [--seed 0]           # --num-train etc. work too
 veripo verify ROLLOUTS_JSONL OUT_DIR [--judge ...]   # the verifier alone, on saved rollouts
+veripo evaluate --policy.base_model M --benchmark.name vsibench --benchmark.path F   # a video benchmark
 
 An error under a command ends with a tip naming that command's help (`veripo iterate --help`); an error in a
 loop stage's arguments names `veripo fit --help`, the options a stage takes.
@@ -20,12 +21,14 @@ import sys
 from jsonargparse import auto_cli
 
 from lightning_veripo.data.synthetic import make_synthetic_data
+from lightning_veripo.data.videoqa import VideoQAError
 from lightning_veripo.evaluate import RenamedKeyError, refuse_renamed_keys
 from lightning_veripo.loop import iterate
 from lightning_veripo.policy import PolicyMismatchError
 from lightning_veripo.stage_cli import VeripoCLI
 from lightning_veripo.tiny import make_tiny_model
 from lightning_veripo.verifier.run import run_verifier_from_files
+from lightning_veripo.videobench.runner import evaluate_benchmark
 
 # Every command with its line in `veripo --help`: LightningCLI's four, then the plain functions below.
 COMMANDS = {
@@ -34,6 +37,7 @@ COMMANDS = {
     "test": "evaluate a model or a --ckpt_path on a test file",
     "predict": "run a model's predict_step over a data set",
     "iterate": "run the VerIPO loop: GRPO -> verifier -> DPO, repeated",
+    "evaluate": "score a policy on a video benchmark (VSI-Bench, Video-MME, MVBench, ...) as its authors do",
     "make-tiny-model": "write the offline tiny random Qwen-VL to a directory",
     "make-synthetic-data": "write the synthetic video-QA task to a directory",
     "verify": "judge a saved rollouts.jsonl again and write verdicts, pairs and stats (e.g. with another judge)",
@@ -78,6 +82,7 @@ def _command(argv: list[str]) -> int | None:
         "make-synthetic-data": make_synthetic_data,
         "iterate": iterate,
         "verify": run_verifier_from_files,
+        "evaluate": evaluate_benchmark,
     }
     if not argv or argv[0] not in commands:
         return None
@@ -115,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
         if code is not None:
             return code
         VeripoCLI(args=argv)  # None: LightningCLI reads sys.argv itself (a list here would make it warn)
-    except (PolicyMismatchError, RenamedKeyError) as err:  # the message says what to set instead
+    except (PolicyMismatchError, RenamedKeyError, VideoQAError) as err:  # the message says what to set instead
         print(f"veripo: error: {err}", file=sys.stderr)
         return 2
     return 0

@@ -306,6 +306,7 @@ def test_veripo_help_lists_every_command_with_one_line_each(tmp_path: Path) -> N
         "test",
         "predict",
         "iterate",
+        "evaluate",
         "make-tiny-model",
         "make-synthetic-data",
         "verify",

@@ -19,6 +19,7 @@ import json
 import os
 import re
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -226,12 +227,14 @@ def build_prompt(record: VideoQARecord) -> str:
     return "\n".join(lines)
 
 
-def build_messages(record: VideoQARecord) -> list[dict[str, Any]]:
+def build_messages(
+    record: VideoQARecord, prompt: Callable[[VideoQARecord], str] = build_prompt
+) -> list[dict[str, Any]]:
     """Chat messages for one record: one user turn with the visual first, then the prompt text."""
     return [
         {
             "role": "user",
-            "content": [{"type": record.data_type}, {"type": "text", "text": build_prompt(record)}],
+            "content": [{"type": record.data_type}, {"type": "text", "text": prompt(record)}],
         }
     ]
 
@@ -300,10 +303,19 @@ class VideoQACollator:
     truncated, since cutting a question or its video silently changes the task. `max_prompt_tokens=None`
     means the tokenizer's `model_max_length` (the context the checkpoint declares), or no limit when it
     declares none. To fit, shorten the question or lower `FrameSampling`'s frame count / max_pixels.
+    `prompt` renders a record's user text (`build_prompt`, the training template, by default; the benchmark
+    evaluation passes its own templates).
     """
 
-    def __init__(self, processor: Any, sampling: FrameSampling, max_prompt_tokens: int | None = None) -> None:
+    def __init__(
+        self,
+        processor: Any,
+        sampling: FrameSampling,
+        max_prompt_tokens: int | None = None,
+        prompt: Callable[[VideoQARecord], str] = build_prompt,
+    ) -> None:
         self.processor = processor
+        self.prompt = prompt
         self.sampling = sampling
         if max_prompt_tokens is None:
             declared = getattr(getattr(processor, "tokenizer", None), "model_max_length", None)
@@ -315,7 +327,9 @@ class VideoQACollator:
 
         records = [s["record"] for s in samples]
         texts = [
-            self.processor.apply_chat_template(build_messages(r), add_generation_prompt=True, tokenize=False)
+            self.processor.apply_chat_template(
+                build_messages(r, self.prompt), add_generation_prompt=True, tokenize=False
+            )
             for r in records
         ]
         videos = [s["video"] for s in samples if "video" in s]
