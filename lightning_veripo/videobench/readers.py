@@ -88,15 +88,19 @@ VSI_NUMERICAL = ("object_abs_distance", "object_counting", "object_size_estimati
 
 
 def read_vsibench(bench: Benchmark) -> list[BenchItem]:
-    """VSI-Bench (nyu-visionx/VSI-Bench on the hub; its `debiased` configuration has the same fields).
+    """VSI-Bench (nyu-visionx/VSI-Bench on the hub: `test.jsonl`; the debiased split `test_debiased.parquet`).
 
-    Schema (the hub dataset card and lmms-eval's `tasks/vsibench/utils.py`): `id`, `dataset` (arkitscenes,
-    scannet, scannetpp), `scene_name`, `question_type` (6 multiple-choice, 4 numerical types), `question`,
-    `options` (lettered "A. ..." texts; empty for numerical types), `ground_truth` (the letter, or the number
-    as text). Videos: `<video_dir>/<dataset>/<scene_name>.mp4`.
+    Schema (the hub dataset, its `create_pq.py`, and lmms-eval's `tasks/vsibench/utils.py`): `id`, `dataset`
+    (arkitscenes, scannet, scannetpp), `scene_name`, `question_type` (6 multiple-choice, 4 numerical types),
+    `question`, `options` (lettered "A. ..." texts; empty for numerical types), `ground_truth` (the letter,
+    or the number as text); the Parquet files add `pruned` (removed by Iterative Bias Pruning), and
+    `vsibench_debiased` leaves out every row it marks. Videos (the release's `<dataset>.zip` files unpacked):
+    `<video_dir>/<dataset>/<scene_name>.mp4`.
     """
     items = []
     for _, raw, where in _rows(bench):
+        if bench.name == "vsibench_debiased" and raw.get("pruned") is True:
+            continue
         kind_of = where.get("question_type")
         if kind_of not in VSI_MULTIPLE_CHOICE + VSI_NUMERICAL:
             raise where.error(
