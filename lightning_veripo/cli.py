@@ -120,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
         if code is not None:
             return code
         VeripoCLI(args=argv)  # None: LightningCLI reads sys.argv itself (a list here would make it warn)
-    except (PolicyMismatchError, RenamedKeyError, VideoQAError) as err:  # the message says what to set instead
+    except (PolicyMismatchError, RenamedKeyError, VideoQAError) as err:  # the message says what to fix
         print(f"veripo: error: {err}", file=sys.stderr)
         return 2
     return 0

@@ -36,13 +36,16 @@ from torch.utils.tensorboard import SummaryWriter
 from lightning_veripo.backbone import VideoLLM
 from lightning_veripo.callbacks.verifier import VerifierCallback, verify_checkpoint
 from lightning_veripo.console import header, held_back, plural, quiet, say
-from lightning_veripo.evaluate import EvalSettings, evaluate
+from lightning_veripo.data.videoqa import FrameSampling
+from lightning_veripo.evaluate import DEFAULT_BATCH_SIZE, DEFAULT_MAX_NEW_TOKENS, EvalSettings, evaluate
 from lightning_veripo.files import write_text_atomic
 from lightning_veripo.stage_cli import VeripoCLI
 from lightning_veripo.tiny import make_tiny_model
 from lightning_veripo.verifier.judges import RuleJudge
 from lightning_veripo.verifier.pairs import PairConfig
 from lightning_veripo.verifier.protocol import Judge
+from lightning_veripo.videobench.readers import Benchmark
+from lightning_veripo.videobench.runner import Decoding, run_benchmark
 
 
 @dataclass
@@ -197,6 +200,7 @@ def iterate(
     make_tiny_if_missing: bool = False,
     tiny_size: str = "tiny",
     eval_base: bool = False,
+    benchmark: Benchmark | None = None,
     seed: int = 0,
 ) -> list[dict[str, Any]]:
     """Run the VerIPO loop into `work_dir`; returns the per-stage evaluation rows (also in metrics.jsonl).
@@ -218,6 +222,10 @@ def iterate(
         min_questions_with_pairs: a DPO stage runs only when the verifier's pairs cover at least this many
             questions; below it the stage is skipped, saying why (a handful of questions over-fits DPO).
         eval_base: evaluate the starting checkpoint itself first (a "base" row: what the fits start from).
+        benchmark: also score every stage on this benchmark (`limit`: a development slice), greedy, with the
+            training prompt and `evaluation`'s frames, max_new_tokens, repetition penalty and batch size
+            (`veripo evaluate`'s files in `<stage>/benchmark/`); the headline is the row's `benchmark/<name>`,
+            TensorBoard's `eval/benchmark/<name>`.
         make_tiny_if_missing: build the offline tiny model at `base_model` if it does not exist (the demo), of
             `tiny_size` (a preset of lightning_veripo.tiny.SIZES: "tiny" or "small").
     """
@@ -252,8 +260,18 @@ def iterate(
         n, t = evaluation.num_samples, evaluation.temperature
         samples = f", {n} samples per question at T={t}" if n else ""
         say(f"   evaluating on {val_path} (greedy{samples})")
-        return evaluate(backbone, val_path, evaluation, judge, seed=seed, progress=True,
-                        answers_path=work / name / "answers.jsonl")  # fmt: skip
+        metrics = evaluate(backbone, val_path, evaluation, judge, seed=seed, progress=True,
+                           answers_path=work / name / "answers.jsonl")  # fmt: skip
+        if benchmark is not None:
+            say(f"   scoring {benchmark.name} ({benchmark.path})")
+            out = work / name / "benchmark"
+            decoding = Decoding(max_new_tokens=evaluation.max_new_tokens or DEFAULT_MAX_NEW_TOKENS,
+                                repetition_penalty=evaluation.repetition_penalty)  # fmt: skip
+            summary = run_benchmark(lambda: backbone, {"stage": name}, benchmark, out,
+                                    evaluation.frames or FrameSampling(), "veripo", decoding,
+                                    evaluation.batch_size or DEFAULT_BATCH_SIZE, echo=False)  # fmt: skip
+            metrics[f"benchmark/{benchmark.name}"] = summary["headline"]["value"]
+        return metrics
 
     def record(row: dict[str, Any], name: str, adapter: str | None, **info: Any) -> None:
         rows.append(row)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -125,44 +126,62 @@ def evaluate_benchmark(
         batch_size: questions per generate call.
         progress: show a progress bar (stderr).
     """
+    adapters = policy.merged_adapters()
+    described = {"base_model": policy.base_model, "adapters": [str(Path(a).absolute()) for a in adapters],
+                 "dtype": policy.dtype}  # fmt: skip
+
+    def load() -> VideoLLM:
+        backbone = VideoLLM(
+            policy.base_model, dtype=policy.dtype, merge_adapters=adapters, reference_copy=False
+        )
+        return backbone.load().to("cuda" if torch.cuda.is_available() else "cpu")
+
+    out = Path(out_dir) if out_dir is not None else Path("evaluation") / benchmark.name
+    run_benchmark(load, described, benchmark, out, frames, prompt, decoding, batch_size, progress)
+    return out / "results.json"
+
+
+def run_benchmark(
+    load: Callable[[], VideoLLM],
+    policy: dict[str, Any],
+    benchmark: Benchmark,
+    out: Path,
+    frames: FrameSampling,
+    prompt: PromptTemplate,
+    decoding: Decoding,
+    batch_size: int = 1,
+    progress: bool = True,
+    echo: bool = True,
+) -> dict[str, Any]:
+    """Answer the questions `out/answers.jsonl` lacks with `load()`'s policy (called only if any are left),
+    score them all, write tables.md and results.json, print the score (`echo`); returns the summary.
+
+    `policy` describes the policy in the stored settings (a loop passes its stage's)."""
     if decoding.num_samples < 1 or (decoding.num_samples > 1 and not decoding.do_sample):
         raise ValueError(f"Decoding.num_samples={decoding.num_samples}: use 1, or more with do_sample=true")
     items = read_benchmark(benchmark)
-    adapters = policy.merged_adapters()
     config = {
         "benchmark": {"name": benchmark.name, "path": str(Path(benchmark.path).absolute()), **benchmark.variant()},
-        "policy": {"base_model": policy.base_model, "adapters": [str(Path(a).absolute()) for a in adapters],
-                   "dtype": policy.dtype},
-        "frames": asdict(frames), "prompt": prompt, "decoding": asdict(decoding),
+        "policy": policy, "frames": asdict(frames), "prompt": prompt, "decoding": asdict(decoding),
     }  # fmt: skip
-    out = Path(out_dir) if out_dir is not None else Path("evaluation") / benchmark.name
     out.mkdir(parents=True, exist_ok=True)
     _check_same_settings(out / "settings.json", config)
     answers_path = out / "answers.jsonl"
     done = _answered(answers_path, {i.id for i in items})
     todo = [i for i in items if i.id not in done]
     if todo:
-        _answer(
-            policy,
-            adapters,
-            todo,
-            answers_path,
-            frames,
-            prompt,
-            decoding,
-            batch_size,
-            benchmark.name,
-            progress,
-        )
+        _answer(load(), todo, answers_path, frames, prompt, decoding, batch_size, benchmark.name, progress)
         done = _answered(answers_path, {i.id for i in items})
     rows = [scored_row(benchmark.name, i, done[i.id]["completions"]) for i in items]
     summary = summarize(benchmark.name, rows)
     text = format_summary(benchmark.name, summary, config)
-    print(text)
+    if echo:
+        print(text)
     write_text_atomic(out / "tables.md", "```\n" + text + "\n```\n")
-    results = out / "results.json"
-    write_text_atomic(results, json.dumps({"settings": config, **summary}, indent=1, allow_nan=True))
-    return results
+    write_text_atomic(
+        out / "results.json", json.dumps({"settings": config, **summary}, indent=1, allow_nan=True)
+    )
+    return summary
 
 
 def scored_row(benchmark: str, item: BenchItem, completions: list[str]) -> dict[str, Any]:
@@ -222,15 +241,10 @@ def _answered(path: Path, wanted: set[str]) -> dict[str, dict[str, Any]]:
 
 
 @torch.no_grad()
-def _answer(policy: Policy, adapters: list[str], items: list[BenchItem], answers_path: Path, frames: FrameSampling,
+def _answer(backbone: VideoLLM, items: list[BenchItem], answers_path: Path, frames: FrameSampling,
             prompt: PromptTemplate, decoding: Decoding, batch_size: int, name: str, progress: bool) -> None:  # fmt: skip
     """Generate and score the answers of `items`, appending each batch's lines to answers.jsonl."""
-
-    backbone = VideoLLM(
-        policy.base_model, dtype=policy.dtype, merge_adapters=adapters, reference_copy=False
-    ).load()
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    backbone.to(device)
+    device = next(backbone.hf_model.parameters()).device
     by_id = {i.id: i for i in items}
     loader = DataLoader(BenchDataset(items, frames, prompt), batch_size=batch_size,
                         collate_fn=VideoQACollator(backbone.processor, frames, prompt=rendered_prompt))  # fmt: skip
@@ -239,7 +253,7 @@ def _answer(policy: Policy, adapters: list[str], items: list[BenchItem], answers
     )
     with (
         bar,
-        torch.random.fork_rng(devices=[device] if device == "cuda" else []),
+        torch.random.fork_rng(devices=[device] if device.type == "cuda" else []),
         open(answers_path, "a") as f,
     ):
         torch.manual_seed(decoding.seed)
