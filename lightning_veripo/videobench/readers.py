@@ -142,9 +142,9 @@ def read_mmvu(bench: Benchmark) -> list[BenchItem]:
         location = where.get(name)
         relative = location.split("/resolve/main/", 1)[-1] if "://" in location else location
         subject = (raw.get("metadata") or {}).get("subject") or Path(relative).parent.name
+        video = video_file(bench.videos(), relative, where, name)
         items.append(BenchItem(str(where.get("id", (str, int))), where.get("question"), MULTIPLE_CHOICE,
-                               where.letter("answer", options), subject, video_file(bench.videos(), relative, where, name),
-                               options))  # fmt: skip
+                               where.letter("answer", options), subject, video, options))  # fmt: skip
     return items
 
 
@@ -265,9 +265,9 @@ def read_mvbench(bench: Benchmark) -> list[BenchItem]:
                 start, end = float(where.get("start", (int, float))), float(where.get("end", (int, float)))
                 if not 0 <= start < end:
                     raise where.error("end", f"should be after start ({start} .. {end} seconds)")
+            video = video_file(bench.videos(), relative, where, "video")
             items.append(BenchItem(f"{task}/{index}", where.get("question"), MULTIPLE_CHOICE,
-                                   LETTERS[options.index(answer)], task, video_file(bench.videos(), relative, where, "video"),
-                                   options, start=start, end=end))  # fmt: skip
+                                   LETTERS[options.index(answer)], task, video, options, start=start, end=end))  # fmt: skip
     return items[: bench.limit] if bench.limit is not None else items
 
 
@@ -295,10 +295,17 @@ def read_tempcompass(bench: Benchmark) -> list[BenchItem]:
                     raise where.error("question", "should end with one 'A. text' line per option")
                 options = unletter(lines, where, "question")
                 answer = where.get("answer")
-                items.append(BenchItem(f"{video_id}/{aspect}/{i}", stem, MULTIPLE_CHOICE,
-                                       where.letter("answer", options) if len(answer) <= 3 else
-                                       _letter_prefix(answer, options, where), aspect,
-                                       video_file(bench.videos(), f"{video_id}.mp4", where, "video_id"), options))  # fmt: skip
+                letter = (
+                    where.letter("answer", options)
+                    if len(answer) <= 3
+                    else _letter_prefix(answer, options, where)
+                )
+                video = video_file(bench.videos(), f"{video_id}.mp4", where, "video_id")
+                items.append(
+                    BenchItem(
+                        f"{video_id}/{aspect}/{i}", stem, MULTIPLE_CHOICE, letter, aspect, video, options
+                    )
+                )
     return items[: bench.limit] if bench.limit is not None else items
 
 
