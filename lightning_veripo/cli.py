@@ -18,10 +18,14 @@ from typing import Any
 
 from lightning.pytorch import Trainer
 from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
+from lightning_veripo import preemption
 from lightning_veripo.backbone import PolicyMismatchError
 from lightning_veripo.console import fix_progress_bar
 from lightning_veripo.module import VideoLLMModule
+from lightning_veripo.preemption import Preempted
+from lightning_veripo.workdir_lock import WorkDirLockedError
 
 # Every command with its line in `veripo --help`: LightningCLI's four, then the plain functions below.
 COMMANDS = {
@@ -63,6 +67,19 @@ class VeripoCLI(LightningCLI):
             run=run,
             **kwargs,
         )
+
+    def _prepare_subcommand_kwargs(self, subcommand: str) -> dict[str, Any]:
+        """Lightning's arguments for `subcommand`, with every checkpoint (`--ckpt_path`, a URL too, for which
+        Lightning would default to a full unpickle that can run code) loaded weights-only."""
+        kwargs = super()._prepare_subcommand_kwargs(subcommand)
+        if "ckpt_path" in kwargs:
+            if kwargs.get("weights_only") is False:
+                raise ValueError(
+                    f"veripo {subcommand}: --weights_only=false is refused: a checkpoint's pickle can run any "
+                    "code; veripo's own checkpoints load weights-only"
+                )
+            kwargs["weights_only"] = True
+        return kwargs
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
         """Lightning's trainer, its rich progress bar reading `Epoch 12` (not `Epoch 12/-2`) under `max_steps`."""
@@ -150,6 +167,20 @@ def main(argv: list[str] | None = None) -> int:
     except PolicyMismatchError as err:  # a checkpoint of another policy: the message says what to set
         print(f"veripo: error: {err}", file=sys.stderr)
         return 2
+    except WorkDirLockedError as err:  # another run owns the work directory: nothing was touched
+        print(f"veripo: error: {err}", file=sys.stderr)
+        return 1
+    except Preempted as err:  # the loop stopped on SIGTERM at a safe point
+        print(f"veripo: {err}; the same command resumes from there.", file=sys.stderr, flush=True)
+        return preemption.EXIT_CODE
+    except SIGTERMException:  # `veripo fit`: Lightning stopped the fit after its last checkpoint
+        print(
+            f"veripo: {args[0]} stopped by SIGTERM after its last checkpoint; run it again with --ckpt_path "
+            "set to that checkpoint (e.g. <checkpoints dir>/last.ckpt) to resume.",
+            file=sys.stderr,
+            flush=True,
+        )
+        return preemption.EXIT_CODE
     return 0
 
 

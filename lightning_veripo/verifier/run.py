@@ -112,7 +112,7 @@ def verifier_stats(
 
 
 def run_verifier(
-    rollouts: Sequence[Rollout],
+    rollouts: Iterable[Rollout],
     judge: Judge | None,
     pair_config: PairConfig | None,
     out_dir: str | Path,
@@ -122,7 +122,8 @@ def run_verifier(
 ) -> dict[str, Any]:
     """Judge every rollout, build the preference pairs, write the four files to `out_dir`; return the stats.
 
-    `judge=None` means `RuleJudge()`, `pair_config=None` means `PairConfig()`.
+    `rollouts` may be a stream (a fit's spool, `VerifierCallback.spooled_rollouts`): it is read once, and the
+    files are written row by row. `judge=None` means `RuleJudge()`, `pair_config=None` means `PairConfig()`.
     """
     t0 = time.perf_counter()
     judge = judge if judge is not None else RuleJudge()
@@ -230,17 +231,26 @@ def write_text_atomic(path: str | Path, text: str) -> None:
     way) see the old file or the new one, never a torn one.
 
     A failed write (disk full, ...) removes the temp file and raises an OSError of the same errno that names
-    `path`; text that cannot be encoded as UTF-8 (a lone surrogate) raises ValueError before any file is made.
+    `path`; text that cannot be encoded as UTF-8 (a lone surrogate) raises ValueError and leaves `path` as it was.
     """
-    path = Path(path)
-    try:
-        data = text.encode("utf-8")
-    except UnicodeEncodeError as err:
-        raise ValueError(f"cannot write {path}: the text is not valid Unicode ({err})") from err
+    _write_atomic(Path(path), [text])
+
+
+def write_jsonl_atomic(path: str | Path, rows: Iterable[dict[str, Any]]) -> None:
+    """`write_text_atomic` of one JSON line per row, streamed: the file is never one string in memory."""
+    _write_atomic(Path(path), (json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
+
+
+def _write_atomic(path: Path, chunks: Iterable[str]) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
-            f.write(data)
+            for chunk in chunks:
+                try:
+                    data = chunk.encode("utf-8")
+                except UnicodeEncodeError as err:
+                    raise ValueError(f"cannot write {path}: the text is not valid Unicode ({err})") from err
+                f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.chmod(tmp, 0o644)  # mkstemp makes 0600; these files are for reading by people and other jobs
@@ -251,10 +261,6 @@ def write_text_atomic(path: str | Path, text: str) -> None:
         if isinstance(err, OSError) and err.errno is not None:
             raise OSError(err.errno, f"cannot write {path}: {err.strerror or err}") from err
         raise
-
-
-def write_jsonl_atomic(path: str | Path, rows: Iterable[dict[str, Any]]) -> None:
-    write_text_atomic(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
 
 
 def main(args: list[str] | None = None) -> dict[str, Any]:
