@@ -13,6 +13,7 @@ loop stage's arguments names `veripo fit --help`, the options a stage takes.
 from __future__ import annotations
 
 import difflib
+import inspect
 import sys
 from typing import Any
 
@@ -72,13 +73,10 @@ class VeripoCLI(LightningCLI):
         """Lightning's arguments for `subcommand`, with every checkpoint (`--ckpt_path`, a URL too, for which
         Lightning would default to a full unpickle that can run code) loaded weights-only."""
         kwargs = super()._prepare_subcommand_kwargs(subcommand)
-        if "ckpt_path" in kwargs:
-            if kwargs.get("weights_only") is False:
-                raise ValueError(
-                    f"veripo {subcommand}: --weights_only=false is refused: a checkpoint's pickle can run any "
-                    "code; veripo's own checkpoints load weights-only"
-                )
-            kwargs["weights_only"] = True
+        if "ckpt_path" in inspect.signature(getattr(Trainer, subcommand)).parameters:
+            kwargs["weights_only"] = (
+                True  # whatever --weights_only says: veripo's own checkpoints need no more
+            )
         return kwargs
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:

@@ -12,12 +12,16 @@ from pathlib import Path
 
 import pytest
 
+from lightning_veripo import workdir_lock
 from lightning_veripo.cli import main
 from lightning_veripo.workdir_lock import LOCK_FILE, WorkDirLockedError, hold_work_dir
 
+# The first run: a process holding the lock (the module alone, loaded by path: no torch to import).
 HOLD = (
-    "import sys; from lightning_veripo.workdir_lock import hold_work_dir\n"
-    "with hold_work_dir(sys.argv[1], command='veripo iterate (the first run)'):\n"
+    "import importlib.util, sys\n"
+    "spec = importlib.util.spec_from_file_location('workdir_lock', sys.argv[2])\n"
+    "lock = importlib.util.module_from_spec(spec); spec.loader.exec_module(lock)\n"
+    "with lock.hold_work_dir(sys.argv[1], command='veripo iterate (the first run)'):\n"
     "    print('held', flush=True); sys.stdin.read()\n"
 )
 
@@ -30,7 +34,7 @@ def test_a_second_iterate_on_a_held_work_dir_stops_at_once_naming_the_holder_and
     tmp_path, capsys
 ):
     work = tmp_path / "work"
-    holder = subprocess.Popen([sys.executable, "-c", HOLD, str(work)], stdin=subprocess.PIPE,
+    holder = subprocess.Popen([sys.executable, "-c", HOLD, str(work), workdir_lock.__file__], stdin=subprocess.PIPE,
                               stdout=subprocess.PIPE, text=True)  # fmt: skip
     try:
         assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
