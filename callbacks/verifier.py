@@ -1,22 +1,25 @@
 """VerifierCallback: record a GRPO fit's rollouts and run the Rollout-Aware Verifier when training ends.
 
 Contract with the GRPO module: `training_step` returns `{"loss": tensor, "rollouts": list[Rollout]}`. The
-callback keeps the rollouts (also in checkpoints, so a resumed fit loses none), and in `on_train_end` —
-while the model is still on its device, before `strategy.teardown()` — gathers them from every rank, lets
-rank zero run `run_verifier` (judge, pairs, atomic files), and logs the stats as `verifier/*` scalars plus a
-few pairs as a Markdown text panel in TensorBoard. Every rank reaches every collective: none sits in a
-rank-zero branch.
+callback appends them to a per-rank spool file as they arrive (`lightning_veripo.spool`), and a checkpoint
+holds only where each rank's spool stood, so a checkpoint costs the same at step 10 and at step 10,000 and a
+resumed fit cuts the spool back to its checkpoint (nothing doubled, nothing lost). In `on_train_end` -- while
+the model is still on its device, before `strategy.teardown()` -- every rank syncs its spool, rank zero streams
+them all into `run_verifier` (judge, pairs, atomic files) and logs the stats as `verifier/*` scalars plus a few
+pairs as a Markdown text panel in TensorBoard. No rollout crosses ranks; every rank reaches every collective.
 
 A fit resumed from a checkpoint of its last step trains nothing and Lightning skips `on_train_end`; if the
 process that wrote that checkpoint was killed before the verifier finished (no `stats.json` in `out_dir`),
-`on_fit_end` runs the verifier on the rollouts the checkpoint restored, so the files are the same as an
-uninterrupted fit's. `verify_checkpoint` does the same from a checkpoint file, without a fit.
+`on_fit_end` runs the verifier on the spooled rollouts the checkpoint counts, so the files are the same as an
+uninterrupted fit's. `verify_checkpoint` does the same from a checkpoint file, without a fit. Checkpoints of
+earlier versions (the rollouts themselves in the state) still resume: their rollouts start the spool.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +31,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from lightning_veripo.loggers import logged_step
 from lightning_veripo.records import Rollout
+from lightning_veripo.spool import RolloutSpool, SpoolMark, read_spool, spool_path
 from lightning_veripo.verifier.judges import RuleJudge
 from lightning_veripo.verifier.pairs import REASONS, PairConfig, PreferencePair
 from lightning_veripo.verifier.protocol import Judge
@@ -51,17 +55,10 @@ SCALAR_STATS = (
 )
 
 
-def _distributed() -> bool:
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-
-
-def _all_rollouts(local: list[Rollout]) -> list[Rollout]:
-    """Every rank's rollouts, on every rank (a collective: all ranks must call it)."""
-    if not _distributed():
-        return list(local)
-    shards: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(shards, [r.to_dict() for r in local])
-    return [Rollout.from_dict(d) for shard in shards for d in shard]
+def _rank_world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
 
 
 class VerifierCallback(pl.Callback):
@@ -72,6 +69,8 @@ class VerifierCallback(pl.Callback):
         pair_config: pair-building thresholds; None means `PairConfig()`.
         out_dir: where rollouts.jsonl, verdicts.jsonl, pairs.jsonl and stats.json go; None means
             `<trainer.log_dir or default_root_dir>/verifier`.
+        spool_dir: where the fit's rollouts are spooled as they arrive (`rank<r>.jsonl`, one per rank); None
+            means `<trainer.default_root_dir>/rollouts`. A resume must find it where the checkpoint was made.
         log_pairs_to_tensorboard: how many pairs to show in the TensorBoard text panel (0 for none).
         judge_batch_size: rollouts per judge call (and progress-bar step).
         progress: show a progress bar while judging.
@@ -82,6 +81,7 @@ class VerifierCallback(pl.Callback):
         judge: Judge | None = None,
         pair_config: PairConfig | None = None,
         out_dir: str | None = None,
+        spool_dir: str | None = None,
         log_pairs_to_tensorboard: int = 4,
         judge_batch_size: int = 64,
         progress: bool = True,
@@ -89,21 +89,46 @@ class VerifierCallback(pl.Callback):
         self.judge = judge if judge is not None else RuleJudge()
         self.pair_config = pair_config if pair_config is not None else PairConfig()
         self.out_dir = out_dir
+        self.spool_dir = spool_dir
         self.log_pairs_to_tensorboard = log_pairs_to_tensorboard
         self.judge_batch_size = judge_batch_size
         self.progress = progress
-        self.rollouts: list[Rollout] = []
-        self._rollout_lines: list[str] = []  # self.rollouts as JSON lines, the form checkpoints hold
         self.stats: dict[str, Any] | None = None
         self.resolved_out_dir: Path | None = None
+        self.resolved_spool_dir: Path | None = None
+        self._spool: RolloutSpool | None = None
+        self._marks: list[SpoolMark] = []  # every rank's spool at the last sync (rank zero reads them all)
+        self._restored_state: dict[str, Any] | None = None
         self._trained = False
         self._restored = False
         self._warned_no_rollouts = False
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage == "fit":  # a callback reused for another fit starts empty; a resume restores after this
-            self.rollouts, self.stats, self._trained, self._restored = [], None, False, False
-            self._rollout_lines = []
+            self.stats, self._trained, self._restored, self._restored_state = None, False, False, None
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Open this rank's spool where the restored checkpoint left it (a new fit: empty)."""
+        spool_dir = Path(self.spool_dir or Path(trainer.default_root_dir) / "rollouts").resolve()
+        self.resolved_spool_dir = spool_dir
+        rank, world = trainer.global_rank, trainer.world_size
+        self._spool = RolloutSpool(spool_path(spool_dir, rank))
+        state = self._restored_state
+        if state is not None and "spool" in state:
+            marks = [SpoolMark(**m) for m in state["spool"]["ranks"]]
+            if len(marks) != world:
+                raise RuntimeError(
+                    f"VerifierCallback: the checkpoint's rollouts are spooled by {len(marks)} ranks in "
+                    f"{spool_dir}; resume it on {len(marks)} processes (this run has {world})."
+                )
+            self._spool.open(marks[rank])
+        else:
+            self._spool.open()
+            if (
+                state is not None and rank == 0
+            ):  # a checkpoint of an earlier version: its rollouts start the spool
+                self._spool.append(_state_rollouts(state))
+        self._sync(trainer)
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._trained = True
@@ -120,11 +145,28 @@ class VerifierCallback(pl.Callback):
                 )
                 self._warned_no_rollouts = True
             return
-        added = [r if isinstance(r, Rollout) else Rollout.from_dict(r) for r in rollouts]
-        self.rollouts.extend(added)
-        # encoded once here: a checkpoint is saved after every step, and converting the whole fit's rollouts
-        # at each save made a 64-step fit's checkpoints cost as much CPU as its training
-        self._rollout_lines.extend(map(_rollout_line, added))
+        assert self._spool is not None
+        self._spool.append(r if isinstance(r, Rollout) else Rollout.from_dict(r) for r in rollouts)
+
+    def _sync(self, trainer: pl.Trainer | None = None) -> list[SpoolMark]:
+        """fsync this rank's spool and learn every rank's mark (two ints a rank: a collective all ranks reach)."""
+        assert self._spool is not None
+        mark = self._spool.sync()
+        _, world = _rank_world()
+        if world == 1:
+            self._marks = [mark]
+        else:
+            marks: list[Any] = [None] * world
+            dist.all_gather_object(marks, (mark.bytes, mark.count))
+            self._marks = [SpoolMark(*m) for m in marks]
+        return self._marks
+
+    def spooled_rollouts(self) -> Iterator[Rollout]:
+        """Every rank's rollouts up to the last sync, streamed from the spool files (rank zero's view)."""
+        assert self.resolved_spool_dir is not None
+        return itertools.chain.from_iterable(
+            read_spool(spool_path(self.resolved_spool_dir, r), m) for r, m in enumerate(self._marks)
+        )
 
     def _out_dir(self, trainer: pl.Trainer) -> Path:
         # trainer.log_dir is a collective: every rank runs it.
@@ -141,15 +183,14 @@ class VerifierCallback(pl.Callback):
 
     def _verify(self, trainer: pl.Trainer) -> None:
         out_dir = self._out_dir(trainer)
-        # The gather is a collective: every rank runs it.
-        rollouts = _all_rollouts(self.rollouts)
+        marks = self._sync(trainer)  # a collective: every rank's spool is on disk before rank zero reads it
         error: BaseException | None = None
         if trainer.is_global_zero:
-            if not rollouts:
+            if not sum(m.count for m in marks):
                 rank_zero_warn("VerifierCallback: no rollouts were collected; writing empty verifier files.")
             try:
                 self.stats = run_verifier(
-                    rollouts,
+                    self.spooled_rollouts(),
                     self.judge,
                     self.pair_config,
                     out_dir,
@@ -170,6 +211,13 @@ class VerifierCallback(pl.Callback):
             raise RuntimeError(f"VerifierCallback failed on rank 0: {failure}")
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        try:
+            self._on_fit_end(trainer)
+        finally:
+            if self._spool is not None:
+                self._spool.close()
+
+    def _on_fit_end(self, trainer: pl.Trainer) -> None:
         if not self._trained:
             if self._restored:
                 self._finish_restored_fit(trainer)
@@ -180,8 +228,14 @@ class VerifierCallback(pl.Callback):
         if not stats_path.is_file():
             raise RuntimeError(
                 f"VerifierCallback: training ran but {stats_path} is missing, so the verifier did not finish. "
-                f"Re-run it on the saved rollouts with lightning_veripo.verifier.run_verifier_from_files."
+                f"Re-run it on the checkpoint with lightning_veripo.callbacks.verifier.verify_checkpoint."
             )
+
+    def on_exception(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException
+    ) -> None:
+        if self._spool is not None:
+            self._spool.close()
 
     def _finish_restored_fit(self, trainer: pl.Trainer) -> None:
         """A fit resumed from its last step trained nothing here: run the verifier on the restored rollouts
@@ -192,29 +246,26 @@ class VerifierCallback(pl.Callback):
             return
         rank_zero_info(
             f"VerifierCallback: the fit resumed at its last step and {out_dir / STATS_FILE} is missing (the "
-            f"run that trained it stopped before the verifier finished): judging the {len(self.rollouts)} "
-            "rollouts restored from the checkpoint."
+            f"run that trained it stopped before the verifier finished): judging the "
+            f"{sum(m.count for m in self._marks)} rollouts the checkpoint counts in {self.resolved_spool_dir}."
         )
         self._verify(trainer)
 
     def state_dict(self) -> dict[str, Any]:
-        # Lightning saves rank zero's callback state only, so gather every rank's rollouts into it. Checkpoint
-        # saving runs on all ranks (trainer.save_checkpoint is collective), so this collective is reached by all.
-        # One string of JSON lines: a checkpoint after every step then copies it instead of re-encoding every
-        # rollout of the fit so far.
-        local = "".join(self._rollout_lines)
-        if not _distributed():
-            return {"rollouts_jsonl": local}
-        shards: list[Any] = [None] * dist.get_world_size()
-        dist.all_gather_object(shards, local)
-        return {"rollouts_jsonl": "".join(shards)}
+        # Lightning saves rank zero's callback state only; checkpoint saving runs on all ranks (it is
+        # collective), so the gather of every rank's mark in _sync is reached by all.
+        if self._spool is None:  # a checkpoint saved outside a fit
+            return {}
+        marks = self._sync()
+        return {
+            "spool": {
+                "dir": str(self.resolved_spool_dir),
+                "ranks": [{"bytes": m.bytes, "count": m.count} for m in marks],
+            }
+        }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        rollouts = _state_rollouts(state_dict)
-        # The checkpoint holds every rank's rollouts; rank zero, which judges them all, takes them.
-        rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
-        self.rollouts = rollouts if rank == 0 else []
-        self._rollout_lines = [_rollout_line(r) for r in self.rollouts]
+        self._restored_state = dict(state_dict)
         self._restored = True
 
     def _log(self, trainer: pl.Trainer, stats: dict[str, Any], out_dir: Path) -> None:
@@ -240,12 +291,14 @@ class VerifierCallback(pl.Callback):
             logger.save()
 
 
-def checkpoint_rollouts(ckpt_path: str | Path) -> list[Rollout]:
-    """The rollouts (every rank's) a VerifierCallback kept in a Lightning checkpoint file."""
+def checkpoint_rollouts(ckpt_path: str | Path, spool_dir: str | Path | None = None) -> Iterator[Rollout]:
+    """The rollouts (every rank's) a VerifierCallback counted in a Lightning checkpoint file, streamed from its
+    spool (`spool_dir`, default: the directory the checkpoint recorded), or held in the state of an older one.
+    The file is loaded weights-only: a checkpoint's pickle cannot run code here."""
     path = Path(ckpt_path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no checkpoint file to read the VerifierCallback's rollouts from")
-    checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     name = VerifierCallback.__qualname__
     states = [
         state
@@ -256,17 +309,18 @@ def checkpoint_rollouts(ckpt_path: str | Path) -> list[Rollout]:
         raise ValueError(
             f"{path} holds {len(states)} {name} states (expected 1): was the fit run with one VerifierCallback?"
         )
-    return _state_rollouts(states[0])
-
-
-def _rollout_line(rollout: Rollout) -> str:
-    """One rollout as a line of the checkpoint state's `rollouts_jsonl`."""
-    return json.dumps(rollout.to_dict()) + "\n"
+    state = states[0]
+    del checkpoint
+    if "spool" not in state:
+        return iter(_state_rollouts(state))
+    directory = Path(spool_dir if spool_dir is not None else state["spool"]["dir"])
+    marks = [SpoolMark(**m) for m in state["spool"]["ranks"]]
+    return itertools.chain.from_iterable(read_spool(spool_path(directory, r), m) for r, m in enumerate(marks))
 
 
 def _state_rollouts(state: dict[str, Any]) -> list[Rollout]:
-    """The rollouts of a VerifierCallback state: JSON lines (`rollouts_jsonl`), or the list of dicts that
-    checkpoints written before that form hold (`rollouts`)."""
+    """The rollouts of a VerifierCallback state of an earlier version: JSON lines (`rollouts_jsonl`), or the
+    list of dicts of the versions before that (`rollouts`)."""
     if "rollouts_jsonl" in state:
         return [Rollout.from_dict(json.loads(line)) for line in state["rollouts_jsonl"].split("\n") if line]
     return [Rollout.from_dict(d) for d in state.get("rollouts", [])]
@@ -279,11 +333,12 @@ def verify_checkpoint(
     pair_config: PairConfig | None = None,
     judge_batch_size: int = 64,
     progress: bool = True,
+    spool_dir: str | Path | None = None,
 ) -> dict[str, Any]:
     """`run_verifier` on the rollouts of a checkpoint (e.g. a GRPO fit's last one, when the process was killed
     before the verifier wrote its files); the files equal those the fit would have written. Returns the stats."""
     return run_verifier(
-        checkpoint_rollouts(ckpt_path),
+        checkpoint_rollouts(ckpt_path, spool_dir),
         judge,
         pair_config,
         out_dir,

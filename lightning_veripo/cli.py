@@ -19,16 +19,20 @@ import json
 import sys
 
 from jsonargparse import auto_cli
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
+from lightning_veripo import preemption
 from lightning_veripo.data.synthetic import make_synthetic_data
 from lightning_veripo.data.videoqa import VideoQAError
 from lightning_veripo.evaluate import RenamedKeyError, refuse_renamed_keys
 from lightning_veripo.loop import iterate
 from lightning_veripo.policy import PolicyMismatchError
+from lightning_veripo.preemption import Preempted
 from lightning_veripo.stage_cli import VeripoCLI
 from lightning_veripo.tiny import make_tiny_model
 from lightning_veripo.verifier.run import run_verifier_from_files
 from lightning_veripo.videobench.runner import evaluate_benchmark
+from lightning_veripo.workdir_lock import WorkDirLockedError
 
 # Every command with its line in `veripo --help`: LightningCLI's four, then the plain functions below.
 COMMANDS = {
@@ -123,6 +127,20 @@ def main(argv: list[str] | None = None) -> int:
     except (PolicyMismatchError, RenamedKeyError, VideoQAError) as err:  # the message says what to fix
         print(f"veripo: error: {err}", file=sys.stderr)
         return 2
+    except WorkDirLockedError as err:  # another run owns the work directory: nothing was touched
+        print(f"veripo: error: {err}", file=sys.stderr)
+        return 1
+    except Preempted as err:  # the loop stopped on SIGTERM at a safe point
+        print(f"veripo: {err}; the same command resumes from there.", file=sys.stderr, flush=True)
+        return preemption.EXIT_CODE
+    except SIGTERMException:  # `veripo fit`: Lightning stopped the fit after its last checkpoint
+        print(
+            f"veripo: {args[0]} stopped by SIGTERM after its last checkpoint; run it again with --ckpt_path "
+            "set to that checkpoint (e.g. <checkpoints dir>/last.ckpt) to resume.",
+            file=sys.stderr,
+            flush=True,
+        )
+        return preemption.EXIT_CODE
     return 0
 
 

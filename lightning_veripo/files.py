@@ -39,20 +39,31 @@ def write_text_atomic(path: str | Path, text: str) -> None:
     way) see the old file or the new one, never a torn one.
 
     A failed write (disk full, ...) removes the temp file and raises an OSError of the same errno that names
-    `path`; text that cannot be encoded as UTF-8 (a lone surrogate) raises ValueError before any file is made.
+    `path`; text that cannot be encoded as UTF-8 (a lone surrogate) raises ValueError and leaves `path` (and no
+    temp file) behind as it was.
     """
-    path = Path(path)
-    try:
-        data = text.encode("utf-8")
-    except UnicodeEncodeError as err:
-        raise ValueError(f"cannot write {path}: the text is not valid Unicode ({err})") from err
+    _write_atomic(Path(path), [text])
+
+
+def write_jsonl_atomic(path: str | Path, rows: Iterable[dict[str, Any]]) -> None:
+    """`rows` as JSON lines, written atomically (`write_text_atomic`) and streamed: a file of a million
+    rollouts is never one string in memory."""
+    _write_atomic(Path(path), (json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
+
+
+def _write_atomic(path: Path, chunks: Iterable[str]) -> None:
     try:
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     except OSError as err:  # no such folder, no permission: name the file asked for, not the temp file
         raise OSError(err.errno, f"cannot write {path}: {err.strerror or err}") from err
     try:
         with os.fdopen(fd, "wb") as f:
-            f.write(data)
+            for chunk in chunks:
+                try:
+                    data = chunk.encode("utf-8")
+                except UnicodeEncodeError as err:
+                    raise ValueError(f"cannot write {path}: the text is not valid Unicode ({err})") from err
+                f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.chmod(tmp, 0o644)  # mkstemp makes 0600; these files are for reading by people and other jobs
@@ -63,8 +74,3 @@ def write_text_atomic(path: str | Path, text: str) -> None:
         if isinstance(err, OSError) and err.errno is not None:
             raise OSError(err.errno, f"cannot write {path}: {err.strerror or err}") from err
         raise
-
-
-def write_jsonl_atomic(path: str | Path, rows: Iterable[dict[str, Any]]) -> None:
-    """`rows` as JSON lines, written atomically (`write_text_atomic`)."""
-    write_text_atomic(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))

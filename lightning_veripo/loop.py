@@ -33,6 +33,7 @@ from typing import Any
 from lightning.pytorch.callbacks import ModelCheckpoint
 from torch.utils.tensorboard import SummaryWriter
 
+from lightning_veripo import preemption
 from lightning_veripo.backbone import VideoLLM
 from lightning_veripo.callbacks.verifier import VerifierCallback, verify_checkpoint
 from lightning_veripo.console import header, held_back, plural, quiet, say
@@ -46,6 +47,7 @@ from lightning_veripo.verifier.pairs import PairConfig
 from lightning_veripo.verifier.protocol import Judge
 from lightning_veripo.videobench.readers import Benchmark
 from lightning_veripo.videobench.runner import Decoding, run_benchmark
+from lightning_veripo.workdir_lock import hold_work_dir
 
 
 @dataclass
@@ -129,7 +131,13 @@ def run_stage(
     others = [c for c in existing if not isinstance(c, ModelCheckpoint)]
     every_step = ModelCheckpoint(dirpath=ckpt_dir, save_last=True, every_n_train_steps=1)
     cli.trainer.callbacks = [*others, *(callbacks or []), *checkpoints, every_step]
-    cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=str(last) if last.exists() else None)
+    with preemption.fitting(cli.trainer):
+        cli.trainer.fit(
+            cli.model,
+            datamodule=cli.datamodule,
+            ckpt_path=str(last) if last.exists() else None,
+            weights_only=True,
+        )
     return cli.model, cli.trainer.global_step
 
 
@@ -231,138 +239,148 @@ def iterate(
     """
 
     work = Path(work_dir)
-    work.mkdir(parents=True, exist_ok=True)
-    if make_tiny_if_missing and not (Path(base_model).expanduser() / "config.json").exists():
-        say(f"building the offline tiny model ({tiny_size}) at {base_model}")
-        make_tiny_model(Path(base_model).expanduser(), size=tiny_size)
-    state = LoopState(work)
-    tensorboard = work / "tensorboard"
-    evaluation = evaluation or EvalSettings()
-    rows: list[dict[str, Any]] = [json.loads(x) for x in _read_lines(work / "metrics.jsonl")]
-    per_iteration = ["grpo"] if grpo_only else ["grpo", "dpo"]
-    plan = [*(["sft"] if sft else []), *(["activation"] if activation else []),
-            *(f"iter_{k}/{s}" for k in range(1, iterations + 1) for s in per_iteration)]  # fmt: skip
+    # one run owns work_dir (a second one stops here, touching nothing); SIGTERM stops at a safe point
+    with hold_work_dir(work), preemption.stop_on_sigterm():
+        if make_tiny_if_missing and not (Path(base_model).expanduser() / "config.json").exists():
+            say(f"building the offline tiny model ({tiny_size}) at {base_model}")
+            make_tiny_model(Path(base_model).expanduser(), size=tiny_size)
+        state = LoopState(work)
+        tensorboard = work / "tensorboard"
+        evaluation = evaluation or EvalSettings()
+        # a row whose stage state.json does not hold was written by a run killed between the two files: the
+        # stage runs again and writes it again
+        rows: list[dict[str, Any]] = [
+            row
+            for row in map(json.loads, _read_lines(work / "metrics.jsonl"))
+            if state.finished(row["stage"])
+        ]
+        per_iteration = ["grpo"] if grpo_only else ["grpo", "dpo"]
+        plan = [*(["sft"] if sft else []), *(["activation"] if activation else []),
+                *(f"iter_{k}/{s}" for k in range(1, iterations + 1) for s in per_iteration)]  # fmt: skip
 
-    def label(name: str) -> str:
-        return f"[{plan.index(name) + 1}/{len(plan)}] {name}"
+        def label(name: str) -> str:
+            return f"[{plan.index(name) + 1}/{len(plan)}] {name}"
 
-    def finished_before(name: str) -> bool:
-        """True (and says so) when state.json has the stage from an earlier run of the same command."""
-        entry = next((s for s in state.data["finished"] if s["stage"] == name), None)
-        if entry is None:
-            return False
-        what = "skipped" if entry.get("skipped") else "finished"
-        why = f": {entry['skipped']}" if entry.get("skipped") else ""
-        say(f"== {label(name) if name in plan else name}: {what} in an earlier run ({state.path}){why}")
-        return True
+        def finished_before(name: str) -> bool:
+            """True (and says so) when state.json has the stage from an earlier run of the same command."""
+            entry = next((s for s in state.data["finished"] if s["stage"] == name), None)
+            if entry is None:
+                return False
+            what = "skipped" if entry.get("skipped") else "finished"
+            why = f": {entry['skipped']}" if entry.get("skipped") else ""
+            say(f"== {label(name) if name in plan else name}: {what} in an earlier run ({state.path}){why}")
+            return True
 
-    def run_evaluation(backbone: Any, name: str) -> dict[str, float]:
-        n, t = evaluation.num_samples, evaluation.temperature
-        samples = f", {n} samples per question at T={t}" if n else ""
-        say(f"   evaluating on {val_path} (greedy{samples})")
-        metrics = evaluate(backbone, val_path, evaluation, judge, seed=seed, progress=True,
-                           answers_path=work / name / "answers.jsonl")  # fmt: skip
-        if benchmark is not None:
-            say(f"   scoring {benchmark.name} ({benchmark.path})")
-            out = work / name / "benchmark"
-            decoding = Decoding(max_new_tokens=evaluation.max_new_tokens or DEFAULT_MAX_NEW_TOKENS,
-                                repetition_penalty=evaluation.repetition_penalty)  # fmt: skip
-            summary = run_benchmark(lambda: backbone, {"stage": name}, benchmark, out,
-                                    evaluation.frames or FrameSampling(), "veripo", decoding,
-                                    evaluation.batch_size or DEFAULT_BATCH_SIZE, echo=False)  # fmt: skip
-            metrics[f"benchmark/{benchmark.name}"] = summary["headline"]["value"]
-        return metrics
+        def run_evaluation(backbone: Any, name: str) -> dict[str, float]:
+            n, t = evaluation.num_samples, evaluation.temperature
+            samples = f", {n} samples per question at T={t}" if n else ""
+            say(f"   evaluating on {val_path} (greedy{samples})")
+            with preemption.at(name, "evaluating"):
+                metrics = evaluate(backbone, val_path, evaluation, judge, seed=seed, progress=True,
+                                   answers_path=work / name / "answers.jsonl")  # fmt: skip
+            if benchmark is not None:
+                say(f"   scoring {benchmark.name} ({benchmark.path})")
+                out = work / name / "benchmark"
+                decoding = Decoding(max_new_tokens=evaluation.max_new_tokens or DEFAULT_MAX_NEW_TOKENS,
+                                    repetition_penalty=evaluation.repetition_penalty)  # fmt: skip
+                summary = run_benchmark(lambda: backbone, {"stage": name}, benchmark, out,
+                                        evaluation.frames or FrameSampling(), "veripo", decoding,
+                                        evaluation.batch_size or DEFAULT_BATCH_SIZE, echo=False)  # fmt: skip
+                metrics[f"benchmark/{benchmark.name}"] = summary["headline"]["value"]
+            return metrics
 
-    def record(row: dict[str, Any], name: str, adapter: str | None, **info: Any) -> None:
-        rows.append(row)
-        _log_eval(tensorboard, row)
-        write_text_atomic(work / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
-        state.mark(name, adapter, **info)
-        sampled = f", sampled accuracy {row['sampled_accuracy']:.3f}" if "sampled_accuracy" in row else ""
-        say(f"   {name}: accuracy {row['accuracy']:.3f}{sampled}, format {row['format_rate']:.3f}, "
-            f"inconsistent {row['inconsistency_rate']:.3f} (train {row['train_s']:.1f} s, total {row['wall_s']:.1f} s)")  # fmt: skip
+        def record(row: dict[str, Any], name: str, adapter: str | None, **info: Any) -> None:
+            rows.append(row)
+            _log_eval(tensorboard, row)
+            write_text_atomic(work / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
+            state.mark(name, adapter, **info)
+            sampled = f", sampled accuracy {row['sampled_accuracy']:.3f}" if "sampled_accuracy" in row else ""
+            say(f"   {name}: accuracy {row['accuracy']:.3f}{sampled}, format {row['format_rate']:.3f}, "
+                f"inconsistent {row['inconsistency_rate']:.3f} (train {row['train_s']:.1f} s, total {row['wall_s']:.1f} s)")  # fmt: skip
 
-    def evaluate_base() -> None:
-        """The "base" row: the starting checkpoint itself. Runs once, after the first fit has written the data
-        (the demo's synthetic set is made by its stages' data modules)."""
-        if not eval_base or state.finished("base"):
-            return
+        def evaluate_base() -> None:
+            """The "base" row: the starting checkpoint itself. Runs once, after the first fit has written the data
+            (the demo's synthetic set is made by its stages' data modules)."""
+            if not eval_base or state.finished("base"):
+                return
 
-        header("base: the starting checkpoint", f"model: {base_model}")
-        base = VideoLLM(base_model).load()
-        metrics = run_evaluation(base, "base")
-        del base
-        row = {"stage": "base", "index": len(rows), "step": 0, "train_s": 0.0, "train_cpu_s": 0.0, "wall_s": 0.0,
-               **metrics, "rss_mb": _rss_mb()}  # fmt: skip
-        record(row, "base", None, steps=0, step=0)
+            header("base: the starting checkpoint", f"model: {base_model}")
+            base = VideoLLM(base_model).load()
+            metrics = run_evaluation(base, "base")
+            del base
+            row = {"stage": "base", "index": len(rows), "step": 0, "train_s": 0.0, "train_cpu_s": 0.0, "wall_s": 0.0,
+                   **metrics, "rss_mb": _rss_mb()}  # fmt: skip
+            record(row, "base", None, steps=0, step=0)
 
-    def fit(
-        name: str, stage: Stage, extra: list[str] | None = None, callbacks: list[Any] | None = None
-    ) -> None:
-        if finished_before(name):
-            return
-        start, cpu_start = time.perf_counter(), time.process_time()
-        offset = state.step()
-        module, steps = run_stage(name, stage, work / name, base_model, state.adapters(), tensorboard, extra,
-                                  callbacks, step_offset=offset, title=label(name))  # fmt: skip
-        adapter = str(module.backbone.save_pretrained(work / name / "adapter"))
-        train_s, train_cpu_s = time.perf_counter() - start, time.process_time() - cpu_start
-        evaluate_base()
-        eval_start = time.perf_counter()
-        metrics = run_evaluation(module.backbone, name)
-        row = {"stage": name, "index": len(rows), "step": offset + steps, "train_s": round(train_s, 3),
-               "train_cpu_s": round(train_cpu_s, 3),
-               "wall_s": round(train_s + time.perf_counter() - eval_start, 3), **metrics,
-               "rss_mb": _rss_mb()}  # fmt: skip
-        record(row, name, adapter, steps=steps, step=offset + steps)
+        def fit(
+            name: str, stage: Stage, extra: list[str] | None = None, callbacks: list[Any] | None = None
+        ) -> None:
+            if finished_before(name):
+                return
+            start, cpu_start = time.perf_counter(), time.process_time()
+            offset = state.step()
+            with preemption.at(name):
+                module, steps = run_stage(name, stage, work / name, base_model, state.adapters(), tensorboard,
+                                          extra, callbacks, step_offset=offset, title=label(name))  # fmt: skip
+            adapter = str(module.backbone.save_pretrained(work / name / "adapter"))
+            train_s, train_cpu_s = time.perf_counter() - start, time.process_time() - cpu_start
+            evaluate_base()
+            eval_start = time.perf_counter()
+            metrics = run_evaluation(module.backbone, name)
+            row = {"stage": name, "index": len(rows), "step": offset + steps, "train_s": round(train_s, 3),
+                   "train_cpu_s": round(train_cpu_s, 3),
+                   "wall_s": round(train_s + time.perf_counter() - eval_start, 3), **metrics,
+                   "rss_mb": _rss_mb()}  # fmt: skip
+            record(row, name, adapter, steps=steps, step=offset + steps)
 
-    with quiet():
-        if eval_base and state.finished("base"):
-            finished_before("base")
-        if sft is not None:
-            fit("sft", sft)
-        if activation is not None:
-            fit("activation", activation)
-        exclude: Path | None = None
-        for k in range(1, iterations + 1):
-            it = f"iter_{k}"
-            extra = [f"--data.init_args.exclude_ids_file={exclude}"] if exclude is not None else []
-            verifier_dir = work / it / "verifier"
-            callbacks = (
-                []
-                if grpo_only
-                else [
-                    VerifierCallback(
-                        judge=judge or RuleJudge(),
-                        pair_config=pair_config or PairConfig(),
-                        out_dir=str(verifier_dir),
-                    )
-                ]
-            )
-            fit(f"{it}/grpo", grpo, extra, callbacks)
-            if not grpo_only:
-                pairs = verifier_dir / "pairs.jsonl"
-                if not finished_before(f"{it}/dpo"):
-                    _ensure_verifier_files(work / it, judge, pair_config)
-                    _say_verifier(f"{it}/verifier", verifier_dir)
-                    covered = _questions_with_pairs(pairs)
-                    if covered < min_questions_with_pairs:
-                        why = (f"the verifier's pairs cover {covered} question(s), fewer than "
-                               f"min_questions_with_pairs={min_questions_with_pairs}")  # fmt: skip
-                        say(f"== {label(f'{it}/dpo')} skipped: {why}")
-                        state.mark(f"{it}/dpo", None, skipped=why)
-                    else:
-                        fit(f"{it}/dpo", dpo, [f"--data.init_args.pairs_path={pairs}"])
-                exclude = _discard_solved(
-                    verifier_dir / "stats.json",
-                    work / it / "exclude_ids.json",
-                    discard_solved_fraction,
-                    seed + k,
+        with quiet():
+            if eval_base and state.finished("base"):
+                finished_before("base")
+            if sft is not None:
+                fit("sft", sft)
+            if activation is not None:
+                fit("activation", activation)
+            exclude: Path | None = None
+            for k in range(1, iterations + 1):
+                it = f"iter_{k}"
+                extra = [f"--data.init_args.exclude_ids_file={exclude}"] if exclude is not None else []
+                verifier_dir = work / it / "verifier"
+                callbacks = (
+                    []
+                    if grpo_only
+                    else [
+                        VerifierCallback(
+                            judge=judge or RuleJudge(),
+                            pair_config=pair_config or PairConfig(),
+                            out_dir=str(verifier_dir),
+                        )
+                    ]
                 )
-        evaluate_base()
-    _print_summary(rows, _majority_accuracy(val_path), title=f"evaluation on {val_path} after each stage")
-    _print_where(work)
-    return rows
+                fit(f"{it}/grpo", grpo, extra, callbacks)
+                if not grpo_only:
+                    pairs = verifier_dir / "pairs.jsonl"
+                    if not finished_before(f"{it}/dpo"):
+                        with preemption.at(f"{it}/verifier", "judging the GRPO checkpoint's rollouts"):
+                            _ensure_verifier_files(work / it, judge, pair_config)
+                        _say_verifier(f"{it}/verifier", verifier_dir)
+                        covered = _questions_with_pairs(pairs)
+                        if covered < min_questions_with_pairs:
+                            why = (f"the verifier's pairs cover {covered} question(s), fewer than "
+                                   f"min_questions_with_pairs={min_questions_with_pairs}")  # fmt: skip
+                            say(f"== {label(f'{it}/dpo')} skipped: {why}")
+                            state.mark(f"{it}/dpo", None, skipped=why)
+                        else:
+                            fit(f"{it}/dpo", dpo, [f"--data.init_args.pairs_path={pairs}"])
+                    exclude = _discard_solved(
+                        verifier_dir / "stats.json",
+                        work / it / "exclude_ids.json",
+                        discard_solved_fraction,
+                        seed + k,
+                    )
+            evaluate_base()
+        _print_summary(rows, _majority_accuracy(val_path), title=f"evaluation on {val_path} after each stage")
+        _print_where(work)
+        return rows
 
 
 def _ensure_verifier_files(iteration: Path, judge: Judge | None, pair_config: PairConfig | None) -> None:

@@ -10,6 +10,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 
 from lightning_veripo.backbone import VideoLLM
 from lightning_veripo.policy import POLICY_KEY, check_policy
+from lightning_veripo.random_state import RandomStateCallback
 
 
 class VideoLLMModule(L.LightningModule):
@@ -31,6 +32,10 @@ class VideoLLMModule(L.LightningModule):
         self.lr = lr
         self.weight_decay = weight_decay
         self.warmup_steps = warmup_steps
+
+    def configure_callbacks(self) -> list[L.Callback]:
+        """Every fit's checkpoints carry the random states, so a resumed fit is the uninterrupted one."""
+        return [RandomStateCallback()]
 
     def configure_model(self) -> None:
         self.backbone.load()

@@ -7,6 +7,7 @@ around it and the loop.
 
 from __future__ import annotations
 
+import inspect
 import sys
 from typing import Any
 
@@ -46,6 +47,16 @@ class VeripoCLI(LightningCLI):
             run=run,
             **kwargs,
         )
+
+    def _prepare_subcommand_kwargs(self, subcommand: str) -> dict[str, Any]:
+        """Lightning's arguments for `subcommand`, with every checkpoint (`--ckpt_path`, a URL too, for which
+        Lightning would default to a full unpickle that can run code) loaded weights-only."""
+        kwargs = super()._prepare_subcommand_kwargs(subcommand)
+        if "ckpt_path" in inspect.signature(getattr(Trainer, subcommand)).parameters:
+            kwargs["weights_only"] = (
+                True  # whatever --weights_only says: veripo's own checkpoints need no more
+            )
+        return kwargs
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
         """Lightning's trainer, its rich progress bar reading `Epoch 12` (not `Epoch 12/-2`) under `max_steps`."""

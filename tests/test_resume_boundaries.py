@@ -13,13 +13,18 @@ absolute paths inside the files (videos, adapters) are the same in each.
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import signal
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import torch
 from helpers import DEMO_LOOP_TEST_ARGS, DEMO_SFT_TEST_ARGS
+from kill_run import arm
 from safetensors.torch import load_file
 
 from lightning_veripo.callbacks.verifier import VerifierCallback
@@ -29,13 +34,15 @@ REPO = Path(__file__).resolve().parents[1]
 WORK = Path("work/demo/veripo")
 STAGES = ["sft", "iter_1/grpo", "iter_1/dpo"]
 # One iteration of the demo loop, small: the SFT warm start long enough that GRPO's groups hold right and
-# wrong answers (so the verifier builds pairs and DPO runs), GRPO 3 steps, DPO one epoch.
+# wrong answers (so the verifier builds pairs and DPO runs), GRPO 3 steps, DPO two epochs of one pair a
+# step (shuffled: a kill at the epoch boundary must resume in the same order).
 ARGS = [
     "iterate", "--config", "configs/demo.yaml", "--iterations", "1", *DEMO_LOOP_TEST_ARGS,
     "--sft.args", json.dumps(["--trainer.max_steps=100", "--trainer.enable_progress_bar=false", *DEMO_SFT_TEST_ARGS]),
     "--grpo.args", json.dumps(["--trainer.max_steps=3", "--trainer.limit_val_batches=0",
                                "--trainer.num_sanity_val_steps=0", "--trainer.enable_progress_bar=false"]),
-    "--dpo.args", json.dumps(["--trainer.max_epochs=1", "--trainer.enable_progress_bar=false"]),
+    "--dpo.args", json.dumps(["--trainer.max_epochs=2", "--trainer.enable_progress_bar=false",
+                              "--data.init_args.batch_size=1"]),
 ]  # fmt: skip
 
 
@@ -211,3 +218,113 @@ def test_without_the_verifier_files_or_a_checkpoint_the_loop_stops_instead_of_sk
     with pytest.raises(FileNotFoundError, match=r"stats.json is missing.*Remove iter_1/grpo from state.json"):
         run_loop(run)
     assert [s["stage"] for s in read_state(run)["finished"]] == ["sft", "iter_1/grpo"]  # no "skipped" DPO
+    assert not (run / WORK / ".veripo.lock").exists()  # a run that raised released its work directory
+
+
+# Kills inside a stage, not at its boundary: a real signal at a chosen step of a fit or batch of an evaluation
+# (tests/kill_run.py), then the same command. SIGTERM is handled by the run (it exits 143 saying where it
+# stopped), so it is sent in this process; SIGKILL kills a `veripo` subprocess (the one whose lock the next run
+# must take over).
+LOCK = WORK / ".veripo.lock"
+
+
+class Unhandled(Exception):
+    """SIGTERM reached the test's own handler: the run did not handle it (it would have died silently)."""
+
+
+def unhandled(signum: int, frame: object) -> None:
+    raise Unhandled("SIGTERM was not handled by the run")
+
+
+def run_loop_killed(cwd: Path, monkeypatch: pytest.MonkeyPatch, stage: str, when: str) -> int:
+    """The loop in `cwd` in this process, sent SIGTERM at `when` of `stage`; returns the command's exit code."""
+    previous = signal.signal(signal.SIGTERM, unhandled)
+    try:
+        with monkeypatch.context() as patch:
+            patch.chdir(cwd)
+            arm(patch, signal.SIGTERM, stage, when)
+            return main(list(ARGS))
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def run_loop_sigkilled(cwd: Path, stage: str, when: str) -> subprocess.CompletedProcess:
+    command = [sys.executable, str(REPO / "tests/kill_run.py"), "KILL", stage, when, "--", *ARGS]
+    return subprocess.run(command, cwd=cwd, capture_output=True, text=True, timeout=600)
+
+
+def finished_stages(cwd: Path) -> list[str]:
+    return [s["stage"] for s in read_state(cwd)["finished"]]
+
+
+@pytest.mark.slow
+def test_sigterm_inside_the_grpo_fit_exits_143_saying_where_and_the_same_command_resumes_to_the_same_run(
+    dirs, monkeypatch, capsys
+):
+    run = fresh_copy(dirs)
+    kill(run, *BOUNDARIES["sft-finished"])
+
+    assert run_loop_killed(run, monkeypatch, "iter_1/grpo", "step:2") == 143
+    err = capsys.readouterr().err
+    assert "stopped by SIGTERM in iter_1/grpo at step 2" in err and "the same command resumes" in err
+    assert finished_stages(run) == ["sft"] and not (run / LOCK).exists()
+    assert torch.load(run / WORK / "iter_1/grpo/checkpoints/last.ckpt", weights_only=True)["global_step"] == 2
+
+    run_loop(run)
+    assert_same(outcome(run), outcome(dirs[1]))
+
+
+@pytest.mark.slow
+def test_sigkill_inside_the_grpo_fit_then_the_same_command_takes_the_lock_over_and_ends_as_the_uninterrupted_run(
+    dirs,
+):
+    run = fresh_copy(dirs)
+    kill(run, *BOUNDARIES["sft-finished"])
+
+    killed = run_loop_sigkilled(run, "iter_1/grpo", "step:2")
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    assert json.loads((run / LOCK).read_text())["pid"] != os.getpid()  # the dead run's lock is left behind
+    assert torch.load(run / WORK / "iter_1/grpo/checkpoints/last.ckpt", weights_only=True)["global_step"] == 1
+
+    with pytest.warns(UserWarning, match="taking over the lock of a run that is gone"):
+        run_loop(run)
+    assert_same(outcome(run), outcome(dirs[1]))
+    assert not (run / LOCK).exists()
+
+
+@pytest.mark.slow
+def test_sigterm_at_the_end_of_a_dpo_epoch_resumes_the_next_epoch_in_the_uninterrupted_order(
+    dirs, monkeypatch, capsys
+):
+    """DPO's 4 pairs, one a step, 2 epochs: stopped after step 4, the resumed fit draws the second epoch's order
+    from the random state its checkpoint restored, as the uninterrupted fit did at that point."""
+    run = fresh_copy(dirs)
+    kill(run, *BOUNDARIES["grpo-finished"])
+    assert [s["steps"] for s in read_state(dirs[1])["finished"] if s["stage"] == "iter_1/dpo"] == [8]
+
+    assert run_loop_killed(run, monkeypatch, "iter_1/dpo", "step:4") == 143
+    assert "stopped by SIGTERM in iter_1/dpo at step 4" in capsys.readouterr().err
+    assert finished_stages(run) == ["sft", "iter_1/grpo"]
+
+    run_loop(run)
+    assert_same(outcome(run), outcome(dirs[1]))
+
+
+@pytest.mark.slow
+def test_sigterm_inside_an_evaluation_exits_143_and_the_same_command_redoes_it_to_the_same_answers(
+    dirs, monkeypatch, capsys
+):
+    run = fresh_copy(dirs)
+    kill(run, *BOUNDARIES["grpo-finished"])
+    answers = (dirs[1] / WORK / "iter_1/dpo/answers.jsonl").read_text()
+
+    assert run_loop_killed(run, monkeypatch, "iter_1/dpo", "eval:1") == 143
+    assert (
+        "stopped by SIGTERM in iter_1/dpo (evaluating); the same command resumes" in capsys.readouterr().err
+    )
+    assert finished_stages(run) == ["sft", "iter_1/grpo"]
+    assert not (run / WORK / "iter_1/dpo/answers.jsonl").exists()
+
+    run_loop(run)
+    assert_same(outcome(run), outcome(dirs[1]))
+    assert (run / WORK / "iter_1/dpo/answers.jsonl").read_text() == answers

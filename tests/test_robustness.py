@@ -927,8 +927,13 @@ def test_sigterm_while_the_verifier_writes_pairs_leaves_complete_files_and_no_st
 
     def child(pipe: int) -> None:
         class Stalling(_FailingFile):
-            def write(self, data: bytes) -> int:
-                self.f.write(data[: data.index(b"\n", len(data) // 2) - 10])  # stop inside a line
+            written = 0
+
+            def write(self, data: bytes) -> int:  # rows are streamed: pass the first 100 KB, then stall
+                if Stalling.written <= 110_000:
+                    Stalling.written += len(data)
+                    return self.f.write(data)
+                self.f.write(data[: len(data) // 2])  # stop inside a line
                 self.f.flush()
                 os.fsync(self.f.fileno())
                 os.write(pipe, b"half written\n")

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -455,18 +456,47 @@ def test_saving_a_checkpoint_does_not_encode_the_fits_rollouts_again(tmp_path, m
     ] * 4
 
 
-def test_a_checkpoint_written_before_the_json_lines_state_still_resumes(tmp_path):
-    """Checkpoints of earlier versions hold the rollouts as a list of dicts; they load and resume as before."""
+@pytest.mark.parametrize("form", ["rollouts_jsonl", "rollouts"])
+def test_a_checkpoint_that_holds_the_rollouts_themselves_still_resumes(tmp_path, form):
+    """Checkpoints of earlier versions hold the rollouts in the state (JSON lines, before that a list of
+    dicts) and no spool: they load, resume, and the resumed fit judges them all."""
     checkpointed_fit(tmp_path, 2, [VerifierCallback(progress=False)])
     path = tmp_path / "ckpt" / "last.ckpt"
-    checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    spool = tmp_path / "rollouts" / "rank0.jsonl"
+    lines = spool.read_text().splitlines(keepends=True)
+    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     (key,) = [k for k in checkpoint["callbacks"] if k.startswith("VerifierCallback")]
-    state = checkpoint["callbacks"][key]
-    lines = state.pop("rollouts_jsonl").splitlines()
-    state["rollouts"] = [json.loads(line) for line in lines]
+    old = "".join(lines) if form == "rollouts_jsonl" else [json.loads(line) for line in lines]
+    checkpoint["callbacks"][key] = {form: old}
     torch.save(checkpoint, path)
+    spool.unlink()
     assert [r.step for r in checkpoint_rollouts(path)] == [0] * 4 + [1] * 4
     resumed = VerifierCallback(progress=False)
     checkpointed_fit(tmp_path, 3, [resumed], ckpt_path=path)
     assert resumed.stats is not None and resumed.stats["num_rollouts"] == 12
     assert [r.step for r in checkpoint_rollouts(path)] == [0] * 4 + [1] * 4 + [2] * 4  # saved in the new form
+    assert "spool" in torch.load(path, weights_only=True)["callbacks"][key]
+
+
+def test_a_checkpoint_holds_where_the_spool_stood_and_a_resume_cuts_what_came_after(tmp_path):
+    """A run killed after its step-2 checkpoint and during step 3 left step 3's rollouts in the spool: the
+    resume from step 2 cuts them off and makes them again, so the spool holds each rollout once."""
+    checkpointed_fit(tmp_path, 2, [VerifierCallback(progress=False)])
+    step_2 = tmp_path / "step2.ckpt"
+    shutil.copy(tmp_path / "ckpt" / "last.ckpt", step_2)
+    checkpointed_fit(tmp_path, 3, [VerifierCallback(progress=False)], ckpt_path=step_2)
+    spool = tmp_path / "rollouts" / "rank0.jsonl"
+    three_steps = spool.read_bytes()
+    assert len(three_steps.splitlines()) == 12
+
+    state = torch.load(step_2, weights_only=True)["callbacks"]
+    callback_state = next(v for k, v in state.items() if k.startswith("VerifierCallback"))
+    (mark,) = callback_state["spool"]["ranks"]
+    assert mark == {"count": 8, "bytes": len(b"".join(three_steps.splitlines(keepends=True)[:8]))}
+    assert len(repr(callback_state)) < 300  # where the spool stood, not the rollouts
+
+    (tmp_path / "verifier" / "stats.json").unlink()
+    resumed = VerifierCallback(progress=False)
+    checkpointed_fit(tmp_path, 3, [resumed], ckpt_path=step_2)
+    assert spool.read_bytes() == three_steps  # step 3 once, not twice
+    assert resumed.stats is not None and resumed.stats["num_rollouts"] == 12

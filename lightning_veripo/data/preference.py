@@ -27,11 +27,13 @@ import numpy as np
 from torch.utils.data import DataLoader, Dataset
 
 from lightning_veripo.completions import tokenize_completions
+from lightning_veripo.data.resumable import ResumableDataLoader, resumable_order
 from lightning_veripo.data.videoqa import REQUIRED_FIELDS as RECORD_FIELDS
 from lightning_veripo.data.videoqa import (
     FrameSampling,
     VideoQACollator,
     VideoQAError,
+    global_seed,
     load_image,
     load_video,
     order,
@@ -243,10 +245,16 @@ class PreferenceDataModule(L.LightningDataModule):
 
     def _loader(self, split: str, batch_size: int, shuffle: bool) -> DataLoader:
         dataset = self.dataset(split)
-        return DataLoader(
+        # the training loader resumes mid-epoch from a checkpoint (lightning_veripo.data.resumable)
+        loader, sampler = (
+            (ResumableDataLoader, resumable_order(dataset, shuffle, self.trainer, global_seed()))
+            if split == "train"
+            else (DataLoader, order(dataset, shuffle, self.trainer))
+        )
+        return loader(
             dataset,
             batch_size=batch_size,
-            **order(dataset, shuffle, self.trainer),
+            **sampler,
             num_workers=self.num_workers,
             collate_fn=PreferenceCollator(self.processor(), self.sampling),
         )

@@ -29,6 +29,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
+from lightning_veripo.data.resumable import ResumableDataLoader, resumable_order
 from lightning_veripo.data.synthetic import make_synthetic_data
 from lightning_veripo.records import DATA_TYPES, PROBLEM_TYPES, VideoQARecord
 
@@ -371,6 +372,11 @@ class VideoQACollator:
         return out
 
 
+def global_seed() -> int:
+    """What `seed_everything` set, as Lightning's own DistributedSampler uses."""
+    return int(os.environ.get("PL_GLOBAL_SEED", 0))
+
+
 def order(dataset: Dataset, shuffle: bool, trainer: Any) -> dict[str, Any]:
     """DataLoader arguments that keep the user's `shuffle` under DDP/FSDP/DeepSpeed as well.
 
@@ -381,11 +387,8 @@ def order(dataset: Dataset, shuffle: bool, trainer: Any) -> dict[str, Any]:
     world = getattr(trainer, "world_size", 1) if trainer is not None else 1
     if world <= 1:
         return {"shuffle": shuffle}
-    seed = int(
-        os.environ.get("PL_GLOBAL_SEED", 0)
-    )  # what `seed_everything` set, as Lightning's own sampler uses
     sampler = DistributedSampler(
-        dataset, num_replicas=world, rank=trainer.global_rank, shuffle=shuffle, seed=seed
+        dataset, num_replicas=world, rank=trainer.global_rank, shuffle=shuffle, seed=global_seed()
     )
     return {"sampler": sampler}
 
@@ -458,10 +461,16 @@ class VideoQADataModule(L.LightningDataModule):
 
     def _loader(self, split: str, batch_size: int, shuffle: bool) -> DataLoader:
         dataset = self._dataset(split)
-        return DataLoader(
+        # the training loader resumes mid-epoch from a checkpoint (lightning_veripo.data.resumable)
+        loader, sampler = (
+            (ResumableDataLoader, resumable_order(dataset, shuffle, self.trainer, global_seed()))
+            if split == "train"
+            else (DataLoader, order(dataset, shuffle, self.trainer))
+        )
+        return loader(
             dataset,
             batch_size=batch_size,
-            **order(dataset, shuffle, self.trainer),
+            **sampler,
             num_workers=self.num_workers,
             collate_fn=VideoQACollator(self.processor(), self.sampling, self.max_prompt_tokens),
         )

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -111,7 +111,7 @@ def verifier_stats(
 
 
 def run_verifier(
-    rollouts: Sequence[Rollout],
+    rollouts: Iterable[Rollout],
     judge: Judge | None,
     pair_config: PairConfig | None,
     out_dir: str | Path,
@@ -121,7 +121,8 @@ def run_verifier(
 ) -> dict[str, Any]:
     """Judge every rollout, build the preference pairs, write the four files to `out_dir`; return the stats.
 
-    `judge=None` means `RuleJudge()`, `pair_config=None` means `PairConfig()`.
+    `rollouts` may be a stream (a fit's spool, `VerifierCallback.spooled_rollouts`): it is read once, and the
+    files are written row by row. `judge=None` means `RuleJudge()`, `pair_config=None` means `PairConfig()`.
     """
     t0 = time.perf_counter()
     judge = judge if judge is not None else RuleJudge()
