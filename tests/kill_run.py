@@ -70,6 +70,7 @@ def arm(patch: Any, signum: int, stage: str, when: str) -> None:
         return out
 
     patch.setattr(evaluate_module, "evaluate", evaluate_with_kill)
+    patch.setattr(loop, "evaluate", evaluate_with_kill)  # the loop holds its own name for it
     patch.setattr(evaluate_module, "update_reasoning_metrics", score_with_kill)
 
 
