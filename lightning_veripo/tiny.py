@@ -11,6 +11,8 @@ offline stand-in for the verifier's small judge LLM.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Literal, get_args
 
@@ -92,8 +94,13 @@ def build_tokenizer(vocab_size: int = 512):
     return tok
 
 
-def _seed_everything(seed: int) -> None:
-    torch.manual_seed(seed)
+@contextlib.contextmanager
+def _seeded(seed: int) -> Iterator[None]:
+    """Draw the random weights from `seed`, leaving the caller's torch random state as it was: a model built
+    inside a seeded run (`make_tiny_if_missing` under `seed_everything`) must not reset that run's seed."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield
 
 
 # Named decoder sizes. "tiny" (~210k parameters) is what the unit tests use; "small" (~0.5M) is the smallest that
@@ -248,8 +255,8 @@ def make_tiny_model(
     config = _vl_config(arch, tok, hidden_size, num_layers, vision_depth, rows)  # an unknown arch raises here
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    _seed_everything(seed)
-    model = AutoModelForImageTextToText.from_config(config).eval()
+    with _seeded(seed):
+        model = AutoModelForImageTextToText.from_config(config).eval()
     text_config = config.get_text_config()
     model.generation_config.eos_token_id = text_config.eos_token_id
     model.generation_config.pad_token_id = text_config.pad_token_id
@@ -277,8 +284,8 @@ def make_tiny_causal_lm(
         eos_token_id=eos,
         pad_token_id=pad,
     )
-    _seed_everything(seed)
-    model = Qwen2ForCausalLM(config).eval()
+    with _seeded(seed):
+        model = Qwen2ForCausalLM(config).eval()
     model.generation_config.eos_token_id = eos
     model.generation_config.pad_token_id = pad
     model.save_pretrained(out)
