@@ -27,16 +27,14 @@ import numpy as np
 from torch.utils.data import DataLoader, Dataset
 
 from lightning_veripo.completions import tokenize_completions
-from lightning_veripo.data.resumable import ResumableDataLoader, resumable_order
+from lightning_veripo.data.resumable import split_loader
 from lightning_veripo.data.videoqa import REQUIRED_FIELDS as RECORD_FIELDS
 from lightning_veripo.data.videoqa import (
     FrameSampling,
     VideoQACollator,
     VideoQAError,
-    global_seed,
     load_image,
     load_video,
-    order,
     stage_processor,
 )
 from lightning_veripo.files import read_jsonl
@@ -244,19 +242,9 @@ class PreferenceDataModule(L.LightningDataModule):
         return stage_processor(self)
 
     def _loader(self, split: str, batch_size: int, shuffle: bool) -> DataLoader:
-        dataset = self.dataset(split)
-        # the training loader resumes mid-epoch from a checkpoint (lightning_veripo.data.resumable)
-        loader, sampler = (
-            (ResumableDataLoader, resumable_order(dataset, shuffle, self.trainer, global_seed()))
-            if split == "train"
-            else (DataLoader, order(dataset, shuffle, self.trainer))
-        )
-        return loader(
-            dataset,
-            batch_size=batch_size,
-            **sampler,
-            num_workers=self.num_workers,
-            collate_fn=PreferenceCollator(self.processor(), self.sampling),
+        collate = PreferenceCollator(self.processor(), self.sampling)
+        return split_loader(
+            self.dataset(split), split, self.trainer, batch_size, shuffle, self.num_workers, collate
         )
 
     def train_dataloader(self) -> DataLoader:

@@ -1,4 +1,5 @@
-"""A training DataLoader that resumes mid-epoch: a checkpoint records how far into the epoch's order it got.
+"""The data modules' loaders: a training DataLoader that resumes mid-epoch (a checkpoint records how far into the
+epoch's order it got), and evaluation loaders that keep the user's order under DDP.
 
 Lightning 2.6 restores its loops' batch counters from a checkpoint but asks the loader for a fresh iterator, so
 a plain DataLoader replays the epoch from its first batch (a fit preempted at step 5 trains steps 5-7 on the
@@ -16,7 +17,8 @@ random state exactly as `RandomSampler` does (so seeded runs keep the order they
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sized
+import os
+from collections.abc import Callable, Iterator, Sized
 from typing import Any
 
 import torch
@@ -126,3 +128,47 @@ def resumable_order(dataset: Sized, shuffle: bool, trainer: Any, seed: int) -> d
         seed=seed,
     )
     return {"sampler": sampler}
+
+
+def global_seed() -> int:
+    """What `seed_everything` set, as Lightning's own DistributedSampler uses."""
+    return int(os.environ.get("PL_GLOBAL_SEED", 0))
+
+
+def order(dataset: Sized, shuffle: bool, trainer: Any) -> dict[str, Any]:
+    """DataLoader arguments that keep the user's `shuffle` under DDP/FSDP/DeepSpeed as well.
+
+    Lightning replaces a training loader's sampler by a `DistributedSampler` with shuffling forced on; a
+    `DistributedSampler` we build ourselves is kept, so `shuffle: false` means the same order on one device and
+    on many (rank r takes items r, r + world, ...: the global batch k is the single-device batch k).
+    """
+    world = getattr(trainer, "world_size", 1) if trainer is not None else 1
+    if world <= 1:
+        return {"shuffle": shuffle}
+    sampler = DistributedSampler(
+        dataset,  # type: ignore[arg-type]
+        num_replicas=world,
+        rank=trainer.global_rank,
+        shuffle=shuffle,
+        seed=global_seed(),
+    )
+    return {"sampler": sampler}
+
+
+def split_loader(
+    dataset: Sized,
+    split: str,
+    trainer: Any,
+    batch_size: int,
+    shuffle: bool,
+    num_workers: int,
+    collate_fn: Callable[[list[Any]], Any],
+) -> DataLoader:
+    """A data module's loader for `split`: the training loader resumes mid-epoch from a checkpoint, the others
+    keep the user's order on any number of ranks."""
+    loader, sampler = (
+        (ResumableDataLoader, resumable_order(dataset, shuffle, trainer, global_seed()))
+        if split == "train"
+        else (DataLoader, order(dataset, shuffle, trainer))
+    )
+    return loader(dataset, batch_size=batch_size, **sampler, num_workers=num_workers, collate_fn=collate_fn)  # type: ignore[arg-type]

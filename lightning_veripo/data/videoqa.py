@@ -16,7 +16,6 @@ What counts as bad, and when it is found:
 from __future__ import annotations
 
 import json
-import os
 import re
 import warnings
 from collections.abc import Callable
@@ -27,9 +26,9 @@ from typing import Any
 import lightning as L
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torch.utils.data import DataLoader, Dataset
 
-from lightning_veripo.data.resumable import ResumableDataLoader, resumable_order
+from lightning_veripo.data.resumable import split_loader
 from lightning_veripo.data.synthetic import make_synthetic_data
 from lightning_veripo.records import DATA_TYPES, PROBLEM_TYPES, VideoQARecord
 
@@ -372,27 +371,6 @@ class VideoQACollator:
         return out
 
 
-def global_seed() -> int:
-    """What `seed_everything` set, as Lightning's own DistributedSampler uses."""
-    return int(os.environ.get("PL_GLOBAL_SEED", 0))
-
-
-def order(dataset: Dataset, shuffle: bool, trainer: Any) -> dict[str, Any]:
-    """DataLoader arguments that keep the user's `shuffle` under DDP/FSDP/DeepSpeed as well.
-
-    Lightning replaces a training loader's sampler by a `DistributedSampler` with shuffling forced on; a
-    `DistributedSampler` we build ourselves is kept, so `shuffle: false` means the same order on one device and
-    on many (rank r takes items r, r + world, ...: the global batch k is the single-device batch k).
-    """
-    world = getattr(trainer, "world_size", 1) if trainer is not None else 1
-    if world <= 1:
-        return {"shuffle": shuffle}
-    sampler = DistributedSampler(
-        dataset, num_replicas=world, rank=trainer.global_rank, shuffle=shuffle, seed=global_seed()
-    )
-    return {"sampler": sampler}
-
-
 class VideoQADataModule(L.LightningDataModule):
     """Train/val/test Video-R1-format files as a LightningDataModule.
 
@@ -460,19 +438,9 @@ class VideoQADataModule(L.LightningDataModule):
         return stage_processor(self)
 
     def _loader(self, split: str, batch_size: int, shuffle: bool) -> DataLoader:
-        dataset = self._dataset(split)
-        # the training loader resumes mid-epoch from a checkpoint (lightning_veripo.data.resumable)
-        loader, sampler = (
-            (ResumableDataLoader, resumable_order(dataset, shuffle, self.trainer, global_seed()))
-            if split == "train"
-            else (DataLoader, order(dataset, shuffle, self.trainer))
-        )
-        return loader(
-            dataset,
-            batch_size=batch_size,
-            **sampler,
-            num_workers=self.num_workers,
-            collate_fn=VideoQACollator(self.processor(), self.sampling, self.max_prompt_tokens),
+        collate = VideoQACollator(self.processor(), self.sampling, self.max_prompt_tokens)
+        return split_loader(
+            self._dataset(split), split, self.trainer, batch_size, shuffle, self.num_workers, collate
         )
 
     def train_dataloader(self) -> DataLoader:
