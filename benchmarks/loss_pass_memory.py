@@ -127,25 +127,25 @@ def main(argv: list[str] | None = None) -> int:
                 results.append(r)
                 print(f"T={tokens:>4} chunk={chunk:>5}: loss pass peak +{r['loss_peak_above_start_mib']:.0f} MiB "
                       f"({r['loss_s']:.2f}s), reference pass +{r['reference_peak_above_start_mib']:.0f} MiB", flush=True)  # fmt: skip
-    lines = ["| completion tokens | rows x tokens | chunk | loss pass peak above start (MiB) | unchunked / this "
-             "| loss pass (s) | reference pass peak (MiB) | unchunked / this |", "|" + "---|" * 8]  # fmt: skip
+    head = ["completion tokens", "rows x tokens", "chunk", "loss pass peak above start (MiB)", "unchunked / this",
+            "loss pass (s)", "reference pass peak (MiB)", "unchunked / this"]  # fmt: skip
+    rows = []
     for r in results:
         base = next(
             (b for b in results if b["completion_tokens"] == r["completion_tokens"] and b["chunk"] == "none"),
             r,
         )
-        lines.append(
-            f"| {r['completion_tokens']} | {r['rows'] * r['completion_tokens']} | {r['chunk']} "
-            f"| {r['loss_peak_above_start_mib']:.0f} | {harness.fmt(harness.ratio(base['loss_peak_above_start_mib'], r['loss_peak_above_start_mib']), '.1f')}x "
-            f"| {r['loss_s']:.2f} | {r['reference_peak_above_start_mib']:.0f} "
-            f"| {harness.fmt(harness.ratio(base['reference_peak_above_start_mib'], r['reference_peak_above_start_mib']), '.1f')}x |"
-        )  # fmt: skip
+        loss, reference = (harness.ratio(base[f"{k}_peak_above_start_mib"], r[f"{k}_peak_above_start_mib"])
+                           for k in ("loss", "reference"))  # fmt: skip
+        rows.append([r["completion_tokens"], r["rows"] * r["completion_tokens"], r["chunk"],
+                     f"{r['loss_peak_above_start_mib']:.0f}", f"{harness.fmt(loss, '.1f')}x", f"{r['loss_s']:.2f}",
+                     f"{r['reference_peak_above_start_mib']:.0f}", f"{harness.fmt(reference, '.1f')}x"])  # fmt: skip
     settings = {k: getattr(a, k) for k in ("G", "prompts", "frames", "size", "threads", "seed", "chunks")}
     settings.update(vocab_rows=harness.QWEN25_VL_VOCAB, dtype="float32", lora="r 8 on the LM projections")
     report = {"benchmark": "loss_pass_memory", "command": harness.command(), "commit": harness.git_commit(),
               "settings": settings, "versions": harness.versions(), "machine": harness.machine(),
               "total_wall_s": time.time() - started, "results": results}  # fmt: skip
-    print("\n" + "\n".join(lines))
+    print("\n" + harness.markdown_table(head, rows))
     harness.write_json(a.out, report)
     print(f"\nwrote {a.out}")
     return 0
