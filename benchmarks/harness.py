@@ -401,9 +401,9 @@ def git_commit() -> str | None:
     return done.stdout.strip() or None
 
 
-def fmt(x: float | None, spec: str) -> str:
+def fmt(x: float | None, spec: str, unit: str = "") -> str:
     """A table cell: `-` for a missing number."""
-    return "-" if x is None else format(x, spec)
+    return "-" if x is None else format(x, spec) + unit
 
 
 def ratio(num: float, den: float) -> float | None:

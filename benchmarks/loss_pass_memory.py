@@ -138,8 +138,8 @@ def main(argv: list[str] | None = None) -> int:
         loss, reference = (harness.ratio(base[f"{k}_peak_above_start_mib"], r[f"{k}_peak_above_start_mib"])
                            for k in ("loss", "reference"))  # fmt: skip
         rows.append([r["completion_tokens"], r["rows"] * r["completion_tokens"], r["chunk"],
-                     f"{r['loss_peak_above_start_mib']:.0f}", f"{harness.fmt(loss, '.1f')}x", f"{r['loss_s']:.2f}",
-                     f"{r['reference_peak_above_start_mib']:.0f}", f"{harness.fmt(reference, '.1f')}x"])  # fmt: skip
+                     f"{r['loss_peak_above_start_mib']:.0f}", harness.fmt(loss, ".1f", "x"), f"{r['loss_s']:.2f}",
+                     f"{r['reference_peak_above_start_mib']:.0f}", harness.fmt(reference, ".1f", "x")])  # fmt: skip
     settings = {k: getattr(a, k) for k in ("G", "prompts", "frames", "size", "threads", "seed", "chunks")}
     settings.update(vocab_rows=harness.QWEN25_VL_VOCAB, dtype="float32", lora="r 8 on the LM projections")
     report = {"benchmark": "loss_pass_memory", "command": harness.command(), "commit": harness.git_commit(),

@@ -132,6 +132,7 @@ def test_write_json_makes_the_folder_and_writes_paths_as_text(tmp_path: Path) ->
 
 def test_table_cells() -> None:
     assert harness.fmt(None, ".2f") == "-" and harness.fmt(1.234, ".2f") == "1.23"
+    assert harness.fmt(None, ".1f", "x") == "-" and harness.fmt(2.0, ".1f", "x") == "2.0x"
     assert harness.ratio(6.0, 3.0) == 2.0 and harness.ratio(6.0, 0.0) is None
     assert (
         harness.markdown_table(["a", "b"], [[1, "x"], [2, "y"]])
