@@ -375,7 +375,7 @@ def _trl_row(processor: Any, pair: Any, images: list[Any]) -> dict[str, Any]:
     """A TRL preference row in the *standard* (pre-rendered) format, so its tokens equal ours: the prompt is
     our chat template with one image placeholder per still, the completions end with <|im_end|> as ours do
     (TRL's conversational format would render a newline after it, one more token per completion)."""
-    from lightning_veripo.data.preference import END_OF_TURN
+    from lightning_veripo.completions import END_OF_TURN
     from lightning_veripo.data.videoqa import build_prompt
 
     content = [{"type": "image"} for _ in images] + [{"type": "text", "text": build_prompt(pair.record)}]
