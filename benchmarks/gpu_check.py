@@ -31,13 +31,13 @@ import argparse
 import json
 import os
 import platform
-import resource
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
+
+from benchmarks.harness import command, offline_env, peak_rss_mib, write_json
 
 # Qwen/Qwen2.5-VL-3B-Instruct's config.json, the sizes only (token ids come from the offline tokenizer).
 QWEN25_VL_3B: dict[str, Any] = {
@@ -233,7 +233,7 @@ def run(a: argparse.Namespace, work: Path) -> dict[str, Any]:
     def peak_memory_mib() -> float:
         if cuda:
             return torch.cuda.max_memory_allocated() / 2**20
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        return peak_rss_mib()
 
     stages: dict[str, Any] = {}
 
@@ -264,7 +264,7 @@ def run(a: argparse.Namespace, work: Path) -> dict[str, Any]:
     device = torch.cuda.get_device_name(0) if cuda else (platform.processor() or platform.machine())
     return {
         "check": "gpu_check",
-        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        "command": command(),
         "model": "tiny (lightning_veripo.tiny)" if a.tiny else "Qwen2.5-VL-3B sizes, random weights, bf16",
         "device": device,
         "lm_parameters": params,
@@ -333,9 +333,7 @@ def main(argv: list[str] | None = None) -> int:
             setattr(a, name, tiny if a.tiny else gpu)
     if a.size % 28:
         p.error("--size must be a multiple of 28 (Qwen2.5-VL patch 14 x merge 2)")
-    for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE"):
-        os.environ[var] = "1"
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    offline_env()
 
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="gpu_check_") as tmp:
@@ -355,8 +353,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     out = a.out or (Path(os.environ["OUT"]) / "gpu_check.json" if os.environ.get("OUT") else None)
     if out is not None:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(report, indent=1))
+        write_json(out, report)
         print(f"wrote {out}")
     return 0
 

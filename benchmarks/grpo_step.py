@@ -45,172 +45,48 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
-import resource
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parents[1]
+from benchmarks.harness import (
+    QWEN25_VL_VOCAB,
+    REPO,
+    TRL_CPU_ARGS,
+    ScoredLength,
+    Timings,
+    VisionCounter,
+    add_worker_arguments,
+    check_frames,
+    command,
+    fmt,
+    machine,
+    parser,
+    pool,
+    prepare,
+    run_worker,
+    setup_process,
+    summary,
+    train_records,
+    trl_lora,
+    trl_model,
+    versions,
+    warn_if_loaded,
+    write_json,
+)
+
 IMPLS = ("ours", "ours-unchunked", "trl")
 DEFAULT_OUT = REPO / "benchmarks" / "results" / "grpo_step.json"
-
-
-# ----------------------------------------------------------------------------- shared helpers (worker side)
-
-
-def _setup_process(threads: int, omp_wait_policy: str) -> None:
-    if omp_wait_policy != "inherit":  # read by OpenMP when torch loads it: set before `import torch`
-        os.environ["OMP_WAIT_POLICY"] = omp_wait_policy
-    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
-        os.environ[var] = str(threads)
-    for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE"):
-        os.environ[var] = "1"
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    import torch
-
-    torch.set_num_threads(threads)
-
-
-def _rss_mib() -> float:
-    import psutil
-
-    return psutil.Process().memory_info().rss / 2**20
-
-
-def _peak_rss_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
-
-
-def _reset_peak_rss() -> bool:
-    """Restart the kernel's resident-set high-water mark (VmHWM, and with it ru_maxrss) at the current RSS."""
-    try:
-        Path("/proc/self/clear_refs").write_text("5")  # Linux >= 4.0
-        return True
-    except OSError:
-        return False
-
-
-def _hwm_mib() -> float:
-    """The resident-set high-water mark since the process started or since `_reset_peak_rss`."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024  # kB
-    return _peak_rss_mib()
-
-
-class VisionCounter:
-    """Counts vision-tower forward calls and the patch rows they encode (a forward hook on the tower)."""
-
-    def __init__(self) -> None:
-        self.calls = 0
-        self.patches = 0
-        self.handle = None
-
-    def attach(self, tower: Any) -> None:
-        def hook(module: Any, args: tuple, kwargs: dict) -> None:
-            pixels = args[0] if args else kwargs.get("hidden_states", kwargs.get("pixel_values"))
-            self.calls += 1
-            self.patches += int(pixels.shape[0])
-
-        self.handle = tower.register_forward_pre_hook(hook, with_kwargs=True)
-
-    def snapshot(self) -> tuple[int, int]:
-        return self.calls, self.patches
-
-
-class Timings:
-    """Per-step wall times; call begin()/end() around each step. With `step_peaks` also each step's peak RSS
-    above its start (the high-water mark is reset at every begin(); the process peak is kept aside)."""
-
-    def __init__(self, counter: VisionCounter, step_peaks: bool = False) -> None:
-        self.counter = counter
-        self.step_peaks = step_peaks
-        self.step_peak: list[float] = []
-        self.process_peak = 0.0
-        self._rss0 = 0.0
-        self.step: list[float] = []
-        self.cpu: list[float] = []
-        self.load: list[float] = []
-        self.iter: list[float] = []
-        self.vision_calls: list[int] = []
-        self.vision_patches: list[int] = []
-        self._t0 = 0.0
-        self._last_end: float | None = None
-        self._v0 = (0, 0)
-        self.rss_before_train = 0.0
-
-    def begin(self) -> None:
-        if not self.rss_before_train:
-            self.rss_before_train = _rss_mib()
-        self._v0 = self.counter.snapshot()
-        self.load.append(os.getloadavg()[0])
-        if self.step_peaks:
-            self.process_peak = max(self.process_peak, _hwm_mib())
-            self.step_peaks = _reset_peak_rss()
-            self._rss0 = _rss_mib()
-        self._c0 = time.process_time()
-        self._t0 = time.perf_counter()
-
-    def end(self) -> None:
-        now = time.perf_counter()
-        self.cpu.append(time.process_time() - self._c0)
-        self.step.append(now - self._t0)
-        if self._last_end is not None:
-            self.iter.append(now - self._last_end)
-        self._last_end = now
-        calls, patches = self.counter.snapshot()
-        self.vision_calls.append(calls - self._v0[0])
-        self.vision_patches.append(patches - self._v0[1])
-        if self.step_peaks:
-            hwm = _hwm_mib()
-            self.step_peak.append(hwm - self._rss0)
-            self.process_peak = max(self.process_peak, hwm)
-
-
-def _summary(t: Timings, warmup: int, extra: dict[str, Any]) -> dict[str, Any]:
-    step = t.step[warmup:]
-    it = t.iter[max(warmup - 1, 0) :] if warmup else t.iter  # iter[i] ends at step i + 1
-    peak = max(_peak_rss_mib(), t.process_peak)
-    step_peak = t.step_peak[warmup:]
-    return {
-        "steps_timed": len(step),
-        "step_s": step,
-        "step_median_s": statistics.median(step),
-        "step_min_s": min(step),
-        "cpu_s": t.cpu[warmup:],
-        "cpu_median_s": statistics.median(t.cpu[warmup:]),
-        "loadavg_1min_at_step_start": t.load,
-        "iter_s": it,
-        "iter_median_s": statistics.median(it) if it else None,
-        "warmup_step_s": t.step[:warmup],
-        "vision_calls_per_step": t.vision_calls[-1],
-        "vision_patches_per_step": t.vision_patches[-1],
-        "rss_before_train_mib": t.rss_before_train,
-        "peak_rss_mib": peak,
-        "peak_minus_before_train_mib": peak - t.rss_before_train,
-        "step_peak_above_start_mib": step_peak,
-        "step_peak_above_start_max_mib": max(step_peak) if step_peak else None,
-        **extra,
-    }
-
-
-def _records(data_dir: Path, n: int) -> list[Any]:
-    from lightning_veripo.data.videoqa import VideoQADataset
-
-    return VideoQADataset(data_dir / "train.json").records[:n]
 
 
 # ----------------------------------------------------------------------------- ours
 
 
 def run_ours(a: argparse.Namespace) -> dict[str, Any]:
-    _setup_process(a.threads, a.omp_wait_policy)
+    setup_process(a.threads, a.omp_wait_policy)
     import lightning as L
 
     from lightning_veripo.backbone import LoRAConfig, VideoLLM
@@ -285,7 +161,7 @@ def run_ours(a: argparse.Namespace) -> dict[str, Any]:
         callbacks=[StepTimer()],
     )
     trainer.fit(module, datamodule=data)
-    return _summary(
+    return summary(
         timings,
         a.warmup,
         {
@@ -302,22 +178,20 @@ def run_ours(a: argparse.Namespace) -> dict[str, Any]:
 
 
 def run_trl(a: argparse.Namespace) -> dict[str, Any]:
-    _setup_process(a.threads, a.omp_wait_policy)
+    setup_process(a.threads, a.omp_wait_policy)
     import numpy as np
     import torch
     from datasets import Dataset
-    from peft import LoraConfig
     from PIL import Image
-    from transformers import AutoModelForImageTextToText, AutoProcessor, TrainerCallback
+    from transformers import TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
 
-    from lightning_veripo.backbone import LoRAConfig
     from lightning_veripo.data.videoqa import FrameSampling, build_prompt, load_video
     from lightning_veripo.rewards import RewardSet
 
     torch.manual_seed(a.seed)
     n_steps = a.warmup + a.steps
-    records = _records(a.data_dir, n_steps * a.prompts)
+    records = train_records(a.data_dir, n_steps * a.prompts)
     size = a.size * a.size
     sampling = FrameSampling(num_frames=a.num_frames, min_pixels=size, max_pixels=size)
     rows = []
@@ -345,19 +219,10 @@ def run_trl(a: argparse.Namespace) -> dict[str, Any]:
 
     reward_funcs = [make_reward(n, f) for n, f in zip(reward_set.names, reward_set.functions, strict=True)]
 
-    model = AutoModelForImageTextToText.from_pretrained(
-        str(a.model_dir), dtype=torch.float32, attn_implementation="sdpa"
-    )
-    processor = AutoProcessor.from_pretrained(str(a.model_dir), padding_side="left")
-    processor.image_processor.size = {"shortest_edge": size, "longest_edge": size}  # = ours' min/max pixels
-    lora = LoRAConfig(r=a.lora_r, alpha=2 * a.lora_r)
-    peft_config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
-                             target_modules=lora.target_modules, bias="none")  # fmt: skip
-    out_dir = tempfile.mkdtemp(prefix="trl_grpo_bench_")
+    model, processor = trl_model(a.model_dir, a.size)
     config = GRPOConfig(
-        output_dir=out_dir,
+        output_dir=tempfile.mkdtemp(prefix="trl_grpo_bench_"),
         per_device_train_batch_size=a.prompts * a.G,  # TRL counts completions: prompts x G
-        gradient_accumulation_steps=1,
         num_generations=a.G,
         max_completion_length=a.max_new_tokens,
         temperature=1.0,
@@ -370,24 +235,12 @@ def run_trl(a: argparse.Namespace) -> dict[str, Any]:
         reward_weights=reward_set.weights,
         num_iterations=1,
         learning_rate=a.lr,
-        lr_scheduler_type="constant",
-        warmup_steps=0,
-        weight_decay=0.0,
-        optim="adamw_torch",
         max_grad_norm=1.0,
         max_steps=n_steps,
-        gradient_checkpointing=False,  # TRL's default is True; ours runs without
-        bf16=False,  # TRL's default is True; ours runs float32
-        fp16=False,
-        use_cpu=True,
         seed=a.seed,
         shuffle_dataset=False,
-        dataloader_num_workers=0,
-        report_to="none",
-        logging_steps=10**6,
-        save_strategy="no",
-        disable_tqdm=True,
         remove_unused_columns=False,
+        **TRL_CPU_ARGS,
     )
     counter = VisionCounter()
     timings = Timings(counter, step_peaks=True)
@@ -413,26 +266,21 @@ def run_trl(a: argparse.Namespace) -> dict[str, Any]:
         args=config,
         train_dataset=dataset,
         processing_class=processor,
-        peft_config=peft_config,
+        peft_config=trl_lora(a.lora_r),
         callbacks=[timer := StepTimer()],
     )
     timer.trainer = trainer
     base = trainer.model.get_base_model()
     counter.attach(base.model.visual)
-    lengths: list[int] = []
-
-    def record_length(module: Any, args: tuple, kwargs: dict) -> None:  # scored sequence: prompt + completion
-        if kwargs.get("labels") is not None and kwargs.get("input_ids") is not None:
-            lengths.append(int(kwargs["input_ids"].shape[1]))
-
-    base.register_forward_pre_hook(record_length, with_kwargs=True)
+    scored = ScoredLength()
+    scored.attach(base)
     trainer.train()
-    return _summary(
+    return summary(
         timings,
         a.warmup,
         {
             "mean_completion_tokens": statistics.mean(completion_lengths[a.warmup :]),
-            "scored_sequence_tokens_padded": lengths[-1] if lengths else None,
+            "scored_sequence_tokens_padded": scored.last,
             "vision_input": (f"{len(rows[0]['images'])} images of {a.size}x{a.size} per prompt "
                              f"({'every other frame of' if a.trl_frames == 'matched' else 'all'} "
                              f"{a.num_frames} sampled frames)"),
@@ -441,79 +289,6 @@ def run_trl(a: argparse.Namespace) -> dict[str, Any]:
 
 
 # ----------------------------------------------------------------------------- driver
-
-
-def _pool(runs: list[dict[str, Any]]) -> dict[str, Any]:
-    """One configuration's repeated runs: step times pooled, peaks the largest, per-run details kept."""
-    step = [x for r in runs for x in r["step_s"]]
-    cpu = [x for r in runs for x in r["cpu_s"]]
-    it = [x for r in runs for x in r["iter_s"]]
-    first = runs[0]
-    return {
-        "step_median_s": statistics.median(step),
-        "step_min_s": min(step),
-        "cpu_median_s": statistics.median(cpu),
-        "iter_median_s": statistics.median(it) if it else None,
-        "peak_rss_mib": max(r["peak_rss_mib"] for r in runs),
-        "peak_minus_before_train_mib": max(r["peak_minus_before_train_mib"] for r in runs),
-        "step_peak_above_start_max_mib": max(r["step_peak_above_start_max_mib"] or 0.0 for r in runs),
-        "loadavg_1min_at_step_start": [x for r in runs for x in r["loadavg_1min_at_step_start"]],
-        **{
-            k: first[k]
-            for k in (
-                "vision_calls_per_step",
-                "vision_patches_per_step",
-                "scored_sequence_tokens_padded",
-                "mean_completion_tokens",
-                "vision_input",
-            )
-        },
-        "runs": runs,
-    }
-
-
-def _versions() -> dict[str, str]:
-    import lightning
-    import peft
-    import torch
-    import transformers
-    import trl
-
-    return {"python": platform.python_version(), "torch": torch.__version__,
-            "transformers": transformers.__version__, "trl": trl.__version__, "lightning": lightning.__version__,
-            "peft": peft.__version__}  # fmt: skip
-
-
-def _machine() -> dict[str, Any]:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {"cpu": cpu, "logical_cpus": os.cpu_count(), "platform": platform.platform()}
-
-
-QWEN25_VL_VOCAB = 151_936  # rows of Qwen2.5-VL's embedding and LM head (its tokenizer has 151,665 tokens)
-
-
-def prepare(
-    work: Path, max_frames: int, n_records: int, size: int, seed: int, real_vocab: bool = False
-) -> tuple[Path, Path]:
-    from lightning_veripo.data.synthetic import make_synthetic_data
-    from lightning_veripo.tiny import make_tiny_model
-
-    vocab = QWEN25_VL_VOCAB if real_vocab else None
-    model_dir = work / ("tiny-model-vocab151936" if real_vocab else "tiny-model")
-    data_dir = work / f"data-{size}px-{max_frames}f-{n_records}"
-    if not (model_dir / "config.json").exists():
-        make_tiny_model(model_dir, seed=seed, model_vocab_size=vocab)
-    if not (data_dir / "train.json").exists():
-        make_synthetic_data(data_dir, num_train=n_records, num_val=1, seed=seed,
-                            tasks=("colour", "direction", "count"), size=size, num_frames=max_frames)  # fmt: skip
-    return model_dir, data_dir
 
 
 def _worker_cmd(
@@ -525,10 +300,6 @@ def _worker_cmd(
             "--max-new-tokens", str(a.max_new_tokens), "--prompts", str(a.prompts), "--beta", str(a.beta),
             "--lr", str(a.lr), "--size", str(a.size), "--threads", str(a.threads), "--seed", str(a.seed),
             "--lora-r", str(a.lora_r), "--trl-frames", a.trl_frames, "--omp-wait-policy", a.omp_wait_policy]  # fmt: skip
-
-
-def _fmt(x: float | None, spec: str) -> str:
-    return "-" if x is None else format(x, spec)
 
 
 def table(results: list[dict[str, Any]], impls: list[str]) -> str:
@@ -544,7 +315,7 @@ def table(results: list[dict[str, Any]], impls: list[str]) -> str:
             load = statistics.mean(m["loadavg_1min_at_step_start"])
             lines.append(
                 f"| {r['frames']} | {impl} | {m['step_median_s']:.2f} | {m['step_min_s']:.2f} | {m['cpu_median_s']:.2f} "
-                f"| {_fmt(m['iter_median_s'], '.2f')} | {m['vision_calls_per_step']} | {m['vision_patches_per_step']} "
+                f"| {fmt(m['iter_median_s'], '.2f')} | {m['vision_calls_per_step']} | {m['vision_patches_per_step']} "
                 f"| {m['scored_sequence_tokens_padded']} | {m['peak_rss_mib']:.0f} "
                 f"| {m['peak_minus_before_train_mib']:.0f} | {m['step_peak_above_start_max_mib']:.0f} | {load:.1f} |"
             )
@@ -554,15 +325,13 @@ def table(results: list[dict[str, Any]], impls: list[str]) -> str:
               "| peak - before-train TRL / ours |", "|---|---|---|---|---|---|---|"]  # fmt: skip
     for r in results:
         x = r["ratios_trl_over_ours"]
-        lines.append(f"| {r['frames']} | {x['step_time']:.2f}x | {x['step_min']:.2f}x | {x['step_cpu']:.2f}x | {_fmt(x['iter_time'], '.2f')}x "
+        lines.append(f"| {r['frames']} | {x['step_time']:.2f}x | {x['step_min']:.2f}x | {x['step_cpu']:.2f}x | {fmt(x['iter_time'], '.2f')}x "
                      f"| {x['peak_rss']:.2f}x | {x['peak_minus_before_train']:.2f}x |")  # fmt: skip
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter
-    )
+    p = parser(__doc__)
     p.add_argument(
         "--frames", type=int, nargs="+", default=None, help="frame counts to sweep (default 4 8 16 32)"
     )
@@ -600,21 +369,7 @@ def main(argv: list[str] | None = None) -> int:
         help="what to run: ours, ours-unchunked (logprob_chunk_tokens=None: the LM head over every completion "
         "token at once), trl (default: ours trl)",
     )
-    p.add_argument("--threads", type=int, default=2, help="torch threads per run")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument(
-        "--omp-wait-policy",
-        choices=("PASSIVE", "ACTIVE", "inherit"),
-        default="PASSIVE",
-        help="OMP_WAIT_POLICY of the runs (PASSIVE, as tests/conftest.py: idle OpenMP threads sleep instead of "
-        "spinning, which keeps 2-thread timings sane on a busy machine; inherit = leave the environment's)",
-    )
-    p.add_argument(
-        "--trl-frames",
-        choices=("matched", "all"),
-        default="matched",
-        help="matched: TRL gets F/2 stills (= our F-frame video's patches/tokens); all: F stills",
-    )
+    add_worker_arguments(p)
     p.add_argument(
         "--repeats",
         type=int,
@@ -637,25 +392,15 @@ def main(argv: list[str] | None = None) -> int:
     a.repeats = a.repeats if a.repeats is not None else (1 if a.quick else 2)
     a.size = a.size if a.size is not None else (224 if a.prefill_heavy else 112)
     a.max_new_tokens = a.max_new_tokens if a.max_new_tokens is not None else (8 if a.prefill_heavy else 32)
-    if a.size % 28:
-        p.error("--size must be a multiple of 28 (Qwen2.5-VL patch 14 x merge 2)")
+    frames = a.frames or ([16, 32] if a.prefill_heavy else [4, 16] if a.quick else [4, 8, 16, 32])
+    check_frames(p, a.size, frames if not a.worker else [], a.trl_frames)
 
     if a.worker:
         result = (run_trl if a.worker == "trl" else run_ours)(a)
         a.worker_out.write_text(json.dumps(result))
         return 0
 
-    frames = a.frames or ([16, 32] if a.prefill_heavy else [4, 16] if a.quick else [4, 8, 16, 32])
-    load = os.getloadavg()[0]
-    if load > (os.cpu_count() or 1):
-        print(
-            f"warning: 1-min load average {load:.1f} > {os.cpu_count()} CPUs: other processes compete for the cores; "
-            f"with --threads > 1 every intra-op barrier waits for a descheduled thread and the timings measure "
-            f"the load, not the code (compare with --threads 1)",
-            file=sys.stderr,
-        )
-    if any(f < 2 or f % 2 or (a.trl_frames == "matched" and f % 4 and f != 2) for f in frames):
-        p.error("--frames must be even (and multiples of 4 with --trl-frames matched, except 2)")
+    load = warn_if_loaded()
     started = time.time()
     with tempfile.TemporaryDirectory(prefix="grpo_step_bench_") as tmp:
         work = a.workdir or Path(tmp)
@@ -668,15 +413,8 @@ def main(argv: list[str] | None = None) -> int:
             for rep in range(a.repeats):
                 for impl in a.impls if rep % 2 == 0 else a.impls[::-1]:  # ABBA: no drift bias
                     out = Path(tmp) / f"{impl}-{f}-{rep}.json"
-                    t0 = time.time()
-                    proc = subprocess.run(
-                        _worker_cmd(a, impl, f, model_dir, data_dir, out), capture_output=True, text=True
-                    )
-                    if proc.returncode != 0:
-                        sys.stderr.write(proc.stdout[-4000:] + proc.stderr[-8000:])
-                        raise SystemExit(f"{impl} with {f} frames failed (exit {proc.returncode})")
-                    m = json.loads(out.read_text())
-                    m["process_wall_s"] = time.time() - t0
+                    cmd = _worker_cmd(a, impl, f, model_dir, data_dir, out)
+                    m = run_worker(cmd, out, f"{impl} with {f} frames")
                     runs[impl].append(m)
                     print(
                         f"[{f:>2} frames, run {rep + 1}/{a.repeats}] {impl:4s}: step median {m['step_median_s']:.2f}s "
@@ -685,7 +423,7 @@ def main(argv: list[str] | None = None) -> int:
                         flush=True,
                     )
             for impl in a.impls:
-                row[impl] = _pool(runs[impl])
+                row[impl] = pool(runs[impl])
             if "ours-unchunked" in a.impls and "ours" in a.impls:
                 u, o = row["ours-unchunked"], row["ours"]
                 row["ratios_unchunked_over_ours"] = {
@@ -717,8 +455,8 @@ def main(argv: list[str] | None = None) -> int:
     settings["loadavg_1min_at_start"] = load
     settings.update(loss_type="dapo", temperature=1.0, lora="LoRA on the LM projections, vision tower frozen",
                     dtype="float32", gradient_checkpointing=False, frames=frames)  # fmt: skip
-    report = {"benchmark": "grpo_step", "command": " ".join([Path(sys.executable).name, *sys.argv]),
-              "settings": settings, "versions": _versions(), "machine": _machine(),
+    report = {"benchmark": "grpo_step", "command": command(),
+              "settings": settings, "versions": versions(), "machine": machine(),
               "total_wall_s": time.time() - started, "results": results}  # fmt: skip
     print()
     print(table(results, a.impls))
@@ -727,8 +465,7 @@ def main(argv: list[str] | None = None) -> int:
             x = r["ratios_unchunked_over_ours"]
             print(f"{r['frames']} frames: unchunked / chunked: step time {x['step_time']:.2f}x, peak RSS "
                   f"{x['peak_rss']:.2f}x, step peak above start {x['step_peak_above_start']:.2f}x")  # fmt: skip
-    a.out.parent.mkdir(parents=True, exist_ok=True)
-    a.out.write_text(json.dumps(report, indent=1))
+    write_json(a.out, report)
     print(f"\nwrote {a.out}  (total {report['total_wall_s']:.0f}s)")
     return 0
 

@@ -51,11 +51,11 @@ import time
 from pathlib import Path
 from typing import Any
 
+from benchmarks.harness import REPO, write_json
 from lightning_veripo.records import PROBLEM_TYPES
 from lightning_veripo.verifier.judges import JudgeItem, RuleJudge
 from lightning_veripo.verifier.llm_judges import HybridJudge, OpenAIJudge, TransformersJudge
 
-REPO = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = REPO / "tests" / "data" / "labelled_rollouts.jsonl"
 DEFAULT_OUT = REPO / "benchmarks" / "results" / "judge_accuracy.json"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -348,7 +348,7 @@ def main(argv: list[str] | None = None) -> int:
         "command": "python benchmarks/judge_accuracy.py " + " ".join(sys.argv[1:] if argv is None else argv),
         "judges": results,
     }
-    a.out.write_text(json.dumps(payload, indent=1) + "\n")
+    write_json(a.out, payload)
     print(f"wrote {a.out}")
     return 0
 

@@ -25,17 +25,13 @@ and writes JSON.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import sys
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parents[1]
-_spec = importlib.util.spec_from_file_location("loop_vs_grpo", REPO / "benchmarks" / "loop_vs_grpo.py")
-lab = importlib.util.module_from_spec(_spec)
-sys.modules["loop_vs_grpo"] = lab
-_spec.loader.exec_module(lab)
+from benchmarks import loop_vs_grpo as lab
+from benchmarks.harness import write_json
 
 KEYS = ("accuracy", "sampled_accuracy", "sampled_inconsistency_rate", "sampled_reasoning_tokens")
 CELLS = ("grpo", "nodpo", "loop0", "loop")
@@ -112,8 +108,7 @@ def main(argv: list[str] | None = None) -> int:
             for effect, d in result[name][key].items():
                 if effect != "cells":
                     print(f"    {effect:13} {d['mean']:+.3f} ± {d['ci95']:.3f}   per seed {d['per_seed']}")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=1))
+    write_json(args.out, result)
     print(f"wrote {args.out}")
     return 0
 

@@ -17,19 +17,14 @@ same rollouts (iteration 1's GRPO fit does not depend on the judge) and how many
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import shlex
-import sys
 from collections import Counter
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parents[1]
-_spec = importlib.util.spec_from_file_location("loop_vs_grpo", REPO / "benchmarks" / "loop_vs_grpo.py")
-lab = importlib.util.module_from_spec(_spec)
-sys.modules["loop_vs_grpo"] = lab
-_spec.loader.exec_module(lab)
+from benchmarks import loop_vs_grpo as lab
+from benchmarks.harness import REPO, write_json
 
 FINAL = ("accuracy", "sampled_accuracy", "pass_at_k", "inconsistency_rate", "sampled_inconsistency_rate",
          "format_rate", "sampled_format_rate")  # fmt: skip
@@ -268,7 +263,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--rule takes runs with judge=rule, --hybrid runs with judge=hybrid")
     out = compare(rule, hybrid, args.rejudge)
     print_tables(out)
-    args.out.write_text(json.dumps(out, indent=1, default=str))
+    write_json(args.out, out)
     print(f"wrote {args.out}")
     return 0
 

@@ -47,8 +47,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parents[1]
-RESULTS = REPO / "benchmarks" / "results"
+from benchmarks.harness import REPO, RESULTS, write_json
+
 METRICS = ("accuracy", "sampled_accuracy", "pass_at_k", "inconsistency_rate", "sampled_inconsistency_rate",
            "reasoning_tokens", "sampled_reasoning_tokens", "acc_cons", "sampled_acc_cons", "format_rate")  # fmt: skip
 
@@ -598,7 +598,7 @@ def report(result: dict[str, Any], out: Path) -> int:
         print(
             f"GRPO stage / DPO stage CPU time per prompt: {costs['ratio']:.2f} ± {costs['ratio_ci95']:.2f}x"
         )
-    out.write_text(json.dumps(result, indent=1))
+    write_json(out, result)
     if any(r["arm"] in ARMS and r.get("cpu_s") is not None for r in rows):  # a rescored run has no times
         questions = result["setting"]["num_test" if result["split"] == "test" else "num_val"]
         names = " vs ".join(name for arm, name in ARMS.items() if any(r["arm"] == arm for r in rows))

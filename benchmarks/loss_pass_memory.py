@@ -18,23 +18,20 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+from benchmarks import harness
 
-import grpo_step as gs  # noqa: E402  # shared worker helpers: process setup, RSS, versions, the tiny model
-
-DEFAULT_OUT = gs.REPO / "benchmarks" / "results" / "loss_pass_memory.json"
+DEFAULT_OUT = harness.REPO / "benchmarks" / "results" / "loss_pass_memory.json"
 
 
 def measure(a: argparse.Namespace) -> dict[str, Any]:
     """One subprocess: the loss pass (with gradient) and the reference pass (without) at one chunk setting."""
-    gs._setup_process(a.threads, "PASSIVE")
+    harness.setup_process(a.threads, "PASSIVE")
     import torch
 
     from lightning_veripo.backbone import FORBIDDEN_GENERATION_TOKENS, LoRAConfig, VideoLLM
@@ -77,15 +74,15 @@ def measure(a: argparse.Namespace) -> dict[str, Any]:
     for name, fn in (("loss", loss_pass), ("reference", reference_pass)):
         fn()  # warm-up: lazy initialisation and the allocator's first growth are not the pass's cost
         gc.collect()
-        start = gs._rss_mib()
-        if not gs._reset_peak_rss():
+        start = harness.rss_mib()
+        if not harness.reset_peak_rss():
             raise SystemExit(
                 "cannot reset the RSS high-water mark (/proc/self/clear_refs): Linux >= 4.0 needed"
             )
         t0 = time.perf_counter()
         out[f"{name}_logps_sum"] = fn()
         out[f"{name}_s"] = time.perf_counter() - t0
-        out[f"{name}_peak_above_start_mib"] = gs._hwm_mib() - start
+        out[f"{name}_peak_above_start_mib"] = harness.hwm_mib() - start
         out[f"{name}_rss_at_start_mib"] = start
     return out
 
@@ -116,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
     started = time.time()
     results = []
     with tempfile.TemporaryDirectory(prefix="loss_pass_memory_") as tmp:
-        model_dir, data_dir = gs.prepare(Path(tmp), a.frames, a.prompts, a.size, a.seed, real_vocab=True)
+        model_dir, data_dir = harness.prepare(Path(tmp), a.frames, a.prompts, a.size, a.seed, real_vocab=True)
         for tokens in a.completion_tokens:
             for chunk in a.chunks:
                 out = Path(tmp) / f"{tokens}-{chunk}.json"
@@ -124,39 +121,32 @@ def main(argv: list[str] | None = None) -> int:
                        "--model-dir", str(model_dir), "--data-dir", str(data_dir), "--completion-tokens", str(tokens),
                        "--G", str(a.G), "--prompts", str(a.prompts), "--frames", str(a.frames), "--size", str(a.size),
                        "--threads", str(a.threads), "--seed", str(a.seed)]  # fmt: skip
-                proc = subprocess.run(cmd, capture_output=True, text=True)
-                if proc.returncode != 0:
-                    sys.stderr.write(proc.stdout[-4000:] + proc.stderr[-8000:])
-                    raise SystemExit(f"T={tokens} chunk={chunk} failed (exit {proc.returncode})")
-                r = {"completion_tokens": tokens, "chunk": chunk, **json.loads(out.read_text())}
+                m = harness.run_worker(cmd, out, f"T={tokens} chunk={chunk}")
+                m.pop("process_wall_s")
+                r = {"completion_tokens": tokens, "chunk": chunk, **m}
                 results.append(r)
                 print(f"T={tokens:>4} chunk={chunk:>5}: loss pass peak +{r['loss_peak_above_start_mib']:.0f} MiB "
                       f"({r['loss_s']:.2f}s), reference pass +{r['reference_peak_above_start_mib']:.0f} MiB", flush=True)  # fmt: skip
-    lines = ["| completion tokens | rows x tokens | chunk | loss pass peak above start (MiB) | unchunked / this "
-             "| loss pass (s) | reference pass peak (MiB) | unchunked / this |", "|" + "---|" * 8]  # fmt: skip
+    head = ["completion tokens", "rows x tokens", "chunk", "loss pass peak above start (MiB)", "unchunked / this",
+            "loss pass (s)", "reference pass peak (MiB)", "unchunked / this"]  # fmt: skip
+    rows = []
     for r in results:
         base = next(
             (b for b in results if b["completion_tokens"] == r["completion_tokens"] and b["chunk"] == "none"),
             r,
         )
-        lines.append(
-            f"| {r['completion_tokens']} | {r['rows'] * r['completion_tokens']} | {r['chunk']} "
-            f"| {r['loss_peak_above_start_mib']:.0f} | {base['loss_peak_above_start_mib'] / r['loss_peak_above_start_mib']:.1f}x "
-            f"| {r['loss_s']:.2f} | {r['reference_peak_above_start_mib']:.0f} "
-            f"| {base['reference_peak_above_start_mib'] / r['reference_peak_above_start_mib']:.1f}x |"
-        )  # fmt: skip
+        loss, reference = (harness.ratio(base[f"{k}_peak_above_start_mib"], r[f"{k}_peak_above_start_mib"])
+                           for k in ("loss", "reference"))  # fmt: skip
+        rows.append([r["completion_tokens"], r["rows"] * r["completion_tokens"], r["chunk"],
+                     f"{r['loss_peak_above_start_mib']:.0f}", harness.fmt(loss, ".1f", "x"), f"{r['loss_s']:.2f}",
+                     f"{r['reference_peak_above_start_mib']:.0f}", harness.fmt(reference, ".1f", "x")])  # fmt: skip
     settings = {k: getattr(a, k) for k in ("G", "prompts", "frames", "size", "threads", "seed", "chunks")}
-    settings.update(vocab_rows=gs.QWEN25_VL_VOCAB, dtype="float32", lora="r 8 on the LM projections")
-    commit = subprocess.run(
-        ["git", "rev-parse", "HEAD"], cwd=gs.REPO, capture_output=True, text=True
-    ).stdout.strip()
-    report = {"benchmark": "loss_pass_memory", "command": " ".join([Path(sys.executable).name, *sys.argv]),
-              "commit": commit or None,
-              "settings": settings, "versions": gs._versions(), "machine": gs._machine(),
+    settings.update(vocab_rows=harness.QWEN25_VL_VOCAB, dtype="float32", lora="r 8 on the LM projections")
+    report = {"benchmark": "loss_pass_memory", "command": harness.command(), "commit": harness.git_commit(),
+              "settings": settings, "versions": harness.versions(), "machine": harness.machine(),
               "total_wall_s": time.time() - started, "results": results}  # fmt: skip
-    print("\n" + "\n".join(lines))
-    a.out.parent.mkdir(parents=True, exist_ok=True)
-    a.out.write_text(json.dumps(report, indent=1))
+    print("\n" + harness.markdown_table(head, rows))
+    harness.write_json(a.out, report)
     print(f"\nwrote {a.out}")
     return 0
 

@@ -20,6 +20,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from benchmarks.harness import prepare
+
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -37,17 +39,12 @@ def main() -> None:
     import torch
 
     from lightning_veripo.backbone import LoRAConfig, VideoLLM
-    from lightning_veripo.data.synthetic import make_synthetic_data
     from lightning_veripo.data.videoqa import FrameSampling, VideoQACollator, VideoQADataset
-    from lightning_veripo.tiny import make_tiny_model
 
     torch.set_num_threads(a.threads)
 
     with tempfile.TemporaryDirectory(prefix="shared_prefill_") as tmp:
-        model_dir = make_tiny_model(Path(tmp) / "model", seed=0)
-        data_dir = make_synthetic_data(Path(tmp) / "data", num_train=a.prompts, num_val=1, seed=0,
-                                       tasks=("colour", "direction", "count"), size=a.size,
-                                       num_frames=max(a.frames))  # fmt: skip
+        model_dir, data_dir = prepare(Path(tmp), max(a.frames), a.prompts, a.size, seed=0)
         backbone = VideoLLM(str(model_dir), lora=LoRAConfig(r=8, alpha=16)).load()
         print(
             "| frames | prompt tokens | pass | per-row wall / CPU (s) | shared wall / CPU (s) | per-row / shared (CPU) |"

@@ -45,23 +45,18 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+from benchmarks import harness
 
-import grpo_step as gs  # noqa: E402  # shared worker helpers: process setup, step timings, RSS, versions
-
-REPO = Path(__file__).resolve().parents[1]
-DEFAULT_OUT = REPO / "benchmarks" / "results" / "stage_speed.json"
-DEMO_SFT = REPO / "configs" / "demo_sft.yaml"
+DEFAULT_OUT = harness.REPO / "benchmarks" / "results" / "stage_speed.json"
+DEMO_SFT = harness.REPO / "configs" / "demo_sft.yaml"
 DPO_IMPLS = ("ours", "ours_precompute", "trl")
 TRAINER_QUIET = {
     "accelerator": "cpu",
@@ -112,13 +107,13 @@ class CallCounter:
 
 
 class FitTimer:
-    """A Lightning callback: fit-loop span, per-step spans (grpo_step.Timings) and what each batch held."""
+    """A Lightning callback: fit-loop span, per-step spans (harness.Timings) and what each batch held."""
 
     def __init__(self, count_row: Any) -> None:
         import lightning as L
 
-        counter = gs.VisionCounter()
-        self.timings = gs.Timings(counter)
+        counter = harness.VisionCounter()
+        self.timings = harness.Timings(counter)
         self.prompts: list[int] = []
         self.row_tokens: list[int] = []
         self.outputs: list[Any] = []
@@ -151,7 +146,7 @@ class FitTimer:
 
     def summary(self, warmup: int, extra: dict[str, Any]) -> dict[str, Any]:
         n = sum(self.prompts)
-        out = gs._summary(self.timings, warmup, extra)
+        out = harness.summary(self.timings, warmup, extra)
         out.update(
             loop_s=self.loop_s,
             steps=len(self.prompts),
@@ -207,7 +202,7 @@ def warm_start_settings(a: argparse.Namespace) -> dict[str, Any]:
 def run_sft(a: argparse.Namespace) -> dict[str, Any]:
     """Warm start (untimed setup): `SFTModule` on reference completions; the result (a LoRA warm start merged into
     the weights) is saved as a whole model, the base of every later run, ours and TRL's."""
-    gs._setup_process(a.threads, a.omp_wait_policy)
+    harness.setup_process(a.threads, a.omp_wait_policy)
     import lightning as L
 
     from lightning_veripo.backbone import LoRAConfig, VideoLLM
@@ -241,7 +236,7 @@ def run_sft(a: argparse.Namespace) -> dict[str, Any]:
 
 def run_grpo(a: argparse.Namespace) -> dict[str, Any]:
     """Part A: a GRPO fit of the demo's settings with the VerifierCallback; writes pairs and the adapter."""
-    gs._setup_process(a.threads, a.omp_wait_policy)
+    harness.setup_process(a.threads, a.omp_wait_policy)
     import lightning as L
 
     from lightning_veripo.backbone import VideoLLM
@@ -307,7 +302,7 @@ def run_grpo(a: argparse.Namespace) -> dict[str, Any]:
 
 def run_dpo_ours(a: argparse.Namespace) -> dict[str, Any]:
     """DPOModule on a pairs file: one epoch (part A, `--epochs 1`) or warmup + steps (part B)."""
-    gs._setup_process(a.threads, a.omp_wait_policy)
+    harness.setup_process(a.threads, a.omp_wait_policy)
     import lightning as L
 
     from lightning_veripo.backbone import VideoLLM
@@ -380,7 +375,7 @@ def _trl_row(processor: Any, pair: Any, images: list[Any]) -> dict[str, Any]:
     """A TRL preference row in the *standard* (pre-rendered) format, so its tokens equal ours: the prompt is
     our chat template with one image placeholder per still, the completions end with <|im_end|> as ours do
     (TRL's conversational format would render a newline after it, one more token per completion)."""
-    from lightning_veripo.data.preference import END_OF_TURN
+    from lightning_veripo.completions import END_OF_TURN
     from lightning_veripo.data.videoqa import build_prompt
 
     content = [{"type": "image"} for _ in images] + [{"type": "text", "text": build_prompt(pair.record)}]
@@ -394,55 +389,31 @@ def _trl_row(processor: Any, pair: Any, images: list[Any]) -> dict[str, Any]:
 def _trl_trainer(
     a: argparse.Namespace, rows: list[dict[str, Any]], max_steps: int, callbacks: list[Any]
 ) -> Any:
-    import torch
     from datasets import Dataset
-    from peft import LoraConfig
-    from transformers import AutoModelForImageTextToText, AutoProcessor
     from trl import DPOConfig, DPOTrainer
 
-    size = a.size * a.size
-    model = AutoModelForImageTextToText.from_pretrained(
-        str(a.model_dir), dtype=torch.float32, attn_implementation="sdpa"
-    )
-    processor = AutoProcessor.from_pretrained(str(a.model_dir), padding_side="left")
-    processor.image_processor.size = {"shortest_edge": size, "longest_edge": size}  # = ours' min/max pixels
-    lora = _lora(a.lora_r)
-    peft_config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
-                             target_modules=lora.target_modules, bias="none")  # fmt: skip
+    model, processor = harness.trl_model(a.model_dir, a.size)
     config = DPOConfig(
         output_dir=tempfile.mkdtemp(prefix="trl_dpo_bench_"),
         per_device_train_batch_size=a.dpo_batch,
-        gradient_accumulation_steps=1,
         beta=a.beta,
         loss_type=["sigmoid"],
         max_length=None,  # ours never truncates
         precompute_ref_log_probs=False,  # TRL refuses it for vision data
         learning_rate=a.dpo_lr,
-        lr_scheduler_type="constant",
-        warmup_steps=0,
-        weight_decay=0.0,
-        optim="adamw_torch",
         max_grad_norm=0.0,  # Lightning's default: no clipping
         max_steps=max_steps,
-        gradient_checkpointing=False,  # TRL's default is True; ours runs without
-        bf16=False,  # TRL's default is True; ours runs float32
-        fp16=False,
-        use_cpu=True,
         seed=a.seed,
         train_sampling_strategy="sequential",  # = ours' shuffle=False: the same pairs in the same batches
-        dataloader_num_workers=0,
-        report_to="none",
-        logging_steps=10**6,
-        save_strategy="no",
-        disable_tqdm=True,
+        **harness.TRL_CPU_ARGS,
     )
     return DPOTrainer(model=model, args=config, train_dataset=Dataset.from_list(rows), processing_class=processor,
-                      peft_config=peft_config, callbacks=callbacks)  # fmt: skip
+                      peft_config=harness.trl_lora(a.lora_r), callbacks=callbacks)  # fmt: skip
 
 
 def run_dpo_trl(a: argparse.Namespace) -> dict[str, Any]:
     """TRL's DPOTrainer on the same pairs, frames given as stills; warmup + steps."""
-    gs._setup_process(a.threads, a.omp_wait_policy)
+    harness.setup_process(a.threads, a.omp_wait_policy)
     import torch
     from transformers import AutoProcessor, TrainerCallback
 
@@ -452,8 +423,8 @@ def run_dpo_trl(a: argparse.Namespace) -> dict[str, Any]:
     pairs, _ = read_pairs(a.pairs)
     processor = AutoProcessor.from_pretrained(str(a.model_dir))
     rows = [_trl_row(processor, p, _frames_for(p, a.num_frames, a.size, a.trl_frames)) for p in pairs]
-    counter = gs.VisionCounter()
-    timings = gs.Timings(counter)
+    counter = harness.VisionCounter()
+    timings = harness.Timings(counter)
     model_calls = CallCounter()
 
     class StepTimer(TrainerCallback):
@@ -476,20 +447,15 @@ def run_dpo_trl(a: argparse.Namespace) -> dict[str, Any]:
     base = trainer.model.get_base_model()
     counter.attach(base.model.visual)
     model_calls.attach(base)
-    lengths: list[int] = []
-
-    def record_length(module: Any, args: tuple, kwargs: dict) -> None:
-        if kwargs.get("labels") is not None and kwargs.get("input_ids") is not None:
-            lengths.append(int(kwargs["input_ids"].shape[1]))
-
-    base.register_forward_pre_hook(record_length, with_kwargs=True)
+    scored = harness.ScoredLength()
+    scored.attach(base)
     trainer.train()
     shutil.rmtree(trainer.args.output_dir, ignore_errors=True)  # save_strategy="no": nothing in it to keep
-    out = gs._summary(
+    out = harness.summary(
         timings,
         a.warmup,
         {
-            "scored_sequence_tokens_padded": lengths[-1] if lengths else None,
+            "scored_sequence_tokens_padded": scored.last,
             "mean_completion_tokens": None,
             "vision_input": (f"{len(rows[0]['images'])} images of {a.size}x{a.size} per pair "
                              f"({'every other frame of' if a.trl_frames == 'matched' else 'all'} {a.num_frames} frames)"),
@@ -502,7 +468,7 @@ def run_dpo_trl(a: argparse.Namespace) -> dict[str, Any]:
 
 def run_agree(a: argparse.Namespace) -> dict[str, Any]:
     """Ours vs TRL on one batch with identical inputs and weights: loss, log-probs and rewards must agree."""
-    gs._setup_process(a.threads, a.omp_wait_policy)
+    harness.setup_process(a.threads, a.omp_wait_policy)
     import dataclasses
 
     import torch
@@ -624,16 +590,9 @@ def _run_worker(a: argparse.Namespace, name: str, tmp: Path, tag: str, **fields:
     config.update({k: (str(v) if isinstance(v, Path) else v) for k, v in fields.items()})
     config_path, out = tmp / f"{tag}.config.json", tmp / f"{tag}.json"
     config_path.write_text(json.dumps(config))
-    t0 = time.time()
     cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", name, "--worker-config", str(config_path),
            "--worker-out", str(out)]  # fmt: skip
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    if proc.returncode != 0:
-        sys.stderr.write(proc.stdout[-4000:] + proc.stderr[-8000:])
-        raise SystemExit(f"worker {tag} failed (exit {proc.returncode})")
-    result = json.loads(out.read_text())
-    result["process_wall_s"] = time.time() - t0
-    return result
+    return harness.run_worker(cmd, out, f"worker {tag}")
 
 
 def _load_worker_config(path: Path, name: str) -> argparse.Namespace:
@@ -671,10 +630,6 @@ def _fresh_copy(pairs: Path, tmp: Path, tag: str) -> Path:
     return target
 
 
-def _load(runs: list[dict[str, Any]]) -> float:
-    return statistics.mean(x for r in runs for x in r["loadavg_1min_at_step_start"])
-
-
 def _pool_stage(runs: list[dict[str, Any]]) -> dict[str, Any]:
     step = [x for r in runs for x in r["step_s"]]
     return {
@@ -691,7 +646,7 @@ def _pool_stage(runs: list[dict[str, Any]]) -> dict[str, Any]:
         "peak_rss_mib": max(r["peak_rss_mib"] for r in runs),
         "vision_calls_per_step": runs[0]["vision_calls_per_step"],
         "vision_patches_per_step": runs[0]["vision_patches_per_step"],
-        "loadavg": _load(runs),
+        "loadavg": harness.mean_load(runs),
         "precompute_s": statistics.median(r.get("precompute_s", 0.0) for r in runs),
         "detail": runs,
     }
@@ -723,7 +678,7 @@ def part_a(a: argparse.Namespace, tmp: Path, model_dir: Path, data_dir: Path) ->
             runs[stage].append(m)
             print(f"[part A, run {rep + 1}/{a.repeats}] {stage:14s}: fit loop {m['loop_s']:.1f}s, {m['prompts']} prompts "
                   f"in {m['steps']} steps, {m['loop_per_prompt_s'] * 1000:.0f} ms/prompt, peak RSS {m['peak_rss_mib']:.0f} MiB, "
-                  f"load {_load([m]):.1f} ({m['process_wall_s']:.0f}s)", flush=True)  # fmt: skip
+                  f"load {harness.mean_load([m]):.1f} ({m['process_wall_s']:.0f}s)", flush=True)  # fmt: skip
     pooled = {k: _pool_stage(v) for k, v in runs.items()}
     g = pooled["grpo"]
     ratios = {}
@@ -741,7 +696,7 @@ def part_a(a: argparse.Namespace, tmp: Path, model_dir: Path, data_dir: Path) ->
 
 
 def _pool_dpo(runs: list[dict[str, Any]]) -> dict[str, Any]:
-    pooled = gs._pool(runs)
+    pooled = harness.pool(runs)
     pooled["precompute_s"] = statistics.median(r.get("precompute_s", 0.0) for r in runs)
     pooled["precompute_per_pair_s"] = statistics.median(r.get("precompute_per_pair_s", 0.0) for r in runs)
     pooled["model_forward_calls_per_step"] = runs[0]["model_forward_calls_per_step"][-1]
@@ -760,7 +715,7 @@ def part_b(a: argparse.Namespace, tmp: Path, model_dir: Path, pairs: Path) -> li
                                 num_frames=f, epochs=0, merge_adapter=None)  # fmt: skip
                 runs[impl].append(m)
                 print(f"[part B, {f:>2} frames, run {rep + 1}/{a.repeats}] {impl:15s}: step median {m['step_median_s']:.3f}s "
-                      f"peak RSS {m['peak_rss_mib']:.0f} MiB  load {_load([m]):.1f}  ({m['process_wall_s']:.0f}s)", flush=True)  # fmt: skip
+                      f"peak RSS {m['peak_rss_mib']:.0f} MiB  load {harness.mean_load([m]):.1f}  ({m['process_wall_s']:.0f}s)", flush=True)  # fmt: skip
         row: dict[str, Any] = {"frames": f, **{impl: _pool_dpo(runs[impl]) for impl in DPO_IMPLS}}
         o, p, t = row["ours"], row["ours_precompute"], row["trl"]
         row["ratios"] = {
@@ -811,7 +766,7 @@ def table_b(results: list[dict[str, Any]]) -> str:
         for impl in DPO_IMPLS:
             m = r[impl]
             lines.append(f"| {r['frames']} | {impl} | {m['step_median_s'] * 1e3:.0f} | {m['step_min_s'] * 1e3:.0f} "
-                         f"| {m['cpu_median_s'] * 1e3:.0f} | {gs._fmt(m['iter_median_s'] and m['iter_median_s'] * 1e3, '.0f')} "
+                         f"| {m['cpu_median_s'] * 1e3:.0f} | {harness.fmt(m['iter_median_s'] and m['iter_median_s'] * 1e3, '.0f')} "
                          f"| {m['model_forward_calls_per_step']} "
                          f"| {m['vision_calls_per_step']} | {m['vision_patches_per_step']} | {m['scored_sequence_tokens_padded']} "
                          f"| {m['precompute_s']:.2f} | {m['peak_rss_mib']:.0f} | {m['peak_minus_before_train_mib']:.0f} "
@@ -841,9 +796,7 @@ def table_agree(res: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter
-    )
+    p = harness.parser(__doc__)
     p.add_argument(
         "--quick", action="store_true", help="1 run, fewer steps, DPO frames 4 only (a smoke test)"
     )
@@ -876,13 +829,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warmup", type=int, default=None, help="part B untimed steps (default 2; quick 1)")
     p.add_argument("--steps", type=int, default=None, help="part B timed steps per run (default 6; quick 3)")
     p.add_argument("--size", type=int, default=112, help="frame side in pixels (multiple of 28)")
-    p.add_argument("--trl-frames", choices=("matched", "all"), default="matched",
-                   help="matched: TRL gets F/2 stills (= our F-frame video's patches/tokens); all: F stills")  # fmt: skip
-    p.add_argument("--threads", type=int, default=2, help="torch threads per run")
-    p.add_argument("--omp-wait-policy", choices=("PASSIVE", "ACTIVE", "inherit"), default="PASSIVE")
+    harness.add_worker_arguments(p)
     p.add_argument("--agree-atol", type=float, default=1e-4)
     p.add_argument("--agree-rtol", type=float, default=1e-4)
-    p.add_argument("--seed", type=int, default=0)
     p.add_argument(
         "--workdir", type=Path, default=None, help="keep the model, clips and warm start here (reused)"
     )
@@ -902,24 +851,18 @@ def main(argv: list[str] | None = None) -> int:
     a.grpo_steps = a.grpo_steps if a.grpo_steps is not None else (4 if a.quick else 8)
     a.warmup = a.warmup if a.warmup is not None else (1 if a.quick else 2)
     a.steps = a.steps if a.steps is not None else (3 if a.quick else 6)
-    if a.size % 28:
-        p.error("--size must be a multiple of 28 (Qwen2.5-VL patch 14 x merge 2)")
-    if any(f < 2 or f % 2 or (a.trl_frames == "matched" and f % 4 and f != 2) for f in a.frames):
-        p.error("--frames must be even (and multiples of 4 with --trl-frames matched, except 2)")
-    load = os.getloadavg()[0]
-    if load > (os.cpu_count() or 1):
-        print(f"warning: 1-min load average {load:.1f} > {os.cpu_count()} CPUs: timings measure the load too "
-              f"(compare with --threads 1)", file=sys.stderr)  # fmt: skip
+    harness.check_frames(p, a.size, a.frames, a.trl_frames)
+    load = harness.warn_if_loaded()
     started = time.time()
     report: dict[str, Any] = {
         "benchmark": "stage_speed",
-        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        "command": harness.command(),
     }
     with tempfile.TemporaryDirectory(prefix="stage_speed_bench_") as tmp_name:
         tmp = Path(tmp_name)
         work = a.workdir or tmp
         max_frames = max([32, a.grpo_frames, *a.frames])
-        base_dir, data_dir = gs.prepare(
+        base_dir, data_dir = harness.prepare(
             work, max_frames, max(32, a.grpo_steps * a.grpo_prompts), a.size, a.seed
         )
         steps = f"-{a.sft_steps}steps-lr{a.sft_lr:g}" if a.warm_start == "full" else ""
@@ -955,14 +898,16 @@ def main(argv: list[str] | None = None) -> int:
     settings.update(loadavg_1min_at_start=load, loss_type="sigmoid", dtype="float32", gradient_checkpointing=False,
                     lora="LoRA on the LM projections (alpha = 2r), vision tower frozen", quick=a.quick)  # fmt: skip
     report.update(
-        settings=settings, versions=gs._versions(), machine=gs._machine(), total_wall_s=time.time() - started
+        settings=settings,
+        versions=harness.versions(),
+        machine=harness.machine(),
+        total_wall_s=time.time() - started,
     )
     if "part_a" in report:
         print("\nPart A: GRPO stage vs DPO stage (ours)\n" + table_a(report["part_a"], a))
     if "part_b" in report:
         print("\nPart B: DPO step, ours vs TRL DPOTrainer\n" + table_b(report["part_b"]))
-    a.out.parent.mkdir(parents=True, exist_ok=True)
-    a.out.write_text(json.dumps(report, indent=1, default=str))
+    harness.write_json(a.out, report)
     print(f"\nwrote {a.out}  (total {report['total_wall_s']:.0f}s)")
     return 0
 
