@@ -1,4 +1,4 @@
-"""Qwen2.5-VL, Qwen2-VL and Qwen3-VL through the library's real path: build the tiny model of each, load it
+"""Qwen2.5-VL, Qwen2-VL, Qwen3-VL and Qwen3.5 (dense and MoE) through the library's real path: build the tiny model of each, load it
 back through the Auto classes, and check rollouts, log-probs, the shared vision encoding, the reference policy
 and GRPO training on each architecture.
 
@@ -34,6 +34,8 @@ EXPECTED = {
     "qwen2_5_vl": ("Qwen2_5_VLForConditionalGeneration", "Qwen2_5_VLProcessor", "Qwen2VLVideoProcessor"),
     "qwen2_vl": ("Qwen2VLForConditionalGeneration", "Qwen2VLProcessor", "Qwen2VLVideoProcessor"),
     "qwen3_vl": ("Qwen3VLForConditionalGeneration", "Qwen3VLProcessor", "Qwen3VLVideoProcessor"),
+    "qwen3_5": ("Qwen3_5ForConditionalGeneration", "Qwen3VLProcessor", "Qwen3VLVideoProcessor"),
+    "qwen3_5_moe": ("Qwen3_5MoeForConditionalGeneration", "Qwen3VLProcessor", "Qwen3VLVideoProcessor"),
 }
 LORA = LoRAConfig(r=4, alpha=8)
 G = 4
@@ -60,12 +62,16 @@ def _sampling(backbone: VideoLLM) -> FrameSampling:
     return FrameSampling(num_frames=4, min_pixels=side * side, max_pixels=side * side)
 
 
+def _arch_batch(backbone: VideoLLM, synthetic_dir: Path) -> dict[str, Any]:
+    sampling = _sampling(backbone)
+    dataset = VideoQADataset(synthetic_dir / "train.json", sampling=sampling)
+    return VideoQACollator(backbone.processor, sampling)([dataset[0], dataset[1]])
+
+
 @pytest.fixture
 def arch_batch(arch_backbone: VideoLLM, synthetic_dir: Path) -> dict[str, Any]:
     """A colour and a direction question collated by the architecture's own processor."""
-    sampling = _sampling(arch_backbone)
-    dataset = VideoQADataset(synthetic_dir / "train.json", sampling=sampling)
-    return VideoQACollator(arch_backbone.processor, sampling)([dataset[0], dataset[1]])
+    return _arch_batch(arch_backbone, synthetic_dir)
 
 
 def _sample(backbone: VideoLLM, batch: dict, num_samples: int = G, max_new_tokens: int = 8) -> Completions:
@@ -266,7 +272,7 @@ def test_the_merger_lora_preset_adapts_the_language_model_and_the_merger_and_no_
     backbone = VideoLLM(str(arch_model[1]), lora=lora, freeze_vision=False).load()
     adapted = {n.removesuffix(".lora_A") for n, _ in backbone.model.named_modules() if n.endswith(".lora_A")}
     vision = {n for n in adapted if ".visual." in n}
-    merger = {"qwen3_vl": ("linear_fc1", "linear_fc2")}.get(arch_model[0], ("mlp.0", "mlp.2"))
+    merger = ("linear_fc1", "linear_fc2") if arch_model[0].startswith("qwen3") else ("mlp.0", "mlp.2")
     assert {n.split(".visual.")[1] for n in vision} == {f"merger.{m}" for m in merger}
     plain = {
         n.removesuffix(".lora_A")
@@ -282,3 +288,32 @@ def test_the_merger_lora_preset_adapts_the_language_model_and_the_merger_and_no_
     assert len(grads) == 2 and all(g is not None and g.abs().sum() > 0 for g in grads)
     with pytest.raises(ValueError, match="set freeze_vision=false"):
         VideoLLM(str(arch_model[1]), lora=lora)  # the tower frozen: the merger's adapter would never learn
+
+
+# ---------------------------------------------------------------------- Qwen3.5: LoRA on the linear-attention layers
+
+
+@pytest.mark.parametrize("arch", ["qwen3_5", "qwen3_5_moe"])
+def test_qwen3_5_lora_presets_reach_attention_linear_attention_mlp_and_merger_and_no_vision_block(
+    arch: str, tmp_path: Path, synthetic_dir: Path
+) -> None:
+    lora = LoRAConfig(r=4, alpha=8, target_modules="language_model+merger")
+    backbone = VideoLLM(str(make_tiny_model(tmp_path, arch=arch)), lora=lora, freeze_vision=False).load()
+    perturb_lora(backbone)  # lora_B non-zero, so every lora_A gets a gradient too
+    batch = _arch_batch(backbone, synthetic_dir)
+    completions = _sample(backbone, batch, num_samples=1)
+    per_token = backbone.sequence_logprobs(batch, completions.ids, completions.mask)
+    (per_token * completions.mask).sum().backward()
+    grads = {n.split(".lora_A")[0]: p.grad for n, p in backbone.model.named_parameters() if ".lora_A." in n}
+
+    mlp = ("mlp.shared_expert.gate_proj", "mlp.shared_expert.up_proj", "mlp.shared_expert.down_proj")
+    if arch == "qwen3_5":
+        mlp = ("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+    linear = ("in_proj_qkv", "in_proj_z", "in_proj_a", "in_proj_b", "out_proj")
+    expected = {f"language_model.layers.0.linear_attn.{m}" for m in linear}
+    expected |= {f"language_model.layers.1.self_attn.{m}_proj" for m in "qkvo"}
+    expected |= {f"language_model.layers.{i}.{m}" for i in (0, 1) for m in mlp}
+    expected |= {"visual.merger.linear_fc1", "visual.merger.linear_fc2"}
+    assert {n.split(".model.model.", 1)[1] for n in grads} == expected  # no vision block, no other layer
+    for name, grad in grads.items():
+        assert grad is not None and grad.abs().sum() > 0, f"no gradient reaches {name}"
