@@ -36,6 +36,7 @@ def test_iterate_runs_sft_grpo_verifier_and_dpo_on_a_tiny_qwen3_5(tmp_path: Path
     ]  # fmt: skip
     run = subprocess.run(args, cwd=tmp_path, capture_output=True, text=True, timeout=1200)
 
+    print(run.stdout)  # the loop's summary table, with `pytest -s`
     assert run.returncode == 0, run.stderr[-4000:]
     assert "one prefill per rollout row" not in run.stderr  # the shared prefill ran on the hybrid cache
     config = json.loads((tmp_path / "work/demo/tiny-model/config.json").read_text())
