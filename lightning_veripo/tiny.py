@@ -205,7 +205,10 @@ def _qwen3_5_text(arch: str, hidden_size: int, num_layers: int) -> dict[str, Any
     """Qwen3.5's decoder settings: Gated-DeltaNet linear-attention layers with one full-attention layer in
     every `full_attention_interval` (the last of each group, as in the real checkpoints, so a 2-layer decoder
     has one of each), rotary positions on a quarter of each head (`partial_rotary_factor` 0.25) split into
-    interleaved (time, height, width) sections; the MoE variant replaces each MLP by 4 experts, 2 per token,
+    interleaved (time, height, width) sections. Its rope_theta is 10,000, not the checkpoints' 10,000,000: on a
+    4-frequency quarter that base leaves one frequency turning within a short prompt, and a tiny model that cannot
+    tell positions apart loops ("so the answer is red, so the answer is red, ...") after a warm start that teaches
+    the others the format. The MoE variant replaces each MLP by 4 experts, 2 per token,
     and a shared expert."""
     head_dim = 32  # the rotary quarter then has 4 frequencies for the 3 M-RoPE sections
     settings: dict[str, Any] = dict(
@@ -218,7 +221,7 @@ def _qwen3_5_text(arch: str, hidden_size: int, num_layers: int) -> dict[str, Any
         linear_value_head_dim=16,
         linear_num_key_heads=2,
         linear_num_value_heads=4,
-        rope_parameters={"rope_type": "default", "rope_theta": 10000000.0, "partial_rotary_factor": 0.25,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.25,
                          "mrope_interleaved": True, "mrope_section": [2, 1, 1]},
     )  # fmt: skip
     if arch == "qwen3_5_moe":
