@@ -23,11 +23,15 @@ from transformers import AutoModelForImageTextToText, AutoProcessor
 from lightning_veripo.backbone import VideoLLM
 from lightning_veripo.batching import select_vision_items
 from lightning_veripo.completions import FORBIDDEN_GENERATION_TOKENS, Completions
+from lightning_veripo.data.preference import PreferenceCollator, PreferenceDataModule, PreferenceDataset
 from lightning_veripo.data.videoqa import FrameSampling, VideoQACollator, VideoQADataModule, VideoQADataset
+from lightning_veripo.dpo import DPOModule
 from lightning_veripo.grpo import GRPOModule
 from lightning_veripo.lora import LoRAConfig
+from lightning_veripo.records import VideoQARecord
 from lightning_veripo.rewards import RewardSet
 from lightning_veripo.tiny import ARCHS, make_tiny_model
+from lightning_veripo.verifier.pairs import PreferencePair
 
 # arch -> (model class, processor class, video processor class) that the Auto classes must give back
 EXPECTED = {
@@ -317,3 +321,42 @@ def test_qwen3_5_lora_presets_reach_attention_linear_attention_mlp_and_merger_an
     assert {n.split(".model.model.", 1)[1] for n in grads} == expected  # no vision block, no other layer
     for name, grad in grads.items():
         assert grad is not None and grad.abs().sum() > 0, f"no gradient reaches {name}"
+
+
+# ---------------------------------------------------------------------- Qwen3.5: a DPO fit (the loop test's pairs vary)
+
+
+def test_qwen3_5_dpo_fit_moves_the_policy_and_not_the_reference(tmp_path: Path, synthetic_dir: Path) -> None:
+    backbone = VideoLLM(str(make_tiny_model(tmp_path / "model", arch="qwen3_5")), lora=LORA)
+    module = DPOModule(backbone, lr=1e-2)
+    module.configure_model()
+    sampling = _sampling(module.backbone)
+    raws = json.loads((synthetic_dir / "train.json").read_text())
+    completions = [("<think>red</think><answer>A</answer>", "<answer>C</answer>"),
+                   ("<think>it goes left</think><answer>A</answer>", "<think>up</think><answer>C")]  # fmt: skip
+    lines = []
+    for raw, (chosen, rejected) in zip(raws, completions, strict=False):
+        record = VideoQARecord.from_dict(dict(raw, path=str(synthetic_dir / raw["path"])))
+        pair = PreferencePair(record.problem_id, record, "", record.path, {}, chosen, rejected, 1, 0, 1, 1,
+                              "consistency:wrong_answer")  # fmt: skip
+        lines.append(json.dumps(pair.to_dict()))
+    (tmp_path / "pairs.jsonl").write_text("\n".join(lines) + "\n")
+    data = PreferenceDataModule(str(tmp_path / "pairs.jsonl"), sampling=sampling, batch_size=2)
+    batch = PreferenceCollator(module.backbone.processor, sampling)(
+        [PreferenceDataset(str(tmp_path / "pairs.jsonl"), sampling=sampling)[i] for i in (0, 1)]
+    )
+
+    def logps() -> tuple[torch.Tensor, torch.Tensor]:
+        with torch.no_grad():
+            out = module.dpo_step(batch)
+        return out.policy.stacked(), out.reference.stacked()
+
+    before = logps()
+    trainer = L.Trainer(max_steps=3, accelerator="cpu", logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path)  # fmt: skip
+    trainer.fit(module, data)
+    after = logps()
+
+    assert trainer.global_step == 3
+    assert (after[0] - before[0]).abs().max() > 1e-2
+    torch.testing.assert_close(after[1], before[1], atol=1e-6, rtol=0)
