@@ -55,7 +55,7 @@ def test_iterate_runs_sft_grpo_verifier_and_dpo_on_a_tiny_qwen3_5(tmp_path: Path
         assert (work / "iter_1/dpo/adapter/adapter_config.json").is_file()
     else:
         assert dpo["skipped"] and any(
-            "iter_1/dpo" in x and "skipped" in x for x in run.stdout.splitlines()
+            "iter_1/dpo" in x and "skipped" in x for x in run.stderr.splitlines()
         ), dpo
     rows = [json.loads(x) for x in (work / "metrics.jsonl").read_text().splitlines()]
     assert [r["stage"] for r in rows] == ["sft", "iter_1/grpo", "iter_1/dpo"][: len(rows)] and len(rows) >= 2
