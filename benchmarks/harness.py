@@ -287,18 +287,26 @@ def run_worker(cmd: list[str], out: Path, what: str) -> dict[str, Any]:
 
 
 def prepare(
-    work: Path, max_frames: int, n_records: int, size: int, seed: int, real_vocab: bool = False
+    work: Path,
+    max_frames: int,
+    n_records: int,
+    size: int,
+    seed: int,
+    real_vocab: bool = False,
+    arch: str = "qwen2_5_vl",
 ) -> tuple[Path, Path]:
-    """The tiny random Qwen2.5-VL and synthetic clips in `work` (reused when there); `real_vocab` pads the
-    embedding and LM head to Qwen2.5-VL's rows."""
+    """The tiny random Video-LLM of `arch` (Qwen2.5-VL by default) and synthetic clips in `work` (reused when
+    there); `real_vocab` pads the embedding and LM head to Qwen2.5-VL's rows."""
     from lightning_veripo.data.synthetic import make_synthetic_data
     from lightning_veripo.tiny import make_tiny_model
 
     vocab = QWEN25_VL_VOCAB if real_vocab else None
     model_dir = work / ("tiny-model-vocab151936" if real_vocab else "tiny-model")
+    if arch != "qwen2_5_vl":
+        model_dir = model_dir.with_name(f"{model_dir.name}-{arch}")
     data_dir = work / f"data-{size}px-{max_frames}f-{n_records}"
     if not (model_dir / "config.json").exists():
-        make_tiny_model(model_dir, seed=seed, model_vocab_size=vocab)
+        make_tiny_model(model_dir, seed=seed, model_vocab_size=vocab, arch=arch)
     if not (data_dir / "train.json").exists():
         make_synthetic_data(data_dir, num_train=n_records, num_val=1, seed=seed,
                             tasks=("colour", "direction", "count"), size=size, num_frames=max_frames)  # fmt: skip

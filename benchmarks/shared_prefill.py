@@ -32,6 +32,7 @@ def main() -> None:
     p.add_argument("--size", type=int, default=112, help="frame side in pixels (multiple of 28)")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--arch", default="qwen2_5_vl", help="make_tiny_model's arch (qwen3_5: use --size 128)")
     a = p.parse_args()
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads OpenMP
     os.environ["OMP_NUM_THREADS"] = str(a.threads)
@@ -44,7 +45,7 @@ def main() -> None:
     torch.set_num_threads(a.threads)
 
     with tempfile.TemporaryDirectory(prefix="shared_prefill_") as tmp:
-        model_dir, data_dir = prepare(Path(tmp), max(a.frames), a.prompts, a.size, seed=0)
+        model_dir, data_dir = prepare(Path(tmp), max(a.frames), a.prompts, a.size, seed=0, arch=a.arch)
         backbone = VideoLLM(str(model_dir), lora=LoRAConfig(r=8, alpha=16)).load()
         print(
             "| frames | prompt tokens | pass | per-row wall / CPU (s) | shared wall / CPU (s) | per-row / shared (CPU) |"

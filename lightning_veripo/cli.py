@@ -3,7 +3,7 @@
 veripo --help                                   # every command, one line each
 veripo fit --config configs/demo_grpo.yaml      # any LightningModule of this package, any YAML
 veripo iterate --config configs/demo.yaml       # the VerIPO loop: GRPO -> verifier -> DPO, repeated
-veripo make-tiny-model DIR [--seed 0] [--arch qwen2_5_vl|qwen2_vl|qwen3_vl]   # tiny random Qwen-VL
+veripo make-tiny-model DIR [--seed 0] [--arch qwen2_5_vl|qwen2_vl|qwen3_vl|qwen3_5|qwen3_5_moe]   # tiny random Qwen-VL
 veripo make-synthetic-data DIR --num_train N --num_val M [--seed 0]           # --num-train etc. work too
 veripo verify ROLLOUTS_JSONL OUT_DIR [--judge ...]   # the verifier alone, on saved rollouts
 veripo evaluate --policy.base_model M --benchmark.name vsibench --benchmark.path F   # a video benchmark

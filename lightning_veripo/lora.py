@@ -7,7 +7,14 @@ from dataclasses import dataclass
 
 from torch import nn
 
-_LANGUAGE_MODEL = r"language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
+# The language model's projections: attention and MLP (every Qwen-VL), and Qwen3.5's Gated-DeltaNet linear-attention
+# layers' input projections (query/key/value, output gate z, the decay a and step size b) and output projection.
+# Qwen3.5-MoE's routed experts are fused 3-D weights, not Linear layers: there the MLP preset reaches its shared
+# expert only.
+_LINEAR_ATTENTION = r"in_proj_qkv|in_proj_z|in_proj_a|in_proj_b|out_proj"
+_LANGUAGE_MODEL = (
+    rf"language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj|{_LINEAR_ATTENTION})"
+)
 # The vision merger's two linear layers (the projection of the video into the language model): Qwen2-VL and
 # Qwen2.5-VL name them `visual.merger.mlp.0/2`, Qwen3-VL `visual.merger.linear_fc1/2`.
 _MERGER = r"visual\.merger\.(mlp\.[02]|linear_fc[12])"

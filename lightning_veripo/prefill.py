@@ -16,6 +16,11 @@ What makes the continuation exact:
   and `generate` runs that last token on the N*G rows, then decodes as usual.
 - Padding. Prompts are left-padded to one length; the attention mask (repeated) carries the padding into every
   later step exactly as in the per-row path.
+- Hybrid caches. Qwen3.5's Gated-DeltaNet linear-attention layers cache no keys and values but a fixed-size state
+  per row: the last K inputs of their causal convolution (`conv_states` [N, conv_dim, K]) and the recurrent
+  state (`recurrent_states` [N, heads, d_k, d_v]). Both summarise the whole prompt, so they repeat to the rows
+  like the full-attention layers' keys and values (`repeat_cache_rows`); transformers' own
+  `batch_repeat_interleave` has no case for them.
 
 Scoring the completions (old-policy, reference and loss passes) repeats the same waste, each row running the
 whole prompt again: `completion_hidden_states` runs each prompt once (with gradient in the loss pass) and only
@@ -29,6 +34,47 @@ from typing import Any
 
 import torch
 from torch import nn
+from transformers import DynamicCache
+from transformers.cache_utils import Cache, DummyLayer, DynamicLayer, LinearAttentionCacheLayerMixin
+
+
+def cache_repeat_blocker(cache: Cache) -> str | None:
+    """Why `repeat_cache_rows` cannot repeat `cache` (None when every layer is a key/value layer, a
+    linear-attention layer, both in one, or an empty placeholder)."""
+    for index, layer in enumerate(cache.layers):
+        if not isinstance(layer, (DynamicLayer, LinearAttentionCacheLayerMixin, DummyLayer)):
+            return (
+                f"its cache layer {index} is a {type(layer).__name__}, which the library cannot repeat to the "
+                "rows (it repeats key/value and linear-attention layers)"
+            )
+    return None
+
+
+def repeat_cache_rows(cache: DynamicCache, repeats: int) -> None:
+    """Repeat every layer of `cache` `repeats` times along the batch, prompt-major ([N, ...] -> [N*G, ...]).
+
+    Key/value layers repeat their keys and values (transformers' `batch_repeat_interleave`); linear-attention
+    layers their conv and recurrent states. The repeat is differentiable. The next forward reads the repeated
+    recurrent state as its initial state (saved for its backward), and transformers then copies the new state
+    into the buffer it read: marked uninitialised, the layer allocates a buffer of its own for that copy
+    instead, so the gradient through the repeated state stays valid. (The conv state is only concatenated
+    with the new inputs before its in-place update, which needs no saved value.)
+    """
+    for layer in cache.layers:
+        if isinstance(layer, LinearAttentionCacheLayerMixin):
+            for i, state in layer.conv_states.items():
+                if state is not None:
+                    layer.conv_states[i] = state.repeat_interleave(
+                        repeats, 0
+                    )  # [N, conv_dim, K] -> [N*G, ...]
+            for i, state in layer.recurrent_states.items():
+                if state is not None:
+                    layer.recurrent_states[i] = state.repeat_interleave(
+                        repeats, 0
+                    )  # [N, H, d_k, d_v] -> [N*G, ...]
+                    layer.is_recurrent_states_initialized[i] = False
+        if isinstance(layer, DynamicLayer):
+            layer.batch_repeat_interleave(repeats)
 
 
 def shared_prefill_blocker(model: nn.Module, num_prompt_tokens: int, synced_gpus: bool) -> str | None:
@@ -49,6 +95,9 @@ def shared_prefill_blocker(model: nn.Module, num_prompt_tokens: int, synced_gpus
         return f"{type(model).__name__} does not use a DynamicCache, which is what gets repeated to the rows"
     if "cache" not in inspect.signature(model.forward).parameters:
         return f"this transformers version's {type(model).__name__}.forward takes no `cache` argument"
+    unrepeatable = cache_repeat_blocker(DynamicCache(config=model.config.get_text_config(decoder=True)))
+    if unrepeatable is not None:
+        return f"{type(model).__name__}: {unrepeatable}"
     if num_prompt_tokens < 2:
         return "the prompts are a single token: generate needs one uncached prompt token after the prefill"
     return None
@@ -64,8 +113,6 @@ def prefill_prompts(model: nn.Module, prompts: dict[str, Any], num_samples: int)
     and the `cache` of all prompt tokens but the last, repeated to the rows: pass it to `model.generate` with the
     sampling settings. `model` is the transformers model (LoRA layers, if any, are inside it).
     """
-    from transformers import DynamicCache
-
     ids, mask = prompts["input_ids"], prompts["attention_mask"]  # [N, L]
     text_inputs = {k: v for k, v in prompts.items() if k not in ("input_ids", "mm_encoder_outputs")}
     # [4, N, L] with M-RoPE (text positions, then temporal / height / width), else [N, L]
@@ -79,7 +126,7 @@ def prefill_prompts(model: nn.Module, prompts: dict[str, Any], num_samples: int)
     if prompts.get("mm_encoder_outputs"):
         vision["mm_encoder_outputs"] = prompts["mm_encoder_outputs"]
     model(**head, **vision, cache=cache, use_cache=True, logits_to_keep=1)
-    cache.batch_repeat_interleave(num_samples)  # [N, heads, L-1, d] -> [N*G, heads, L-1, d] in every layer
+    repeat_cache_rows(cache, num_samples)  # [N, heads, L-1, d] -> [N*G, heads, L-1, d] in every layer
     inner = getattr(model, "model", None)
     deltas = getattr(inner, "rope_deltas", None)
     if isinstance(deltas, torch.Tensor) and deltas.shape[0] == ids.shape[0]:
@@ -111,8 +158,6 @@ def completion_hidden_states(
     gradient, the cache is repeated through autograd, so the G rows' gradients meet in the prompt's activations,
     as they do in the per-row pass. Not under activation checkpointing (transformers drops the cache there).
     """
-    from transformers import DynamicCache
-
     G = num_samples
     ids, mask = prompts["input_ids"], prompts["attention_mask"]  # [N, L]
     L = ids.shape[1]
@@ -123,7 +168,7 @@ def completion_hidden_states(
     mrope = hasattr(body, "rope_deltas") and "mm_token_type_ids" in extra and grid
     cache = DynamicCache(config=body.config.get_text_config(decoder=True))
     prompt_states = body(input_ids=ids, attention_mask=mask, cache=cache, use_cache=True, **extra)[0]
-    cache.batch_repeat_interleave(G)  # differentiable: [N, heads, L, d] -> [N*G, heads, L, d]
+    repeat_cache_rows(cache, G)  # differentiable: [N, heads, L, d] -> [N*G, heads, L, d]
     full_mask = torch.cat([mask.repeat_interleave(G, 0), completion_mask.to(mask.dtype)], 1)  # [N*G, L+T]
     positions = None  # the decoder's own: L, L+1, ... after the cached prompt
     if mrope:

@@ -2,7 +2,8 @@
 
 Tests and the embedded demo cannot download checkpoints, so they use this: the real model class
 (`Qwen2_5_VLForConditionalGeneration` by default; `Qwen2VLForConditionalGeneration` or
-`Qwen3VLForConditionalGeneration` with `arch`), the real processor classes, and a byte-level BPE tokenizer
+`Qwen3VLForConditionalGeneration`, `Qwen3_5ForConditionalGeneration` or
+`Qwen3_5MoeForConditionalGeneration` with `arch`), the real processor classes, and a byte-level BPE tokenizer
 trained in-process that carries the Qwen special tokens plus `<think>`/`</think>`/`<answer>`/`</answer>`. The
 result is saved with `save_pretrained` and loads back through the same Auto classes as a real checkpoint.
 A second builder makes a tiny random causal LM (Qwen2 architecture) with the same tokenizer, used as an
@@ -110,7 +111,7 @@ SIZES: dict[str, dict[str, int]] = {
     "tiny": {"hidden_size": 64, "num_layers": 2},
     "small": {"hidden_size": 128, "num_layers": 2},
 }
-Arch = Literal["qwen2_5_vl", "qwen2_vl", "qwen3_vl"]
+Arch = Literal["qwen2_5_vl", "qwen2_vl", "qwen3_vl", "qwen3_5", "qwen3_5_moe"]
 ARCHS: tuple[str, ...] = get_args(Arch)
 
 
@@ -163,6 +164,16 @@ def _vl_config(
             depth=vision_depth, embed_dim=32, mlp_ratio=2, num_heads=2, hidden_size=hidden_size,
             patch_size=14, spatial_merge_size=2, temporal_patch_size=2,
         )  # fmt: skip
+    elif arch in ("qwen3_5", "qwen3_5_moe"):
+        config_class = transformers.Qwen3_5Config if arch == "qwen3_5" else transformers.Qwen3_5MoeConfig
+        text.update(_qwen3_5_text(arch, hidden_size, num_layers))
+        if arch == "qwen3_5_moe":
+            text.pop("intermediate_size")  # its MLPs are the experts
+        vision = dict(
+            depth=vision_depth, hidden_size=32, intermediate_size=64, num_heads=2,
+            out_hidden_size=hidden_size,
+            patch_size=16, spatial_merge_size=2, temporal_patch_size=2, num_position_embeddings=64,
+        )  # fmt: skip
     elif arch == "qwen3_vl":
         config_class = transformers.Qwen3VLConfig
         half = head_dim // 2
@@ -186,28 +197,64 @@ def _vl_config(
         video_token_id=ids["<|video_pad|>"],
         vision_start_token_id=ids["<|vision_start|>"],
         vision_end_token_id=ids["<|vision_end|>"],
-        **({} if arch == "qwen3_vl" else special_ids),  # Qwen3-VL keeps them in text_config only
+        **({} if arch.startswith("qwen3") else special_ids),  # Qwen3-VL and 3.5 keep them in text_config only
     )
+
+
+def _qwen3_5_text(arch: str, hidden_size: int, num_layers: int) -> dict[str, Any]:
+    """Qwen3.5's decoder settings: Gated-DeltaNet linear-attention layers with one full-attention layer in
+    every `full_attention_interval` (the last of each group, as in the real checkpoints, so a 2-layer decoder
+    has one of each), rotary positions on a quarter of each head (`partial_rotary_factor` 0.25) split into
+    interleaved (time, height, width) sections. Its rope_theta is 10,000, not the checkpoints' 10,000,000: on a
+    4-frequency quarter that base leaves one frequency turning within a short prompt, and a tiny model that cannot
+    tell positions apart loops ("so the answer is red, so the answer is red, ...") after a warm start that teaches
+    the others the format. The MoE variant replaces each MLP by 4 experts, 2 per token,
+    and a shared expert."""
+    head_dim = 32  # the rotary quarter then has 4 frequencies for the 3 M-RoPE sections
+    settings: dict[str, Any] = dict(
+        head_dim=head_dim,
+        layer_types=[
+            "full_attention" if (i + 1) % min(4, num_layers) == 0 else "linear_attention" for i in range(num_layers)
+        ],
+        linear_conv_kernel_dim=4,
+        linear_key_head_dim=16,
+        linear_value_head_dim=16,
+        linear_num_key_heads=2,
+        linear_num_value_heads=4,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.25,
+                         "mrope_interleaved": True, "mrope_section": [2, 1, 1]},
+    )  # fmt: skip
+    if arch == "qwen3_5_moe":
+        settings.update(
+            num_experts=4,
+            num_experts_per_tok=2,
+            moe_intermediate_size=hidden_size,
+            shared_expert_intermediate_size=hidden_size,
+        )
+    return settings
 
 
 def _vl_processor(arch: str, tok: Any) -> Any:
     """The real processor classes of `arch`, sized for small frames: 4..16 merged-patch cells per frame."""
     import transformers
 
-    patch = 16 if arch == "qwen3_vl" else 14
+    qwen3 = arch.startswith("qwen3")  # Qwen3-VL and Qwen3.5 share Qwen3-VL's processor
+    patch = 16 if qwen3 else 14
     cell = 2 * patch  # one LLM token covers 2x2 patches
     pixels = {"shortest_edge": (2 * cell) ** 2, "longest_edge": (4 * cell) ** 2}
     # Qwen3-VL normalises with mean = std = 0.5 where Qwen2(.5)-VL use the CLIP statistics
-    norm = {"image_mean": [0.5] * 3, "image_std": [0.5] * 3} if arch == "qwen3_vl" else {}
+    norm = {"image_mean": [0.5] * 3, "image_std": [0.5] * 3} if qwen3 else {}
     image_processor = transformers.Qwen2VLImageProcessor(size=pixels, patch_size=patch, **norm)
     video_class = transformers.Qwen2VLVideoProcessor
-    if arch == "qwen3_vl":
+    if qwen3:
         video_class = transformers.Qwen3VLVideoProcessor
     video_processor = video_class(size=pixels, patch_size=patch, cap_pixels_per_frame=True)
     processor_class = {
         "qwen2_5_vl": transformers.Qwen2_5_VLProcessor,
         "qwen2_vl": transformers.Qwen2VLProcessor,
         "qwen3_vl": transformers.Qwen3VLProcessor,
+        "qwen3_5": transformers.Qwen3VLProcessor,
+        "qwen3_5_moe": transformers.Qwen3VLProcessor,
     }[arch]
     return processor_class(
         image_processor=image_processor,
@@ -237,7 +284,8 @@ def make_tiny_model(
     tokenizer's decode to nothing.
 
     `arch` picks the architecture: "qwen2_5_vl" (Qwen2.5-VL, the default), "qwen2_vl" (Qwen2-VL) or
-    "qwen3_vl" (Qwen3-VL, dense). Loadable with `AutoModelForImageTextToText.from_pretrained(out_dir)` and
+    "qwen3_vl" (Qwen3-VL, dense), "qwen3_5" (Qwen3.5: Gated-DeltaNet linear attention mixed with full
+    attention) or "qwen3_5_moe" (Qwen3.5's mixture-of-experts variant). Loadable with `AutoModelForImageTextToText.from_pretrained(out_dir)` and
     `AutoProcessor.from_pretrained(out_dir)`.
     """
     from transformers import AutoModelForImageTextToText

@@ -1,4 +1,4 @@
-"""Qwen2.5-VL, Qwen2-VL and Qwen3-VL through the library's real path: build the tiny model of each, load it
+"""Qwen2.5-VL, Qwen2-VL, Qwen3-VL and Qwen3.5 (dense and MoE) through the library's real path: build the tiny model of each, load it
 back through the Auto classes, and check rollouts, log-probs, the shared vision encoding, the reference policy
 and GRPO training on each architecture.
 
@@ -23,17 +23,23 @@ from transformers import AutoModelForImageTextToText, AutoProcessor
 from lightning_veripo.backbone import VideoLLM
 from lightning_veripo.batching import select_vision_items
 from lightning_veripo.completions import FORBIDDEN_GENERATION_TOKENS, Completions
+from lightning_veripo.data.preference import PreferenceCollator, PreferenceDataModule, PreferenceDataset
 from lightning_veripo.data.videoqa import FrameSampling, VideoQACollator, VideoQADataModule, VideoQADataset
+from lightning_veripo.dpo import DPOModule
 from lightning_veripo.grpo import GRPOModule
 from lightning_veripo.lora import LoRAConfig
+from lightning_veripo.records import VideoQARecord
 from lightning_veripo.rewards import RewardSet
 from lightning_veripo.tiny import ARCHS, make_tiny_model
+from lightning_veripo.verifier.pairs import PreferencePair
 
 # arch -> (model class, processor class, video processor class) that the Auto classes must give back
 EXPECTED = {
     "qwen2_5_vl": ("Qwen2_5_VLForConditionalGeneration", "Qwen2_5_VLProcessor", "Qwen2VLVideoProcessor"),
     "qwen2_vl": ("Qwen2VLForConditionalGeneration", "Qwen2VLProcessor", "Qwen2VLVideoProcessor"),
     "qwen3_vl": ("Qwen3VLForConditionalGeneration", "Qwen3VLProcessor", "Qwen3VLVideoProcessor"),
+    "qwen3_5": ("Qwen3_5ForConditionalGeneration", "Qwen3VLProcessor", "Qwen3VLVideoProcessor"),
+    "qwen3_5_moe": ("Qwen3_5MoeForConditionalGeneration", "Qwen3VLProcessor", "Qwen3VLVideoProcessor"),
 }
 LORA = LoRAConfig(r=4, alpha=8)
 G = 4
@@ -60,12 +66,16 @@ def _sampling(backbone: VideoLLM) -> FrameSampling:
     return FrameSampling(num_frames=4, min_pixels=side * side, max_pixels=side * side)
 
 
+def _arch_batch(backbone: VideoLLM, synthetic_dir: Path) -> dict[str, Any]:
+    sampling = _sampling(backbone)
+    dataset = VideoQADataset(synthetic_dir / "train.json", sampling=sampling)
+    return VideoQACollator(backbone.processor, sampling)([dataset[0], dataset[1]])
+
+
 @pytest.fixture
 def arch_batch(arch_backbone: VideoLLM, synthetic_dir: Path) -> dict[str, Any]:
     """A colour and a direction question collated by the architecture's own processor."""
-    sampling = _sampling(arch_backbone)
-    dataset = VideoQADataset(synthetic_dir / "train.json", sampling=sampling)
-    return VideoQACollator(arch_backbone.processor, sampling)([dataset[0], dataset[1]])
+    return _arch_batch(arch_backbone, synthetic_dir)
 
 
 def _sample(backbone: VideoLLM, batch: dict, num_samples: int = G, max_new_tokens: int = 8) -> Completions:
@@ -266,7 +276,7 @@ def test_the_merger_lora_preset_adapts_the_language_model_and_the_merger_and_no_
     backbone = VideoLLM(str(arch_model[1]), lora=lora, freeze_vision=False).load()
     adapted = {n.removesuffix(".lora_A") for n, _ in backbone.model.named_modules() if n.endswith(".lora_A")}
     vision = {n for n in adapted if ".visual." in n}
-    merger = {"qwen3_vl": ("linear_fc1", "linear_fc2")}.get(arch_model[0], ("mlp.0", "mlp.2"))
+    merger = ("linear_fc1", "linear_fc2") if arch_model[0].startswith("qwen3") else ("mlp.0", "mlp.2")
     assert {n.split(".visual.")[1] for n in vision} == {f"merger.{m}" for m in merger}
     plain = {
         n.removesuffix(".lora_A")
@@ -282,3 +292,71 @@ def test_the_merger_lora_preset_adapts_the_language_model_and_the_merger_and_no_
     assert len(grads) == 2 and all(g is not None and g.abs().sum() > 0 for g in grads)
     with pytest.raises(ValueError, match="set freeze_vision=false"):
         VideoLLM(str(arch_model[1]), lora=lora)  # the tower frozen: the merger's adapter would never learn
+
+
+# ---------------------------------------------------------------------- Qwen3.5: LoRA on the linear-attention layers
+
+
+@pytest.mark.parametrize("arch", ["qwen3_5", "qwen3_5_moe"])
+def test_qwen3_5_lora_presets_reach_attention_linear_attention_mlp_and_merger_and_no_vision_block(
+    arch: str, tmp_path: Path, synthetic_dir: Path
+) -> None:
+    lora = LoRAConfig(r=4, alpha=8, target_modules="language_model+merger")
+    backbone = VideoLLM(str(make_tiny_model(tmp_path, arch=arch)), lora=lora, freeze_vision=False).load()
+    perturb_lora(backbone)  # lora_B non-zero, so every lora_A gets a gradient too
+    batch = _arch_batch(backbone, synthetic_dir)
+    completions = _sample(backbone, batch, num_samples=1)
+    per_token = backbone.sequence_logprobs(batch, completions.ids, completions.mask)
+    (per_token * completions.mask).sum().backward()
+    grads = {n.split(".lora_A")[0]: p.grad for n, p in backbone.model.named_parameters() if ".lora_A." in n}
+
+    mlp = ("mlp.shared_expert.gate_proj", "mlp.shared_expert.up_proj", "mlp.shared_expert.down_proj")
+    if arch == "qwen3_5":
+        mlp = ("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+    linear = ("in_proj_qkv", "in_proj_z", "in_proj_a", "in_proj_b", "out_proj")
+    expected = {f"language_model.layers.0.linear_attn.{m}" for m in linear}
+    expected |= {f"language_model.layers.1.self_attn.{m}_proj" for m in "qkvo"}
+    expected |= {f"language_model.layers.{i}.{m}" for i in (0, 1) for m in mlp}
+    expected |= {"visual.merger.linear_fc1", "visual.merger.linear_fc2"}
+    assert {n.split(".model.model.", 1)[1] for n in grads} == expected  # no vision block, no other layer
+    for name, grad in grads.items():
+        assert grad is not None and grad.abs().sum() > 0, f"no gradient reaches {name}"
+
+
+# ---------------------------------------------------------------------- Qwen3.5: a DPO fit (the loop test's pairs vary)
+
+
+def test_qwen3_5_dpo_fit_moves_the_policy_and_not_the_reference(tmp_path: Path, synthetic_dir: Path) -> None:
+    backbone = VideoLLM(str(make_tiny_model(tmp_path / "model", arch="qwen3_5")), lora=LORA)
+    module = DPOModule(backbone, lr=1e-2)
+    module.configure_model()
+    sampling = _sampling(module.backbone)
+    raws = json.loads((synthetic_dir / "train.json").read_text())
+    completions = [("<think>red</think><answer>A</answer>", "<answer>C</answer>"),
+                   ("<think>it goes left</think><answer>A</answer>", "<think>up</think><answer>C")]  # fmt: skip
+    lines = []
+    for raw, (chosen, rejected) in zip(raws, completions, strict=False):
+        record = VideoQARecord.from_dict(dict(raw, path=str(synthetic_dir / raw["path"])))
+        pair = PreferencePair(record.problem_id, record, "", record.path, {}, chosen, rejected, 1, 0, 1, 1,
+                              "consistency:wrong_answer")  # fmt: skip
+        lines.append(json.dumps(pair.to_dict()))
+    (tmp_path / "pairs.jsonl").write_text("\n".join(lines) + "\n")
+    data = PreferenceDataModule(str(tmp_path / "pairs.jsonl"), sampling=sampling, batch_size=2)
+    batch = PreferenceCollator(module.backbone.processor, sampling)(
+        [PreferenceDataset(str(tmp_path / "pairs.jsonl"), sampling=sampling)[i] for i in (0, 1)]
+    )
+
+    def logps() -> tuple[torch.Tensor, torch.Tensor]:
+        with torch.no_grad():
+            out = module.dpo_step(batch)
+        return out.policy.stacked(), out.reference.stacked()
+
+    before = logps()
+    trainer = L.Trainer(max_steps=3, accelerator="cpu", logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path)  # fmt: skip
+    trainer.fit(module, data)
+    after = logps()
+
+    assert trainer.global_step == 3
+    assert (after[0] - before[0]).abs().max() > 1e-2
+    torch.testing.assert_close(after[1], before[1], atol=1e-6, rtol=0)

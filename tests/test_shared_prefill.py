@@ -1,6 +1,7 @@
 """One prefill per prompt (`VideoLLM(shared_prefill=True)`, `lightning_veripo.prefill`) gives exactly what one
-prefill per rollout row gives, on the three tiny architectures (Qwen2.5-VL, Qwen2-VL, Qwen3-VL and its deepstack
-features), with and without LoRA, on a batch of two left-padded prompts of different lengths:
+prefill per rollout row gives, on the tiny architectures (Qwen2.5-VL, Qwen2-VL, Qwen3-VL and its deepstack
+features, Qwen3.5 dense and MoE with their linear-attention layers' conv and recurrent states), with and without
+LoRA, on a batch of two left-padded prompts of different lengths:
 
 - sampling: the same next-token logits at every decoding step and the same tokens under the same seed (the
   logits are read where generation reads them: a hook on the LM head records its output at every forward);
@@ -17,10 +18,13 @@ from typing import Any
 import pytest
 import torch
 from helpers import perturb_lora
+from transformers import DynamicCache
+from transformers.cache_utils import LinearAttentionLayer, StaticLayer
 
 from lightning_veripo.backbone import VideoLLM
 from lightning_veripo.data.videoqa import FrameSampling, VideoQACollator, VideoQADataset
 from lightning_veripo.lora import LoRAConfig
+from lightning_veripo.prefill import cache_repeat_blocker, repeat_cache_rows
 from lightning_veripo.tiny import ARCHS, make_tiny_model
 
 G = 3
@@ -220,3 +224,74 @@ def test_active_dropout_scores_per_row_in_training_mode_only(tiny_model_dir, vid
     assert not backbone._scores_prompt_once(video_batch, G)  # one dropout mask per row, as the per-row pass
     backbone.model.eval()
     assert backbone._scores_prompt_once(video_batch, G)
+
+
+# ---------------------------------------------------------------------- hybrid caches (Qwen3.5's linear attention)
+
+
+@pytest.fixture(scope="module")
+def qwen3_5_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_tiny_model(tmp_path_factory.mktemp("tiny_qwen3_5"), seed=0, arch="qwen3_5")
+
+
+def test_repeated_linear_attention_states_equal_the_states_of_the_repeated_prompts(qwen3_5_dir):
+    model = VideoLLM(str(qwen3_5_dir)).load().hf_model
+    ids = torch.randint(30, 400, (2, 9))
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0  # a left-padded row
+
+    def prefill(rows: torch.Tensor, rows_mask: torch.Tensor) -> DynamicCache:
+        cache = DynamicCache(config=model.config.get_text_config(decoder=True))
+        with torch.no_grad():
+            model(input_ids=rows, attention_mask=rows_mask, cache=cache, use_cache=True)
+        return cache
+
+    shared = prefill(ids, mask)
+    repeat_cache_rows(shared, 3)
+    per_row = prefill(ids.repeat_interleave(3, 0), mask.repeat_interleave(3, 0))
+
+    kinds = [type(layer) for layer in shared.layers]
+    assert LinearAttentionLayer in kinds and len(set(kinds)) == 2  # linear and full attention
+    for ours, theirs in zip(shared.layers, per_row.layers, strict=True):
+        if isinstance(ours, LinearAttentionLayer):
+            assert ours.conv_states[0].shape[0] == ours.recurrent_states[0].shape[0] == 6
+            torch.testing.assert_close(ours.conv_states[0], theirs.conv_states[0])
+            torch.testing.assert_close(ours.recurrent_states[0], theirs.recurrent_states[0])
+        else:
+            torch.testing.assert_close(ours.keys, theirs.keys)
+            torch.testing.assert_close(ours.values, theirs.values)
+
+
+def test_qwen3_5_generates_and_scores_with_each_prompt_through_the_decoder_once(qwen3_5_dir, synthetic_dir):
+    backbone = _load(qwen3_5_dir, lora=True)
+    batch = _batch(backbone, synthetic_dir)
+    n, length = batch["input_ids"].shape
+    assert backbone._uses_shared_prefill(batch, G, synced_gpus=False) and backbone._scores_prompt_once(
+        batch, G
+    )
+
+    generated = _language_model_inputs(backbone, batch, num_samples=G)
+    ids, mask = _ragged(backbone, batch)
+    scored: list[tuple[int, ...]] = []
+    embed = backbone.hf_model.get_input_embeddings()
+    hook = embed.register_forward_hook(lambda module, args, out: scored.append(tuple(args[0].shape)))
+    try:
+        backbone.sequence_logprobs(batch, ids, mask, num_samples=G)
+    finally:
+        hook.remove()
+
+    assert generated[:2] == [(n, length - 1), (n * G, 1)]
+    assert scored == [(n, length), (n * G, ids.shape[1])]
+    assert not backbone._prefill_fallbacks
+
+
+def test_a_cache_layer_kind_the_library_cannot_repeat_is_named_instead_of_failing_inside_transformers(
+    qwen3_5_dir,
+):
+    config = VideoLLM(str(qwen3_5_dir)).load().hf_model.config.get_text_config(decoder=True)
+    cache = DynamicCache(config=config)
+    assert cache_repeat_blocker(cache) is None
+    cache.layers[1] = StaticLayer(max_cache_len=16)  # transformers' static key/value layer: no batch repeat
+
+    reason = cache_repeat_blocker(cache)
+    assert reason is not None and "layer 1 is a StaticLayer" in reason and "cannot repeat" in reason

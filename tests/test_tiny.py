@@ -102,19 +102,34 @@ def test_tiny_causal_lm_loads_through_auto_model_for_causal_lm(tmp_path):
     assert logits.shape == (1, ids.shape[1], len(tok))
 
 
-def test_make_tiny_model_command_builds_the_architecture_named_by_arch(tmp_path):
+@pytest.mark.parametrize(
+    ("arch", "model_class"),
+    [("qwen3_vl", "Qwen3VLForConditionalGeneration"), ("qwen3_5", "Qwen3_5ForConditionalGeneration"),
+     ("qwen3_5_moe", "Qwen3_5MoeForConditionalGeneration")],
+)  # fmt: skip
+def test_make_tiny_model_command_builds_the_architecture_named_by_arch(tmp_path, arch, model_class):
     import json
 
     from lightning_veripo.cli import main
 
-    assert main(["make-tiny-model", str(tmp_path / "q3"), "--arch", "qwen3_vl", "--num-layers", "1"]) == 0
-    config = json.loads((tmp_path / "q3" / "config.json").read_text())
+    assert main(["make-tiny-model", str(tmp_path / "m"), "--arch", arch, "--num-layers", "2"]) == 0
+    config = json.loads((tmp_path / "m" / "config.json").read_text())
 
-    assert config["model_type"] == "qwen3_vl" and config["architectures"] == [
-        "Qwen3VLForConditionalGeneration"
-    ]
-    assert config["text_config"]["num_hidden_layers"] == 1
-    assert type(AutoProcessor.from_pretrained(tmp_path / "q3")).__name__ == "Qwen3VLProcessor"
+    assert config["model_type"] == arch and config["architectures"] == [model_class]
+    assert config["text_config"]["num_hidden_layers"] == 2
+    assert type(AutoProcessor.from_pretrained(tmp_path / "m")).__name__ == "Qwen3VLProcessor"
+
+
+def test_tiny_qwen3_5_mixes_linear_and_full_attention_and_its_moe_routes_to_experts(tmp_path):
+    dense = AutoModelForImageTextToText.from_pretrained(make_tiny_model(tmp_path / "d", arch="qwen3_5"))
+    moe = AutoModelForImageTextToText.from_pretrained(make_tiny_model(tmp_path / "m", arch="qwen3_5_moe"))
+
+    for model in (dense, moe):
+        layers = model.model.language_model.layers
+        assert model.config.text_config.layer_types == ["linear_attention", "full_attention"]
+        assert hasattr(layers[0], "linear_attn") and hasattr(layers[1], "self_attn")
+    experts = moe.model.language_model.layers[0].mlp
+    assert experts.gate.num_experts == 4 and experts.gate.top_k == 2
 
 
 def test_model_vocab_size_pads_the_embedding_and_head_but_not_the_tokenizer(tiny_model_dir, tmp_path):

