@@ -279,13 +279,16 @@ class OpenAIJudge(RolloutJudge):
         self.max_reasoning_chars = max_reasoning_chars
         self._checked = not check_on_start
 
-    def _with_retries(self, method: str, path: str, body: bytes | None) -> bytes:
+    def _request(self, method: str, path: str, body: bytes | None) -> bytes:
+        """One HTTP attempt, with the key as a bearer token; `_with_retries` retries it."""
         headers = {"Content-Type": "application/json"}
-        key = self._api_key or os.environ.get(self.api_key_env)
-        if key:
+        if key := self._api_key or os.environ.get(self.api_key_env):
             headers["Authorization"] = f"Bearer {key}"
         request = urllib.request.Request(self.base_url + path, data=body, headers=headers, method=method)
-        return with_retries(lambda: read_within(request, self.timeout_s), self.max_retries, self.backoff_s)
+        return read_within(request, self.timeout_s)
+
+    def _with_retries(self, method: str, path: str, body: bytes | None) -> bytes:
+        return with_retries(lambda: self._request(method, path, body), self.max_retries, self.backoff_s)
 
     def check_server(self) -> None:
         """Raise `JudgeUnavailableError` unless a server answers GET {base_url}/models."""
