@@ -202,9 +202,9 @@ def test_openai_likelihood_reads_the_first_token_top_logprobs(server):
     (asked,) = [
         b["messages"][0]["content"] for b in server.bodies if "a=-1 b=-1.05" in b["messages"][0]["content"]
     ]
-    assert asked.endswith(
+    assert asked.endswith(  # delimited as in generation mode (tests/test_judges.py writes out the whole prompt)
         "Question: logprobs a=-1 b=-1.05\nOptions:\nA. red\nB. green\nC. blue\nD. yellow\n\n"
-        "Reasoning:\nSo the answer is B.\n\nFinal answer: B\n\n"
+        "<rollout_reasoning>\nSo the answer is B.\n</rollout_reasoning>\n\n<rollout_answer>\nB\n</rollout_answer>\n\n"
         "Does the reasoning lead to this final answer? Reply with one word: CONSISTENT or INCONSISTENT."
     )
 

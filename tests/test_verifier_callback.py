@@ -95,7 +95,7 @@ def test_run_verifier_writes_the_four_files_with_their_schemas(tmp_path):
     verdicts = read_verdicts(tmp_path / "verdicts.jsonl")
     assert set(verdicts[0]) == {
         "problem_id", "step", "sample_index", "consistent", "repetitive", "truncated", "missing_tags",
-        "repeated_fraction", "rationale", "raw", "judge", "latency_s", "probability",
+        "repeated_fraction", "rationale", "raw", "judge", "latency_s", "probability", "addresses_judge",
     }  # fmt: skip
     assert [v["consistent"] for v in verdicts] == [True, True, True, True, True, False]
     pairs = read_pairs(tmp_path / "pairs.jsonl")
@@ -110,6 +110,7 @@ def test_run_verifier_writes_the_four_files_with_their_schemas(tmp_path):
         "judged": 6,
         "unjudged": 0,
         "judge_errors": 0,
+        "addresses_judge": 0,
         "consistent_rate": 5 / 6,
         "inconsistent_rate": 1 / 6,
         "decided_by": {"rule": 1.0},
@@ -119,6 +120,7 @@ def test_run_verifier_writes_the_four_files_with_their_schemas(tmp_path):
         "acc_cons_rate": 4 / 6,
         "pairs": 2,
         "pairs_by_reason": {
+            "penalty:addresses_judge": 0,
             "consistency:inconsistent_correct": 1,
             "reflection": 1,
             "consistency:wrong_answer": 0,

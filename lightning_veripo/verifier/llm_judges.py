@@ -1,6 +1,8 @@
 """The LLM judges of the Rollout-Aware Verifier: a small local transformers model (`TransformersJudge`) or an
 OpenAI-compatible server such as vLLM or SGLang (`OpenAIJudge`) reads each rollout and answers whether its
-reasoning leads to its answer; `judge_prompt` is the question they are asked, `parse_verdict` reads the reply.
+reasoning leads to its answer. What they are asked (the rollout as delimited, untrusted data) and how their reply
+is read (the verdict only from the final answer, after the last closed thinking block) is
+lightning_veripo.verifier.llm_prompt.
 Both decide in one of two modes: `generate` (write `VERDICT: ...`, parsed) or `likelihood` (compare the
 probabilities of the two verdict words as the reply's start: one forward pass, or one token's top_logprobs, per
 rollout; the probability goes into the verdict). `HybridJudge` lets the rule judge decide where it can and asks an
@@ -13,10 +15,9 @@ rollout, a failed batch recorded as unjudged) and return the same `Verdict`. In 
 
 from __future__ import annotations
 
-import http.client
 import json
 import math
-import re
+import os
 import threading
 import time
 import urllib.error
@@ -26,7 +27,15 @@ import warnings
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+from lightning_veripo.verifier.http_json import NETWORK_ERRORS, read_within, with_retries
 from lightning_veripo.verifier.judges import RuleJudge
+from lightning_veripo.verifier.llm_prompt import (
+    VERDICT_WORDS,
+    judge_prompt,
+    likelihood_decision,
+    parse_verdict,
+    reply_text,
+)
 from lightning_veripo.verifier.protocol import (
     Decision,
     Judge,
@@ -36,66 +45,7 @@ from lightning_veripo.verifier.protocol import (
     Verdict,
 )
 
-JUDGE_INSTRUCTION = (
-    "You check a model's answer to a video question. You cannot see the video. Judge only whether the "
-    "reasoning leads to the final answer, not whether the answer is right."
-)
-_VERDICT = re.compile(r"verdict\W{0,8}(inconsistent|not\s+consistent|consistent)", re.I)
-_REASON = re.compile(r"reason\W{0,8}(\S.*)", re.I)
-
-
 MODES = ("generate", "likelihood")
-VERDICT_WORDS = ("CONSISTENT", "INCONSISTENT")
-_ASK_LINES = (
-    "Does the reasoning lead to this final answer? Reply with exactly two lines:\n"
-    "VERDICT: CONSISTENT or VERDICT: INCONSISTENT\nREASON: <one short sentence>"
-)
-_ASK_WORD = "Does the reasoning lead to this final answer? Reply with one word: CONSISTENT or INCONSISTENT."
-
-
-def judge_prompt(item: JudgeItem, max_reasoning_chars: int, one_word: bool = False) -> str:
-    """The consistency question for one rollout. Long reasoning keeps its tail, where the conclusion is.
-    `one_word` asks for the bare verdict word, whose first token the likelihood mode scores."""
-    reasoning = item.reasoning or ""
-    if len(reasoning) > max_reasoning_chars:
-        reasoning = "…" + reasoning[-max_reasoning_chars:]
-    options = "".join(f"\n{o}" for o in item.options)
-    return (
-        f"{JUDGE_INSTRUCTION}\n\nQuestion: {item.question}"
-        + (f"\nOptions:{options}" if options else "")
-        + f"\n\nReasoning:\n{reasoning}\n\nFinal answer: {item.answer}\n\n"
-        + (_ASK_WORD if one_word else _ASK_LINES)
-    )
-
-
-def parse_verdict(text: str) -> tuple[bool | None, str]:
-    """(consistent, rationale) from a judge's reply; (None, 'unjudged: …') when it names no single verdict."""
-    answer_part = re.sub(r"<think>.*?</think>", "", text, flags=re.S)
-    found = {
-        "consistent" if m.group(1).lower() == "consistent" else "inconsistent"
-        for m in _VERDICT.finditer(answer_part)
-    }
-    if len(found) != 1:
-        why = "conflicting verdicts" if found else "no VERDICT line"
-        return None, f"unjudged: {why} in judge output"
-    consistent = found == {"consistent"}
-    reason = _REASON.search(answer_part)
-    label = "consistent" if consistent else "inconsistent"
-    return consistent, f"{label}: {reason.group(1).strip()[:200]}" if reason else label
-
-
-def likelihood_decision(
-    logp_consistent: float, logp_inconsistent: float, min_confidence: float, raw: str, latency_s: float
-) -> Decision:
-    """The verdict from the log-probabilities of the two verdicts: P(consistent) is their softmax (the rest of the
-    vocabulary left out); the likelier verdict decides unless its probability is below `min_confidence`."""
-    p = 1.0 / (1.0 + math.exp(logp_inconsistent - logp_consistent))
-    shown = f"P(consistent)={p:.3f}"
-    if max(p, 1.0 - p) < min_confidence or p == 0.5:
-        why = f"unjudged: {shown}, the likelier verdict is below min_confidence={min_confidence}"
-        return Decision(None, why, raw, latency_s, round(p, 6))
-    label = "consistent" if p > 0.5 else "inconsistent"
-    return Decision(p > 0.5, f"{label}: {shown} from the verdicts' likelihoods", raw, latency_s, round(p, 6))
 
 
 def _check_mode(owner: str, mode: str, min_confidence: float) -> None:
@@ -233,8 +183,9 @@ class TransformersJudge(RolloutJudge):
         t0 = time.perf_counter()
         tok = self._tokenizer
         templated = bool(getattr(tok, "chat_template", None))
+        rendered_prompts = [self._render(i) for i in items]
         enc = tok(
-            [self._render(i) for i in items],
+            rendered_prompts,
             return_tensors="pt",
             padding=True,
             add_special_tokens=not templated,
@@ -246,10 +197,16 @@ class TransformersJudge(RolloutJudge):
             )
         texts = tok.batch_decode(out[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
         latency = (time.perf_counter() - t0) / len(items)
-        return [Decision(*parse_verdict(text), text, latency) for text in texts]
-
-
-_NETWORK_ERRORS = (urllib.error.URLError, OSError, http.client.HTTPException)
+        decisions = []
+        for item, rendered, text in zip(items, rendered_prompts, texts, strict=True):
+            # a chat template that opens the thinking block itself (Qwen3) leaves "<think>" out of the reply
+            opened = "<think>" if rendered.rstrip().endswith("<think>") else ""
+            decisions.append(
+                Decision(
+                    *parse_verdict(opened + text, judge_prompt(item, self.max_reasoning_chars)), text, latency
+                )
+            )
+        return decisions
 
 
 class OpenAIJudge(RolloutJudge):
@@ -261,6 +218,16 @@ class OpenAIJudge(RolloutJudge):
     timeouts and connection errors are retried with exponential backoff (backoff_s, 2·backoff_s, ...). When
     `check_on_start`, the first use asks GET /models and raises `JudgeUnavailableError` if nothing answers, so
     a forgotten server fails the run loudly instead of leaving every rollout unjudged.
+
+    The server's key: `api_key` if given, else the environment variable `api_key_env` names (`OPENAI_API_KEY`,
+    as the OpenAI client reads it), read at each request; none is sent when neither is set. Prefer the
+    variable: a key given in a config is masked in every config a run saves, but lives in the YAML you wrote.
+
+    A thinking judge (Qwen3, DeepSeek-R1) writes its thinking before its verdict: `max_tokens` (4096) must
+    leave room for both. Its verdict is read only from the final answer, after the last `</think>`; a
+    server started with vLLM's `--reasoning-parser` returns the thinking in a field of its own
+    (`reasoning_content` or `reasoning`) and the answer in `content`, read the same way; a reply cut off
+    mid-thought (no `</think>`, or only thinking and no content) is unjudged, saying so.
 
     `mode="likelihood"` asks for one word with `max_tokens=1, logprobs=true, top_logprobs=N` and compares the
     probabilities of the first tokens that start each verdict word ("CON…" vs "IN…", summed over the listed
@@ -275,13 +242,14 @@ class OpenAIJudge(RolloutJudge):
         base_url: str,
         model: str,
         api_key: str | None = None,
+        api_key_env: str = "OPENAI_API_KEY",
         max_concurrency: int = 8,
         timeout_s: float = 30.0,
         max_retries: int = 3,
         backoff_s: float = 0.5,
         temperature: float = 0.0,
         check_on_start: bool = True,
-        max_tokens: int = 256,
+        max_tokens: int = 4096,
         max_reasoning_chars: int = 6000,
         repetition_ngram: int = 4,
         repetition_threshold: float = 0.3,
@@ -297,7 +265,13 @@ class OpenAIJudge(RolloutJudge):
         url = base_url.rstrip("/")
         if urllib.parse.urlsplit(url).path == "":  # "http://host:8000" means the usual /v1 root
             url += "/v1"
-        self.base_url, self.model, self.api_key = url, model, api_key
+        if api_key is None and api_key_env != "OPENAI_API_KEY" and api_key_env not in os.environ:
+            raise ValueError(
+                f"OpenAIJudge: api_key_env names {api_key_env!r}, which is not set in the environment; export "
+                "it with the server's key, or leave api_key_env out to read OPENAI_API_KEY"
+            )
+        self.base_url, self.model = url, model
+        self._api_key, self.api_key_env = api_key, api_key_env  # never written out: see stage_cli
         self.name = f"openai:{model}"
         self.max_concurrency = max(1, max_concurrency)
         self.timeout_s, self.max_retries, self.backoff_s = timeout_s, max_retries, backoff_s
@@ -306,33 +280,15 @@ class OpenAIJudge(RolloutJudge):
         self._checked = not check_on_start
 
     def _request(self, method: str, path: str, body: bytes | None) -> bytes:
+        """One HTTP attempt, with the key as a bearer token; `_with_retries` retries it."""
         headers = {"Content-Type": "application/json"}
-        if self.api_key:
-            headers["Authorization"] = f"Bearer {self.api_key}"
-        req = urllib.request.Request(self.base_url + path, data=body, headers=headers, method=method)
-        deadline = time.monotonic() + self.timeout_s
-        with urllib.request.urlopen(req, timeout=self.timeout_s) as resp:
-            # The socket timeout bounds each wait only: a server that trickles its answer a byte at a time
-            # would hold the judge forever, so the whole answer must also arrive within timeout_s.
-            chunks = []
-            while chunk := resp.read1(1 << 16):
-                chunks.append(chunk)
-                if time.monotonic() > deadline:
-                    raise TimeoutError(f"timed out: the answer took longer than timeout_s={self.timeout_s}")
-            return b"".join(chunks)
+        if key := self._api_key or os.environ.get(self.api_key_env):
+            headers["Authorization"] = f"Bearer {key}"
+        request = urllib.request.Request(self.base_url + path, data=body, headers=headers, method=method)
+        return read_within(request, self.timeout_s)
 
     def _with_retries(self, method: str, path: str, body: bytes | None) -> bytes:
-        for attempt in range(self.max_retries + 1):
-            try:
-                return self._request(method, path, body)
-            except urllib.error.HTTPError as err:
-                if (err.code < 500 and err.code != 429) or attempt == self.max_retries:
-                    raise
-            except _NETWORK_ERRORS:
-                if attempt == self.max_retries:
-                    raise
-            time.sleep(self.backoff_s * 2**attempt)
-        raise AssertionError("unreachable")
+        return with_retries(lambda: self._request(method, path, body), self.max_retries, self.backoff_s)
 
     def check_server(self) -> None:
         """Raise `JudgeUnavailableError` unless a server answers GET {base_url}/models."""
@@ -347,14 +303,15 @@ class OpenAIJudge(RolloutJudge):
             if err.code in (401, 403):
                 raise JudgeUnavailableError(
                     f"OpenAIJudge: the server at {self.base_url} refused the request (HTTP {err.code}); "
-                    "set api_key to a key it accepts."
+                    f"export {self.api_key_env} with a key it accepts (or set api_key_env to the variable "
+                    "that holds one)."
                 ) from err
             if err.code >= 500:
                 raise JudgeUnavailableError(
                     f"OpenAIJudge: the server at {self.base_url} answers HTTP {err.code}. {start_hint}"
                 ) from err
             # Any other answer means a server is listening: /models is optional for some servers.
-        except _NETWORK_ERRORS as err:
+        except NETWORK_ERRORS as err:
             raise JudgeUnavailableError(
                 f"OpenAIJudge: no OpenAI-compatible server answers at {self.base_url} ({err}). {start_hint}"
             ) from err
@@ -390,14 +347,15 @@ class OpenAIJudge(RolloutJudge):
             why = f"judge error: HTTP {err.code} from {self.base_url}/chat/completions"
             latency = time.perf_counter() - t0
             return None, Decision(None, why, detail, latency), latency
-        except _NETWORK_ERRORS as err:
+        except NETWORK_ERRORS as err:
             why = f"judge error after {self.max_retries + 1} attempts: {type(err).__name__}: {err}"
             latency = time.perf_counter() - t0
             return None, Decision(None, why, "", latency), latency
         latency = time.perf_counter() - t0
         try:
             choice = json.loads(raw)["choices"][0]
-            if not isinstance(choice["message"]["content"], str):
+            message = choice["message"]
+            if not isinstance(message.get("content"), str | None):
                 raise TypeError("message content is not a string")
         except (ValueError, KeyError, IndexError, TypeError):
             why = "unjudged: malformed response, not an OpenAI chat completion"
@@ -412,8 +370,8 @@ class OpenAIJudge(RolloutJudge):
         if choice is None:
             assert failed is not None
             return failed
-        content = choice["message"]["content"]
-        return Decision(*parse_verdict(content), content, latency)
+        text = reply_text(choice["message"])
+        return Decision(*parse_verdict(text, messages[0]["content"]), text, latency)
 
     def _judge_one_by_likelihood(self, item: JudgeItem) -> Decision | None:
         """The likelihood verdict, or None when the server answered without logprobs (warned once)."""

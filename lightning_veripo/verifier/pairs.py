@@ -1,8 +1,10 @@
 """Preference pairs from judged rollouts, by the rules of VerIPO's Rollout-Aware Verifier (arXiv 2505.19000).
 
 Rollouts are grouped by question. A *chosen* rollout is correct, judged consistent, not repetitive, not
-truncated and not degenerate (too short). A *rejected* rollout has a defect, named by the pair's `reason`:
-- `penalty:truncated`, `penalty:repetitive`, `penalty:degenerate` (penalty pairs, checked first);
+truncated, not degenerate (too short) and does not address its judge. A *rejected* rollout has a defect, named
+by the pair's `reason`:
+- `penalty:addresses_judge` (the rollout writes to its judge: lightning_veripo.verifier.addressing),
+  `penalty:truncated`, `penalty:repetitive`, `penalty:degenerate` (penalty pairs, checked first);
 - `reflection`: wrong and commits to its attempt, paired with a chosen rollout that corrects itself ("wait, …");
 - `consistency:wrong_answer`: any other wrong rollout;
 - `consistency:inconsistent_correct`: right answer, but the judge found the reasoning does not support it.
@@ -27,6 +29,7 @@ from lightning_veripo.verifier.protocol import Verdict
 
 # Order in which rejected rollouts take the capped pair slots of a question (round-robin across reasons).
 REASONS = (
+    "penalty:addresses_judge",  # first: writing to the judge is the defect DPO must most surely push down
     "consistency:inconsistent_correct",
     "reflection",
     "consistency:wrong_answer",
@@ -113,6 +116,8 @@ def is_reflective(rollout: Rollout, markers: Sequence[str]) -> bool:
 def _defect(rollout: Rollout, verdict: Verdict, config: PairConfig) -> str | None:
     """Why this rollout is a rejected candidate ("wrong" is resolved at pairing time), or None."""
     if config.penalty_pairs:
+        if verdict.addresses_judge:
+            return "penalty:addresses_judge"
         if verdict.truncated or rollout.truncated:
             return "penalty:truncated"
         if verdict.repetitive and config.penalize_repetitive:
@@ -130,6 +135,7 @@ def _is_chosen(rollout: Rollout, verdict: Verdict, config: PairConfig) -> bool:
     return (
         is_correct(rollout, config)
         and verdict.consistent is True
+        and not verdict.addresses_judge
         and not verdict.repetitive
         and not (verdict.truncated or rollout.truncated)
         and reasoning_tokens(rollout) >= config.min_reasoning_tokens

@@ -5,7 +5,9 @@ consistency needs a judge. Every judge (rules, a local transformers model, an Op
 the same `Verdict`, and `RolloutJudge` gives them the same skeleton: repetition, truncation and missing tags are
 rule checks recorded the same way; a judge that fails or answers garbage gives an *unjudged* verdict
 (`consistent=None`, the error or raw output kept), never a crash and never a silent "consistent"; only a judge
-that cannot start at all raises `JudgeUnavailableError`.
+that cannot start at all raises `JudgeUnavailableError`. A rollout that addresses its judge (writes its verdict
+syntax, instructs it: lightning_veripo.verifier.addressing) is judged inconsistent and marked
+`addresses_judge` without being put to the judge.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from typing import Any, NamedTuple, Protocol, runtime_checkable
 
 from lightning_veripo.parsing import extract_answer, extract_think
 from lightning_veripo.records import Rollout
+from lightning_veripo.verifier.addressing import addresses_judge
 
 
 class JudgeUnavailableError(RuntimeError):
@@ -64,6 +67,7 @@ class Verdict:
     judge: str = ""
     latency_s: float = 0.0
     probability: float | None = None  # P(consistent), where the judge gives one (LLM, mode="likelihood")
+    addresses_judge: bool = False  # the rollout writes to its judge: a defect, never a chosen rollout
 
     @property
     def judged(self) -> bool:
@@ -101,7 +105,8 @@ class Decision(NamedTuple):
 
 class RolloutJudge:
     """Shared skeleton: rule checks for every item, the consistency decision only for items that have both
-    tags, and any exception inside a batch turned into unjudged verdicts for that batch."""
+    tags and do not address the judge, and any exception inside a batch turned into unjudged verdicts for that
+    batch."""
 
     name = "judge"
     batch_size: int | None = None  # items per `_decide` call; None = all at once
@@ -117,7 +122,7 @@ class RolloutJudge:
 
     def judge(self, items: list[JudgeItem]) -> list[Verdict]:
         verdicts = [self._rule_checks(item) for item in items]
-        todo = [i for i, v in enumerate(verdicts) if not v.missing_tags]
+        todo = [i for i, v in enumerate(verdicts) if not v.missing_tags and not v.addresses_judge]
         step = self.batch_size or max(len(todo), 1)
         for start in range(0, len(todo), step):
             chunk = todo[start : start + step]
@@ -142,7 +147,8 @@ class RolloutJudge:
     def _rule_checks(self, item: JudgeItem) -> Verdict:
         missing = [tag for tag, text in (("think", item.reasoning), ("answer", item.answer)) if text is None]
         fraction = repeated_ngram_fraction(item.completion, self.repetition_ngram)
-        return Verdict(
+        writes_to_judge = addresses_judge(item.reasoning, item.answer)
+        verdict = Verdict(
             consistent=None,
             repetitive=fraction > self.repetition_threshold,
             truncated=item.truncated,
@@ -151,6 +157,15 @@ class RolloutJudge:
             rationale="missing " + " and ".join(f"<{t}>" for t in missing) if missing else "",
             judge=self.name,
         )
+        if writes_to_judge:
+            verdict.consistent, verdict.addresses_judge = False, True
+            verdict.rationale = "; ".join(
+                [
+                    f"inconsistent: {writes_to_judge}, never put to the judge",
+                    *filter(None, [verdict.rationale]),
+                ]
+            )
+        return verdict
 
     def _decide(self, items: list[JudgeItem]) -> list[Decision]:
         raise NotImplementedError

@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 
 from lightning_veripo.files import read_jsonl, write_jsonl_atomic, write_text_atomic
 from lightning_veripo.records import Rollout
+from lightning_veripo.verifier.addressing import addresses_judge
 from lightning_veripo.verifier.judges import RuleJudge
 from lightning_veripo.verifier.pairs import PairConfig, PairStats, PreferencePair, build_pairs, is_correct
 from lightning_veripo.verifier.protocol import Judge, JudgeItem, JudgeUnavailableError, Verdict
@@ -44,7 +45,9 @@ def judge_rollouts(
     rollouts: Sequence[Rollout], judge: Judge, batch_size: int = 64, progress: bool = True
 ) -> list[Verdict]:
     """One verdict per rollout, in order. A batch whose judge raises (or miscounts) becomes unjudged verdicts
-    carrying the error, so one bad batch cannot sink the verifier; `JudgeUnavailableError` still raises."""
+    carrying the error, so one bad batch cannot sink the verifier; `JudgeUnavailableError` still raises. A
+    rollout that addresses its judge is judged inconsistent and marked so whatever the judge said (the judges
+    of this package do not even ask; a judge of one's own is overruled here)."""
     verdicts: list[Verdict] = []
     name = getattr(judge, "name", type(judge).__name__)
     with tqdm(total=len(rollouts), desc="verifier: judging", unit="rollout", disable=not progress) as bar:
@@ -61,6 +64,11 @@ def judge_rollouts(
                 batch = [
                     Verdict(consistent=None, truncated=i.truncated, rationale=why, judge=name) for i in items
                 ]
+            for item, verdict in zip(items, batch, strict=True):
+                writes_to_judge = addresses_judge(item.reasoning, item.answer)
+                if writes_to_judge and not verdict.addresses_judge:
+                    verdict.consistent, verdict.addresses_judge = False, True
+                    verdict.rationale = f"inconsistent: {writes_to_judge} ({name} said: {verdict.rationale})"
             verdicts.extend(batch)
             bar.update(len(items))
     return verdicts
@@ -71,7 +79,8 @@ def verifier_stats(
 ) -> dict[str, Any]:
     """The run's summary: rates over rollouts (consistency rates over judged ones; None when there are none),
     how many rollouts are unjudged and how many of those were lost to a judge error (`judge_errors`: the judge
-    raised or its server did not answer, rather than a reply that names no verdict), the share of rollouts
+    raised or its server did not answer, rather than a reply that names no verdict), how many rollouts wrote to
+    their judge (`addresses_judge`: judged inconsistent, never chosen), the share of rollouts
     each judge decided (`decided_by`, by `Verdict.judge`: a `HybridJudge` splits them between the rules and
     the LLM), pair counts by reason, skipped questions by reason, and the always-solved question ids."""
     n, judged = len(rollouts), [v for v in verdicts if v.judged]
@@ -86,6 +95,7 @@ def verifier_stats(
         "judged": len(judged),
         "unjudged": n - len(judged),
         "judge_errors": sum(not v.judged and JUDGE_ERROR in v.rationale for v in verdicts),
+        "addresses_judge": sum(v.addresses_judge for v in verdicts),
         "consistent_rate": rate(consistent, len(judged)),
         "inconsistent_rate": rate(len(judged) - consistent, len(judged)),
         "decided_by": {
