@@ -47,8 +47,8 @@ from lightning_veripo.prefill import (
     prefill_prompts,
     shared_prefill_blocker,
 )
-from lightning_veripo.sharding import is_sharded, save_pretrained_from_full_tensors
 from lightning_veripo.scoring import rowwise_logprobs, shared_prompt_logprobs
+from lightning_veripo.sharding import is_sharded, save_pretrained_from_full_tensors
 from lightning_veripo.tiny import make_tiny_model
 
 logger = logging.getLogger(__name__)
