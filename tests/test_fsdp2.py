@@ -199,9 +199,9 @@ def test_fsdp2_fit_killed_at_a_step_resumes_to_the_uninterrupted_result(
 
 
 def _dpo(
-    cwd: Path, pairs: Path, tiny_model_dir: Path, adapter: Path, sharded: bool
+    cwd: Path, pairs: Path, tiny_model_dir: Path, adapter: Path, sharded: bool, extra: list[str]
 ) -> tuple[dict, torch.Tensor]:
-    """The LoRA gradients (as full tensors) and the global-batch loss of the first DPO step."""
+    """The trainable weights' gradients (as full tensors) and the global-batch loss of the first DPO step."""
     _fit(
         "--config", str(REPO / "configs/demo_dpo.yaml"), *QUIET, *_backbone_args(tiny_model_dir, adapter),
         *([*FSDP2, "--trainer.devices=2"] if sharded else ["--trainer.devices=1"]),
@@ -210,24 +210,31 @@ def _dpo(
         "--data.init_args.shuffle=false", f"--data.init_args.batch_size={1 if sharded else 2}",
         "--trainer.callbacks+=fsdp2_for_tests.SaveFullGradients", f"--trainer.callbacks.init_args.path={cwd / 'g.pt'}",
         "--trainer.callbacks+=fsdp2_for_tests.SaveGlobalLoss", f"--trainer.callbacks.init_args.path={cwd / 'l.pt'}",
-        cwd=cwd,
+        *extra, cwd=cwd,
     )  # fmt: skip
     return torch.load(cwd / "g.pt", weights_only=True), torch.load(cwd / "l.pt", weights_only=True)
 
 
+FULL_FT = [
+    "--model.init_args.backbone.init_args.lora=null",
+    "--model.init_args.backbone.init_args.reference_copy=true",
+]
+
+
 @pytest.mark.slow
+@pytest.mark.parametrize("tuning", ["lora", "full"])
 def test_fsdp2_dpo_on_the_verifier_pairs_equals_one_process_on_the_global_batch(
-    fsdp2_grpo: Path,
-    tiny_model_dir: Path,
-    warm_adapter: Path,
-    tmp_path: Path,
+    fsdp2_grpo: Path, tiny_model_dir: Path, warm_adapter: Path, tmp_path: Path, tuning: str
 ) -> None:
+    """LoRA (reference: the adapter disabled) and full fine-tuning (reference: a frozen copy, sharded too)."""
     pairs = fsdp2_grpo / "verifier" / "pairs.jsonl"
+    extra = FULL_FT if tuning == "full" else []
     (tmp_path / "fsdp2").mkdir()
     (tmp_path / "one").mkdir()
-    two, loss_two = _dpo(tmp_path / "fsdp2", pairs, tiny_model_dir, warm_adapter, sharded=True)
-    one, loss_one = _dpo(tmp_path / "one", pairs, tiny_model_dir, warm_adapter, sharded=False)
-    assert two.keys() == one.keys() and any("lora_B" in k for k in one)
+    two, loss_two = _dpo(tmp_path / "fsdp2", pairs, tiny_model_dir, warm_adapter, True, extra)
+    one, loss_one = _dpo(tmp_path / "one", pairs, tiny_model_dir, warm_adapter, False, extra)
+    trained = "lora_B" if tuning == "lora" else "layers.0.mlp.down_proj.weight"
+    assert two.keys() == one.keys() and any(trained in k for k in one)
     torch.testing.assert_close(loss_two, loss_one, rtol=1e-5, atol=1e-6)
     scale = max(g.abs().max().item() for g in one.values())
     assert scale > 0, "the first DPO step must have a gradient"
