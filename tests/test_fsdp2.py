@@ -215,10 +215,9 @@ def _dpo(
     return torch.load(cwd / "g.pt", weights_only=True), torch.load(cwd / "l.pt", weights_only=True)
 
 
-FULL_FT = [
-    "--model.init_args.backbone.init_args.lora=null",
-    "--model.init_args.backbone.init_args.reference_copy=true",
-]
+# full fine-tuning with the frozen reference copy (a config overlay: jsonargparse cannot null `lora` from the
+# command line once a config has set it)
+FULL_FT = "model:\n  init_args:\n    backbone:\n      init_args:\n        lora: null\n        reference_copy: true\n"
 
 
 @pytest.mark.slow
@@ -228,7 +227,8 @@ def test_fsdp2_dpo_on_the_verifier_pairs_equals_one_process_on_the_global_batch(
 ) -> None:
     """LoRA (reference: the adapter disabled) and full fine-tuning (reference: a frozen copy, sharded too)."""
     pairs = fsdp2_grpo / "verifier" / "pairs.jsonl"
-    extra = FULL_FT if tuning == "full" else []
+    (tmp_path / "full.yaml").write_text(FULL_FT)
+    extra = ["--config", str(tmp_path / "full.yaml")] if tuning == "full" else []
     (tmp_path / "fsdp2").mkdir()
     (tmp_path / "one").mkdir()
     two, loss_two = _dpo(tmp_path / "fsdp2", pairs, tiny_model_dir, warm_adapter, True, extra)
