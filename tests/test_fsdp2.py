@@ -30,6 +30,7 @@ from lightning_veripo import losses
 from lightning_veripo.backbone import VideoLLM
 from lightning_veripo.lora import LoRAConfig
 from lightning_veripo.policy import POLICY_KEY, policy_identity
+from lightning_veripo.sharding import FSDP2Strategy, uses_fsdp2
 from lightning_veripo.verifier.run import read_rollouts, run_verifier_from_files
 
 REPO = Path(__file__).resolve().parents[1]
@@ -305,3 +306,13 @@ def test_gpu_check_runs_its_fsdp2_path_on_the_cpu(tmp_path: Path) -> None:
     assert report["sharded"] is True and report["strategy"].startswith("FSDP2Strategy")
     for name in ("grpo", "dpo"):
         assert report["stages"][name]["step_median_s"] > 0 and report["stages"][name]["peak_memory_mib"] > 0
+
+
+def test_fsdp2_strategy_refuses_tensor_parallelism_it_has_no_plan_for() -> None:
+    with pytest.raises(
+        ValueError, match="tensor_parallel_size=2: lightning_veripo has no tensor-parallel plan"
+    ):
+        FSDP2Strategy(tensor_parallel_size=2)
+    with pytest.raises(ValueError, match="mixed_precision='fp8'"):
+        FSDP2Strategy(mixed_precision="fp8")  # type: ignore[arg-type]
+    assert uses_fsdp2(FSDP2Strategy(mixed_precision="bf16"))
