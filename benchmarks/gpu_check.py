@@ -3,6 +3,8 @@
     python benchmarks/gpu_check.py                  # one CUDA GPU: random-weight 3B in bf16 (< 8 min on H100)
     python benchmarks/gpu_check.py --out check.json --grpo-steps 4 --frames 32
     python benchmarks/gpu_check.py --tiny           # CPU, seconds: the tiny model (tests/test_gpu_check.py)
+    python benchmarks/gpu_check.py --fsdp2          # the same through FSDP2 (configs/strategies/fsdp2.yaml's
+                                                    # strategy on one device; the 3B with untied embeddings)
 
 What it does, through the library's normal path:
 
@@ -57,20 +59,22 @@ QWEN25_VL_3B: dict[str, Any] = {
 }  # fmt: skip
 
 
-def qwen25_vl_3b_config(tiny_dir: Path) -> Any:
-    """The config of a tiny model directory (its token ids, wired to its tokenizer) resized to the 3B."""
+def qwen25_vl_3b_config(tiny_dir: Path, tied: bool = True) -> Any:
+    """The config of a tiny model directory (its token ids, wired to its tokenizer) resized to the 3B; `tied`
+    False unties the LM head from the embeddings (FSDP2 here shards them as separate units)."""
     from transformers import AutoConfig
 
     small = AutoConfig.from_pretrained(tiny_dir)
     spec = small.to_dict()
-    spec["tie_word_embeddings"] = QWEN25_VL_3B["tie_word_embeddings"]
+    spec["tie_word_embeddings"] = QWEN25_VL_3B["tie_word_embeddings"] and tied
     spec["text_config"].update(QWEN25_VL_3B["text_config"])
+    spec["text_config"]["tie_word_embeddings"] = spec["tie_word_embeddings"]
     spec["text_config"]["layer_types"] = ["full_attention"] * spec["text_config"]["num_hidden_layers"]
     spec["vision_config"].update(QWEN25_VL_3B["vision_config"])
     return type(small).from_dict(spec)
 
 
-def build_model(out_dir: Path, tiny: bool, device: str, seed: int) -> Path:
+def build_model(out_dir: Path, tiny: bool, device: str, seed: int, tied: bool = True) -> Path:
     """The tiny model (tokenizer, processor, token ids wired), then, unless `tiny`, its config resized to the
     3B sizes and random bf16 weights of those sizes (initialised on `device`) written over it."""
     import torch
@@ -84,7 +88,9 @@ def build_model(out_dir: Path, tiny: bool, device: str, seed: int) -> Path:
         return out_dir
     torch.manual_seed(seed)
     with torch.device(device):
-        model = AutoModelForImageTextToText.from_config(qwen25_vl_3b_config(out_dir), dtype=torch.bfloat16)
+        model = AutoModelForImageTextToText.from_config(
+            qwen25_vl_3b_config(out_dir, tied), dtype=torch.bfloat16
+        )
     model.generation_config = GenerationConfig.from_pretrained(out_dir)
     model.save_pretrained(out_dir)
     del model
@@ -194,6 +200,7 @@ def run(a: argparse.Namespace, work: Path) -> dict[str, Any]:
     from lightning_veripo.data.videoqa import FrameSampling, VideoQADataModule
     from lightning_veripo.dpo import DPOModule
     from lightning_veripo.grpo import GRPOModule
+    from lightning_veripo.sharding import FSDP2Strategy, is_sharded
 
     cuda = not a.tiny
     if cuda and not torch.cuda.is_available():
@@ -201,7 +208,7 @@ def run(a: argparse.Namespace, work: Path) -> dict[str, Any]:
     L.seed_everything(a.seed, verbose=False)
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
-    model_dir = build_model(work / "model", a.tiny, "cuda" if cuda else "cpu", a.seed)
+    model_dir = build_model(work / "model", a.tiny, "cuda" if cuda else "cpu", a.seed, tied=not a.fsdp2)
     timings["build_model_s"] = time.perf_counter() - t0
     n_records = max(a.prompts * (a.grpo_steps + 1), a.pairs * (a.dpo_steps + 1))
     data_dir = make_synthetic_data(work / "data", num_train=n_records, num_val=1, seed=a.seed,
@@ -226,7 +233,8 @@ def run(a: argparse.Namespace, work: Path) -> dict[str, Any]:
                                    batch_idx: int) -> None:  # fmt: skip
                 meter.end(outputs)
 
-        return L.Trainer(accelerator="gpu" if cuda else "cpu", devices=1, precision="bf16-true" if cuda else "32-true",
+        strategy = FSDP2Strategy() if a.fsdp2 else "auto"
+        return L.Trainer(accelerator="gpu" if cuda else "cpu", devices=1, strategy=strategy, precision="bf16-true" if cuda else "32-true",
                          max_steps=steps, logger=False, enable_checkpointing=False, enable_progress_bar=False,
                          enable_model_summary=False, limit_val_batches=0, num_sanity_val_steps=0, callbacks=[Meter()])  # fmt: skip
 
@@ -265,7 +273,10 @@ def run(a: argparse.Namespace, work: Path) -> dict[str, Any]:
     return {
         "check": "gpu_check",
         "command": command(),
-        "model": "tiny (lightning_veripo.tiny)" if a.tiny else "Qwen2.5-VL-3B sizes, random weights, bf16",
+        "model": ("tiny (lightning_veripo.tiny)" if a.tiny else "Qwen2.5-VL-3B sizes, random weights, bf16")
+        + (", FSDP2 (untied embeddings)" if a.fsdp2 else ""),
+        "strategy": "FSDP2Strategy (lightning_veripo.sharding), 1 device" if a.fsdp2 else "single device",
+        "sharded": is_sharded(backbone.model),  # fully_shard applied by configure_model
         "device": device,
         "lm_parameters": params,
         "parameters": sum(p.numel() for p in backbone.hf_model.parameters()),
@@ -301,6 +312,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--tiny", action="store_true", help="the tiny model on the CPU (seconds), to test the script"
     )
+    p.add_argument("--fsdp2", action="store_true",
+                   help="fit through FSDP2Strategy (fully_shard per layer) on the one device")  # fmt: skip
     p.add_argument("--G", type=int, default=None, help="rollouts per prompt (default 8; tiny 2)")
     p.add_argument("--prompts", type=int, default=1, help="prompts per GRPO step")
     p.add_argument(

@@ -102,13 +102,24 @@ class VerifierCallback(pl.Callback):
         self._trained = False
         self._restored = False
         self._warned_no_rollouts = False
+        self._spool_pending = False  # on_fit_start left the spool to open once the checkpoint is restored
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage == "fit":  # a callback reused for another fit starts empty; a resume restores after this
             self.stats, self._trained, self._restored, self._restored_state = None, False, False, None
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """Open this rank's spool where the restored checkpoint left it (a new fit: empty)."""
+        """Open this rank's spool where the restored checkpoint left it (a new fit: empty). Strategies that
+        restore a checkpoint after their setup (ModelParallelStrategy / FSDP2, DeepSpeed) restore callbacks
+        after `on_fit_start`: there the spool is opened at `on_train_start` (or `on_fit_end`), once the
+        checkpoint's marks are known, instead of being cut back to nothing here."""
+        # not even the checkpoint path is known yet here (Lightning runs resume_start after the setup)
+        self._spool_pending = trainer.strategy.restore_checkpoint_after_setup
+        if not self._spool_pending:
+            self._open_spool(trainer)
+
+    def _open_spool(self, trainer: pl.Trainer) -> None:
+        self._spool_pending = False
         spool_dir = Path(self.spool_dir or Path(trainer.default_root_dir) / "rollouts").resolve()
         self.resolved_spool_dir = spool_dir
         rank, world = trainer.global_rank, trainer.world_size
@@ -131,6 +142,8 @@ class VerifierCallback(pl.Callback):
         self._sync(trainer)
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._spool_pending:
+            self._open_spool(trainer)
         self._trained = True
 
     def on_train_batch_end(
@@ -211,6 +224,8 @@ class VerifierCallback(pl.Callback):
             raise RuntimeError(f"VerifierCallback failed on rank 0: {failure}")
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._spool_pending:  # a finished fit resumed under a strategy that restores after setup
+            self._open_spool(trainer)
         try:
             self._on_fit_end(trainer)
         finally:

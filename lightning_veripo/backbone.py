@@ -48,6 +48,7 @@ from lightning_veripo.prefill import (
     shared_prefill_blocker,
 )
 from lightning_veripo.scoring import rowwise_logprobs, shared_prompt_logprobs
+from lightning_veripo.sharding import is_sharded, save_pretrained_from_full_tensors
 from lightning_veripo.tiny import make_tiny_model
 
 logger = logging.getLogger(__name__)
@@ -256,8 +257,11 @@ class VideoLLM(nn.Module):
 
     def save_pretrained(self, out_dir: str | Path) -> Path:
         """Write the trained weights so `from_pretrained` reads them back: the adapter only under LoRA
-        (peft format), else the whole model. The processor is saved beside them."""
+        (peft format), else the whole model. The processor is saved beside them. Sharded (FSDP2): gathered to
+        full tensors and written once, by rank 0; every rank must call it."""
         out = Path(out_dir)
+        if is_sharded(self._require()):
+            return save_pretrained_from_full_tensors(self._require(), self.processor, out)
         out.mkdir(parents=True, exist_ok=True)
         self._require().save_pretrained(out)
         self.processor.save_pretrained(out)

@@ -27,7 +27,7 @@ from typing import Any, NamedTuple
 
 import torch
 
-from lightning_veripo import losses
+from lightning_veripo import losses, sharding
 from lightning_veripo.backbone import VideoLLM
 from lightning_veripo.batching import select_prompts, shuffle_video_features
 from lightning_veripo.completions import Completions
@@ -223,11 +223,12 @@ class GRPOModule(VideoLLMModule):
         )
 
     def _sharded(self) -> bool:
-        """FSDP / DeepSpeed ZeRO-3 need every rank to keep stepping generate until all ranks finish."""
+        """FSDP(2) / DeepSpeed ZeRO-3 need every rank to keep stepping generate until all ranks finish."""
         if self._trainer is None:
             return False
         name = type(self.trainer.strategy).__name__.lower()
-        return self.trainer.world_size > 1 and ("fsdp" in name or "deepspeed" in name)
+        sharded = "fsdp" in name or "deepspeed" in name or sharding.uses_fsdp2(self.trainer.strategy)
+        return self.trainer.world_size > 1 and sharded
 
     def score(
         self,

@@ -8,6 +8,7 @@ import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
 
+from lightning_veripo import sharding
 from lightning_veripo.backbone import VideoLLM
 from lightning_veripo.policy import POLICY_KEY, check_policy
 from lightning_veripo.random_state import RandomStateCallback
@@ -39,6 +40,8 @@ class VideoLLMModule(L.LightningModule):
 
     def configure_model(self) -> None:
         self.backbone.load()
+        if self._trainer is not None and sharding.uses_fsdp2(self.trainer.strategy):
+            sharding.shard_backbone(self.backbone, self.device_mesh["data_parallel"], self.trainer.strategy)
 
     def _trainable_names(self) -> set[str]:
         return {name for name, p in self.named_parameters() if p.requires_grad}
