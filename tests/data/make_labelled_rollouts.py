@@ -17,7 +17,9 @@ import json
 from pathlib import Path
 
 # shipped with the package: the loop audits its judge on it (lightning_veripo.verifier.audit)
-OUT = Path(__file__).resolve().parents[2] / "lightning_veripo" / "verifier" / "data" / "labelled_rollouts.jsonl"
+OUT = (
+    Path(__file__).resolve().parents[2] / "lightning_veripo" / "verifier" / "data" / "labelled_rollouts.jsonl"
+)
 
 COLOUR = ("What colour is the moving square?", ("A. red", "B. green", "C. blue", "D. yellow"))
 DIRECTION = ("Which direction does the square move?", ("A. left", "B. right", "C. up", "D. down"))
