@@ -344,7 +344,7 @@ def summarise(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     for arm, stage in keys:
         these = [r for r in evaluated if r["arm"] == arm and r["stage"] == stage]
         entry: dict[str, Any] = {"arm": arm, "stage": stage, "seeds": len(these)}
-        for key in ("wall_s", "cpu_s", "steps", *METRICS):
+        for key in ("wall_s", "cpu_s", "steps", *METRICS, "dev_accuracy"):
             values = [float(r[key]) for r in these if r.get(key) is not None]
             if values:
                 mean, half = interval95(values)

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 from helpers import DEMO_LOOP_TEST_ARGS, DEMO_SFT_TEST_ARGS
-from test_loop import _scalar_tags
+from test_loop import SMALL, _scalar_tags
 
 from lightning_veripo.data.synthetic import make_synthetic_data
 
@@ -83,3 +83,22 @@ def test_a_corrupted_grpo_stage_is_rejected_and_an_unfit_judge_skips_dpo(tmp_pat
     assert again.returncode == 0, again.stderr[-4000:]
     assert (work / "state.json").read_text() == before
     assert "iter_1/grpo: finished in an earlier run" in again.stderr + again.stdout
+
+
+@pytest.mark.slow
+def test_dpo_from_before_grpo_starts_dpo_from_the_policy_that_grpo_started_from(tmp_path: Path) -> None:
+    shutil.copytree(REPO / "configs", tmp_path / "configs")
+    args = [sys.executable, "-m", "lightning_veripo.cli", "iterate", "--config", "configs/demo.yaml", *SMALL,
+            "--min_questions_with_pairs", "1", "--guards.dpo_from", "before_grpo"]  # fmt: skip
+    run = subprocess.run(args, cwd=tmp_path, capture_output=True, text=True, timeout=900)
+    assert run.returncode == 0, run.stderr[-4000:]
+    work = tmp_path / "work/demo/veripo"
+    entries = {s["stage"]: s for s in json.loads((work / "state.json").read_text())["finished"]}
+    sft, grpo, dpo = (entries[s]["adapter"] for s in ("sft", "iter_1/grpo", "iter_1/dpo"))
+    assert grpo and dpo, entries  # the verifier found pairs, so DPO trained
+    # DPO's fit merged the warm start only (its reference: the policy before GRPO), and replaced the GRPO policy
+    header = (run.stderr + run.stdout).split("iter_1/dpo: DPO fit")[1]
+    assert header.split("\n")[1].strip().endswith("+ the adapters of sft")
+    assert entries["iter_1/dpo"]["policy"] == [sft, dpo]
+    config = json.loads((work / "iter_1/dpo/adapter/adapter_config.json").read_text())
+    assert config["peft_type"] == "LORA"
