@@ -392,7 +392,7 @@ def final_rows(rows: list[dict[str, Any]], arms: tuple[str, ...]) -> dict[tuple[
 
 
 def paired_differences(rows: list[dict[str, Any]], keys: tuple[str, ...] = ("accuracy", "sampled_accuracy",
-                       "sampled_inconsistency_rate", "sampled_reasoning_tokens", "dev_accuracy", "wall_s"),
+                       "sampled_inconsistency_rate", "sampled_reasoning_tokens", "dev_accuracy"),
                        arms: tuple[str, str] = ("loop", "grpo")) -> dict[str, Any]:  # fmt: skip
     """Arm `arms[0]` minus arm `arms[1]` (default: the loop minus GRPO alone) after the last evaluated stage of
     each, per seed (the same warm start: a paired comparison), with the mean and 95% interval over seeds."""
@@ -618,6 +618,23 @@ def report(result: dict[str, Any], out: Path) -> int:
         result["guard"] = {f"guard_minus_{b}_final": paired_differences(rows, arms=("guard", b))
                            for b in ("loop", "grpo")}  # fmt: skip
         result["guard"]["rejected"] = [(r["seed"], r["stage"]) for r in rows if r.get("accepted") is False]
+        total: dict[
+            tuple[str, int], float
+        ] = {}  # an arm's whole training wall time, rejected stages included
+        for r in rows:
+            if r.get("wall_s") is not None:
+                total[(r["arm"], r["seed"])] = max(total.get((r["arm"], r["seed"]), 0.0), r["wall_s"])
+        for b in ("loop", "grpo"):
+            diffs = [
+                total[("guard", s)] - total[(b, s)] for a, s in total if a == "guard" and (b, s) in total
+            ]
+            if diffs:
+                mean, half = interval95(diffs)
+                result["guard"][f"guard_minus_{b}_final"]["total_wall_s"] = {
+                    "per_seed": [round(d, 1) for d in diffs],
+                    "mean": round(mean, 1),
+                    "ci95": round(half, 1),
+                }
         result["guard"]["dpo_skipped"] = [(r["seed"], r["stage"], r["skipped"]) for r in rows
                                           if r["arm"] == "guard" and r.get("skipped")]  # fmt: skip
         for name, diffs in result["guard"].items():
