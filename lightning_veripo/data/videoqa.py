@@ -56,7 +56,8 @@ class SyntheticSpec:
     num_val: int = 16
     tasks: list[str] | None = None
     seed: int = 0
-    num_test: int = 0  # > 0 also writes test.json (the demo's development slice for the loop's stage acceptance)
+    # > 0 also writes test.json (the demo's development slice for the loop's stage acceptance)
+    num_test: int = 0
 
 
 @dataclass
