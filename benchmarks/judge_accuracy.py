@@ -1,6 +1,6 @@
 """Judge accuracy: how often a consistency judge agrees with hand labels, per problem type.
 
-The labelled set (`tests/data/labelled_rollouts.jsonl`, written by `tests/data/make_labelled_rollouts.py`) holds
+The labelled set (`lightning_veripo/verifier/data/labelled_rollouts.jsonl`, written by `tests/data/make_labelled_rollouts.py`) holds
 rollouts of all five problem types, each labelled by hand: `true` (the reasoning leads to the answer), `false`
 (it does not) or `null` (the reasoning states no conclusion: a judge should abstain). Every judge given with
 `--judge` judges every item; the script prints one table per judge and writes JSON.
@@ -56,7 +56,7 @@ from lightning_veripo.records import PROBLEM_TYPES
 from lightning_veripo.verifier.judges import JudgeItem, RuleJudge
 from lightning_veripo.verifier.llm_judges import HybridJudge, OpenAIJudge, TransformersJudge
 
-DEFAULT_DATA = REPO / "tests" / "data" / "labelled_rollouts.jsonl"
+DEFAULT_DATA = REPO / "lightning_veripo" / "verifier" / "data" / "labelled_rollouts.jsonl"
 DEFAULT_OUT = REPO / "benchmarks" / "results" / "judge_accuracy.json"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_DIR = Path(tempfile.gettempdir()) / "smollm2-135m-instruct-f32"

@@ -12,6 +12,11 @@ run with the same GRPO settings and the same number of GRPO steps:
   judge_model=DIR`: the rules where a stated conclusion allows, a local causal LM (TransformersJudge, likelihood
   verdicts by default) for the rest. Every evaluation, of both arms, is judged by the rules (`iterate`'s
   `evaluation.judge`), so the inconsistency rates of runs with different verifier judges compare;
+- `guard` (only when asked for with `--arms`): the loop with its guards (lightning_veripo.acceptance): a GRPO or
+  DPO stage kept only if not worse on the development split (`val.json`) than the policy it would replace, by
+  more than one binomial standard error; each DPO stage only after the judge's audit on the shipped labelled
+  rollouts of the task passes `min_judge_accuracy`; DPO from `dpo_from`. Every arm scores every stage on the
+  development split too (`dev_accuracy`, greedy), so both splits are reported;
 - `nodpo` (an ablation, only when asked for with `--arms`): the loop without its DPO stages. The verifier runs and
   80% of the always-solved questions are dropped from the next GRPO fit, as in the loop, but no DPO fit runs. Loop
   minus `nodpo` is what the DPO stages do; `nodpo` minus `grpo` is what the data filter does.
@@ -83,6 +88,10 @@ class Setting:
     judge_min_confidence: float = 0.5  # judge=hybrid: below it the LLM abstains (0.5: always decides)
     # the GRPO and DPO stages' LoRA also on the vision merger, the vision tower unfrozen for it (configs/demo.yaml)
     rl_vision_merger: bool = False
+    # the `guard` arm (lightning_veripo.acceptance.Guards)
+    min_judge_accuracy: float = 0.8
+    margin_se: float = 1.0
+    dpo_from: str = "grpo"  # or before_grpo
 
 
 # The language model's projections (LoRAConfig's default) and the vision merger's two linear layers
@@ -92,7 +101,7 @@ MERGER_LORA = "language_model+merger"
 
 JUDGES = ("rule", "hybrid")
 
-ARMS = {"grpo": "GRPO alone", "loop": "VerIPO loop", "nodpo": "loop without DPO"}
+ARMS = {"grpo": "GRPO alone", "loop": "VerIPO loop", "guard": "loop with guards", "nodpo": "loop without DPO"}
 NO_DPO = sys.maxsize  # a min_questions_with_pairs no verifier reaches: every DPO stage is skipped, saying why
 
 
@@ -155,18 +164,24 @@ def make_judge(setting: Setting) -> Any:
     return HybridJudge(llm=llm, rule=RuleJudge())
 
 
-def arm_options(setting: Setting, arm: str) -> dict[str, Any]:
+def arm_options(setting: Setting, arm: str, dev_path: str | None = None) -> dict[str, Any]:
     """What `iterate` is given for one arm on top of the settings every arm shares: GRPO alone runs no verifier;
     the loop's verifier uses the setting's judge; `nodpo` runs the verifier (rules: only its always-solved
     statistics are used) and its data filter, and skips every DPO stage."""
+    from lightning_veripo.acceptance import Guards
     from lightning_veripo.verifier import RuleJudge
 
+    dev = {"guards": Guards(dev_path=dev_path)} if dev_path else {}  # every stage scored on dev, all kept
     if arm == "grpo":
-        return {"grpo_only": True, "judge": None}
+        return {"grpo_only": True, "judge": None, **dev}
     if arm == "loop":
-        return {"grpo_only": False, "judge": make_judge(setting)}
+        return {"grpo_only": False, "judge": make_judge(setting), **dev}
+    if arm == "guard":
+        guards = Guards(accept="no_worse", dev_path=dev_path, margin_se=setting.margin_se,
+                        min_judge_accuracy=setting.min_judge_accuracy, dpo_from=setting.dpo_from)  # fmt: skip
+        return {"grpo_only": False, "judge": make_judge(setting), "guards": guards}
     if arm == "nodpo":
-        return {"grpo_only": False, "judge": RuleJudge(), "min_questions_with_pairs": NO_DPO}
+        return {"grpo_only": False, "judge": RuleJudge(), "min_questions_with_pairs": NO_DPO, **dev}
     raise ValueError(f"arm {arm!r}: expected one of {', '.join(ARMS)}")
 
 
@@ -243,15 +258,23 @@ def run_seed(
             shutil.rmtree(arm_dir, ignore_errors=True)
             shutil.copytree(warm, arm_dir)  # the same warm start: its stage is finished there
         out = iterate(str(model), st["grpo"], st["dpo"], work_dir=str(arm_dir), iterations=setting.iterations,
-                      **{**kwargs, **arm_options(setting, arm)})  # fmt: skip
-        finished = {s["stage"]: s for s in json.loads((arm_dir / "state.json").read_text())["finished"]}
+                      **{**kwargs, **arm_options(setting, arm, _dev_path(eval_path))})  # fmt: skip
+        arm_state = json.loads((arm_dir / "state.json").read_text())
+        finished = {s["stage"]: s for s in arm_state["finished"]}
+        warm_dev = arm_state.get("dev", {}).get(json.dumps([s["adapter"] for s in state["finished"]]), {})
+        if (
+            warm_dev
+        ):  # the warm start's development score (the policy the first stage's acceptance compares to)
+            out = [dict(r, dev_accuracy=warm_dev["accuracy"]) if r["stage"] == "sft" else r for r in out]
         wall, cpu, steps0 = 0.0, 0.0, out[0]["step"]
         for row in out:
-            if row["stage"] != "sft":
-                wall, cpu = wall + row["train_s"], cpu + row["train_cpu_s"]
+            if row["stage"] != "sft":  # the guard arm's acceptance scoring is part of its cost
+                wall = wall + row["train_s"] + (row.get("accept_s", 0.0) if arm == "guard" else 0.0)
+                cpu = cpu + row["train_cpu_s"]
             rows.append({"task": task, "arm": arm, "seed": seed, "stage": row["stage"],
                          "wall_s": round(wall, 2), "cpu_s": round(cpu, 2), "steps": row["step"] - steps0,
-                         **{k: row.get(k) for k in METRICS}})  # fmt: skip
+                         **{k: row.get(k) for k in METRICS},
+                         **{k: row[k] for k in ("accepted", "dev_accuracy") if k in row}})  # fmt: skip
         for name, s in finished.items():
             if s.get("skipped"):
                 rows.append({"task": task, "arm": arm, "seed": seed, "stage": name, "skipped": s["skipped"]})
@@ -262,6 +285,11 @@ def run_seed(
             rows.append({"task": task, "arm": arm, "seed": seed, "stage": f"iter_{k}/verifier",
                          "verifier": {x: st_.get(x) for x in keys}})  # fmt: skip
     return {"rows": rows, "control": {"seed": seed, **{k: control.get(k) for k in METRICS}}}
+
+
+def _dev_path(eval_path: Path) -> str | None:
+    """The development split beside a test split the rows report (None when the rows are the dev split)."""
+    return str(eval_path.with_name("val.json")) if eval_path.name == "test.json" else None
 
 
 def rescore(task: str, setting: Setting, seed: int, work: Path, eval_path: Path, arms: tuple[str, ...],
@@ -316,7 +344,7 @@ def summarise(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     for arm, stage in keys:
         these = [r for r in evaluated if r["arm"] == arm and r["stage"] == stage]
         entry: dict[str, Any] = {"arm": arm, "stage": stage, "seeds": len(these)}
-        for key in ("wall_s", "cpu_s", "steps", *METRICS):
+        for key in ("wall_s", "cpu_s", "steps", *METRICS, "dev_accuracy"):
             values = [float(r[key]) for r in these if r.get(key) is not None]
             if values:
                 mean, half = interval95(values)
@@ -356,7 +384,7 @@ def final_rows(rows: list[dict[str, Any]], arms: tuple[str, ...]) -> dict[tuple[
     """(arm, seed) -> the row of that arm's last evaluated stage on that seed."""
     final: dict[tuple[str, int], dict[str, Any]] = {}
     for r in rows:
-        if r.get("accuracy") is not None and r["arm"] in arms:
+        if r.get("accuracy") is not None and r["arm"] in arms and r.get("accepted") is not False:
             key = (r["arm"], r["seed"])
             if key not in final or _stage_order(r["stage"]) > _stage_order(final[key]["stage"]):
                 final[key] = r
@@ -364,7 +392,7 @@ def final_rows(rows: list[dict[str, Any]], arms: tuple[str, ...]) -> dict[tuple[
 
 
 def paired_differences(rows: list[dict[str, Any]], keys: tuple[str, ...] = ("accuracy", "sampled_accuracy",
-                       "sampled_inconsistency_rate", "sampled_reasoning_tokens"),
+                       "sampled_inconsistency_rate", "sampled_reasoning_tokens", "dev_accuracy"),
                        arms: tuple[str, str] = ("loop", "grpo")) -> dict[str, Any]:  # fmt: skip
     """Arm `arms[0]` minus arm `arms[1]` (default: the loop minus GRPO alone) after the last evaluated stage of
     each, per seed (the same warm start: a paired comparison), with the mean and 95% interval over seeds."""
@@ -420,7 +448,7 @@ def plot(summary: list[dict[str, Any]], path: Path, title: str, rows: list[dict[
     panels = (("accuracy", "greedy accuracy"), ("sampled_accuracy", "sampled accuracy (T=1)"),
               ("sampled_inconsistency_rate", "inconsistency (sampled, rule judge)"))  # fmt: skip
     evaluated = [r for r in rows or [] if r.get("accuracy") is not None and r["arm"] in ARMS]
-    colours = {"grpo": "tab:blue", "loop": "tab:red", "nodpo": "tab:green"}
+    colours = {"grpo": "tab:blue", "loop": "tab:red", "guard": "tab:purple", "nodpo": "tab:green"}
     present = [arm for arm in ARMS if any(e["arm"] == arm for e in summary)]
     fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4))
     for ax, (key, label) in zip(axes, panels, strict=True):
@@ -586,6 +614,37 @@ def report(result: dict[str, Any], out: Path) -> int:
         for key, d in result["loop_minus_grpo_final_reading"].items():
             print(f"over those seeds, loop - GRPO alone, {key}: {d['mean']:+.3f} ± {d['ci95']:.3f} "
                   f"(per seed {d['per_seed']})")  # fmt: skip
+    if any(r["arm"] == "guard" for r in rows):
+        result["guard"] = {f"guard_minus_{b}_final": paired_differences(rows, arms=("guard", b))
+                           for b in ("loop", "grpo")}  # fmt: skip
+        result["guard"]["rejected"] = [(r["seed"], r["stage"]) for r in rows if r.get("accepted") is False]
+        total: dict[
+            tuple[str, int], float
+        ] = {}  # an arm's whole training wall time, rejected stages included
+        for r in rows:
+            if r.get("wall_s") is not None:
+                total[(r["arm"], r["seed"])] = max(total.get((r["arm"], r["seed"]), 0.0), r["wall_s"])
+        for b in ("loop", "grpo"):
+            diffs = [
+                total[("guard", s)] - total[(b, s)] for a, s in total if a == "guard" and (b, s) in total
+            ]
+            if diffs:
+                mean, half = interval95(diffs)
+                result["guard"][f"guard_minus_{b}_final"]["total_wall_s"] = {
+                    "per_seed": [round(d, 1) for d in diffs],
+                    "mean": round(mean, 1),
+                    "ci95": round(half, 1),
+                }
+        result["guard"]["dpo_skipped"] = [(r["seed"], r["stage"], r["skipped"]) for r in rows
+                                          if r["arm"] == "guard" and r.get("skipped")]  # fmt: skip
+        for name, diffs in result["guard"].items():
+            if isinstance(diffs, dict):
+                for key, d in diffs.items():
+                    print(f"{name.replace('_final', '')}: {key} {d['mean']:+.3f} ± {d['ci95']:.3f} "
+                          f"(per seed {d['per_seed']})")  # fmt: skip
+        print(
+            f"guard: rejected stages {result['guard']['rejected']}; DPO skipped {result['guard']['dpo_skipped']}"
+        )
     if any(r["arm"] == "nodpo" for r in rows):
         result["ablation"] = {f"{a}_minus_{b}_final": paired_differences(rows, arms=(a, b))
                               for a, b in (("loop", "nodpo"), ("nodpo", "grpo"))}  # fmt: skip

@@ -9,9 +9,11 @@ the whole run follow each other on one axis.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 from lightning.pytorch.loggers import TensorBoardLogger
+from torch.utils.tensorboard import SummaryWriter
 
 
 class LoopTensorBoardLogger(TensorBoardLogger):
@@ -31,3 +33,10 @@ class LoopTensorBoardLogger(TensorBoardLogger):
 def logged_step(logger: Any, step: int) -> int:
     """The x value a logger shows for the trainer's `step` (the step plus its `step_offset`, if it has one)."""
     return step + int(getattr(logger, "step_offset", 0))
+
+
+def log_scalars(log_dir: Path, scalars: Mapping[str, float], step: int) -> None:
+    """Scalars outside a fit (the loop's evaluations and judge audits), at `step` of the loop's axis."""
+    with SummaryWriter(str(log_dir)) as writer:
+        for key, value in scalars.items():
+            writer.add_scalar(key, value, step)

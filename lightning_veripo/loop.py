@@ -4,13 +4,17 @@
     for k in 1..iterations:
         iter_k/grpo      GRPO fit (VerifierCallback attached) from the current policy
         iter_k/verifier  rollouts.jsonl, verdicts.jsonl, pairs.jsonl, stats.json
-        iter_k/dpo       DPO fit on pairs.jsonl, reference = the GRPO policy
+        iter_k/dpo       DPO fit on pairs.jsonl, reference = the GRPO policy (or, with `guards.dpo_from:
+                         before_grpo`, the policy that GRPO stage started from); skipped when the judge's audit
+                         on labelled rollouts of the task is below `guards.min_judge_accuracy` (judge_gate.py)
         next GRPO data drops `discard_solved_fraction` of the questions that were always solved
 
 Each stage is a LightningCLI fit of its own YAML (any `veripo fit` config), given the current policy by
 overriding the backbone: the base model plus the adapters of the finished stages, merged in order, and a fresh
 LoRA adapter (so "adapter disabled" is exactly the stage's starting policy: the reference of GRPO's KL and of
-DPO). Weights pass between stages as adapter directories. `state.json` records the finished stages; running the
+DPO). Weights pass between stages as adapter directories. With `guards.accept: no_worse` a GRPO or DPO stage
+is kept only if its policy is not worse on a development slice than the one it would replace (acceptance.py); a
+rejected stage's adapter stays on disk and the next stage starts from the kept policy. `state.json` records the finished stages; running the
 same command again skips them, and resumes an interrupted fit from its `last.ckpt`.
 
 The console (lightning_veripo.console): a header per stage, a line for each stage skipped and why, evaluation
@@ -26,20 +30,30 @@ import random
 import resource
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from lightning.pytorch.callbacks import ModelCheckpoint
-from torch.utils.tensorboard import SummaryWriter
 
 from lightning_veripo import preemption
+from lightning_veripo.acceptance import Guards, decide
 from lightning_veripo.backbone import VideoLLM
 from lightning_veripo.callbacks.verifier import VerifierCallback, verify_checkpoint
 from lightning_veripo.console import header, held_back, plural, quiet, say
 from lightning_veripo.data.videoqa import FrameSampling
 from lightning_veripo.evaluate import DEFAULT_BATCH_SIZE, DEFAULT_MAX_NEW_TOKENS, EvalSettings, evaluate
 from lightning_veripo.files import write_text_atomic
+from lightning_veripo.judge_gate import JudgeGate
+from lightning_veripo.loggers import log_scalars
+from lightning_veripo.loop_console import (
+    describe_fit,
+    majority_accuracy,
+    print_summary,
+    print_where,
+    read_lines,
+)
+from lightning_veripo.loop_state import LoopState
 from lightning_veripo.stage_cli import VeripoCLI
 from lightning_veripo.tiny import make_tiny_model
 from lightning_veripo.verifier.judges import RuleJudge
@@ -56,30 +70,6 @@ class Stage:
 
     config: str
     args: list[str] = field(default_factory=list)
-
-
-class LoopState:
-    """`state.json`: the stages finished so far, in order, with the adapter each left behind."""
-
-    def __init__(self, work_dir: Path) -> None:
-        self.path = work_dir / "state.json"
-        self.data: dict[str, Any] = (
-            json.loads(self.path.read_text()) if self.path.exists() else {"finished": []}
-        )
-
-    def finished(self, stage: str) -> bool:
-        return any(s["stage"] == stage for s in self.data["finished"])
-
-    def step(self) -> int:
-        """The TensorBoard step the finished stages reached (each stage's optimizer steps, added up)."""
-        return max((int(s.get("step", 0)) for s in self.data["finished"]), default=0)
-
-    def adapters(self) -> list[str]:
-        return [s["adapter"] for s in self.data["finished"] if s.get("adapter")]
-
-    def mark(self, stage: str, adapter: str | None, **info: Any) -> None:
-        self.data["finished"].append({"stage": stage, "adapter": adapter, **info})
-        write_text_atomic(self.path, json.dumps(self.data, indent=1))
 
 
 def run_stage(
@@ -122,7 +112,7 @@ def run_stage(
     ):  # the header before Lightning's lines
         cli = VeripoCLI(args=args, run=False)
         if title is not None:
-            first, *details = _describe_fit(cli, stage, base_model, adapters, stage_dir, last)
+            first, *details = describe_fit(cli, stage.config, base_model, adapters, stage_dir, last)
             header(f"{title}: {first}", *details)
     # Checkpoint callbacks run last (as Trainer orders them), so a checkpoint holds the state the other
     # callbacks reached at that step, e.g. the VerifierCallback's rollouts of the step just taken.
@@ -139,55 +129,6 @@ def run_stage(
             weights_only=True,
         )
     return cli.model, cli.trainer.global_step
-
-
-def _describe_fit(cli: Any, stage: Stage, base_model: str, adapters: list[str], stage_dir: Path,
-                  last: Path) -> list[str]:  # fmt: skip
-    """A stage header's lines: the fit and its length, the policy it starts from, its data, where it writes."""
-    model, data, trainer = cli.model, cli.datamodule, cli.trainer
-    kind = type(model).__name__.removesuffix("Module") or type(model).__name__
-    max_steps, max_epochs = trainer.max_steps, trainer.max_epochs
-    per_epoch = ""
-    pairs = getattr(data, "pairs_path", None)
-    num_pairs = len(_read_lines(Path(pairs))) if pairs else None
-    batch = getattr(data, "batch_size", None)
-    if num_pairs is not None and batch:
-        per_epoch = f" of {plural(-(-num_pairs // batch), 'batch')}"
-    if max_steps is not None and max_steps > 0:
-        length = plural(max_steps, "step")
-        if max_epochs is not None and max_epochs >= 0:
-            length = f"{plural(max_epochs, 'epoch', 'epochs')}{per_epoch}, at most {length}"
-    elif max_epochs is not None and max_epochs >= 0:
-        length = f"{plural(max_epochs, 'epoch', 'epochs')}{per_epoch}"
-    else:
-        length = "no step or epoch limit"
-    lines = [f"{kind} fit of {stage.config}: {length}"]
-    merged = [_stage_of(a) for a in adapters]
-    policy = f"{base_model} + the adapters of {', '.join(merged)}" if merged else base_model
-    lines.append(f"from:  {policy}")
-    if num_pairs is not None:
-        what = f"{plural(num_pairs, 'preference pair')} from {pairs}"
-    else:
-        what = str(getattr(data, "train_path", None) or type(data).__name__)
-        exclude = getattr(data, "exclude_ids_file", None)
-        if exclude and Path(exclude).is_file():
-            what += f", less {plural(len(json.loads(Path(exclude).read_text())), 'always-solved question')}"
-    if batch:
-        what += f"; batch {batch}"
-    generations = getattr(model, "num_generations", None)
-    if isinstance(generations, int):
-        what += f" x {generations} rollouts"
-    lines.append(f"data:  {what}")
-    resume = f" (resuming from {last})" if last.exists() else ""
-    lines.append(f"into:  {stage_dir}{resume}")
-    return lines
-
-
-def _stage_of(adapter: str) -> str:
-    """`work/iter_1/grpo/adapter` -> `iter_1/grpo`: the stage that left an adapter (its last two path parts
-    when the stage is an iteration's, else its directory's name)."""
-    parts = Path(adapter).parts[:-1]
-    return "/".join(parts[-2:]) if len(parts) >= 2 and parts[-2].startswith("iter_") else parts[-1]
 
 
 def iterate(
@@ -210,6 +151,7 @@ def iterate(
     eval_base: bool = False,
     benchmark: Benchmark | None = None,
     seed: int = 0,
+    guards: Guards = Guards(),  # noqa: B008 (frozen)
 ) -> list[dict[str, Any]]:
     """Run the VerIPO loop into `work_dir`; returns the per-stage evaluation rows (also in metrics.jsonl).
 
@@ -234,11 +176,14 @@ def iterate(
             training prompt and `evaluation`'s frames, max_new_tokens, repetition penalty and batch size
             (`veripo evaluate`'s files in `<stage>/benchmark/`); the headline is the row's `benchmark/<name>`,
             TensorBoard's `eval/benchmark/<name>`.
+        guards: the stage acceptance on a development slice, the judge audit before each DPO stage and where DPO
+            starts (lightning_veripo.acceptance; the default keeps every stage and gates nothing).
         make_tiny_if_missing: build the offline tiny model at `base_model` if it does not exist (the demo), of
             `tiny_size` (a preset of lightning_veripo.tiny.SIZES: "tiny" or "small").
     """
 
     work = Path(work_dir)
+    guards.check_dev_path(val_path)
     # one run owns work_dir (a second one stops here, touching nothing); SIGTERM stops at a safe point
     with hold_work_dir(work), preemption.stop_on_sigterm():
         if make_tiny_if_missing and not (Path(base_model).expanduser() / "config.json").exists():
@@ -250,9 +195,7 @@ def iterate(
         # a row whose stage state.json does not hold was written by a run killed between the two files: the
         # stage runs again and writes it again
         rows: list[dict[str, Any]] = [
-            row
-            for row in map(json.loads, _read_lines(work / "metrics.jsonl"))
-            if state.finished(row["stage"])
+            row for row in map(json.loads, read_lines(work / "metrics.jsonl")) if state.finished(row["stage"])
         ]
         per_iteration = ["grpo"] if grpo_only else ["grpo", "dpo"]
         plan = [*(["sft"] if sft else []), *(["activation"] if activation else []),
@@ -267,7 +210,7 @@ def iterate(
             if entry is None:
                 return False
             what = "skipped" if entry.get("skipped") else "finished"
-            why = f": {entry['skipped']}" if entry.get("skipped") else ""
+            why = f": {entry.get('skipped') or entry.get('rejected') or ''}".rstrip(": ")
             say(f"== {label(name) if name in plan else name}: {what} in an earlier run ({state.path}){why}")
             return True
 
@@ -312,15 +255,30 @@ def iterate(
                    **metrics, "rss_mb": _rss_mb()}  # fmt: skip
             record(row, "base", None, steps=0, step=0)
 
-        def fit(
-            name: str, stage: Stage, extra: list[str] | None = None, callbacks: list[Any] | None = None
-        ) -> None:
+        def dev_score(policy: list[str], backbone: Any | None = None) -> dict[str, Any]:
+            """Greedy accuracy of `policy` on guards.dev_path (measured once, kept in state.json)."""
+            if (known := state.dev_score(policy)) is None:
+                backbone = backbone or VideoLLM(base_model, merge_adapters=policy).load()
+                say(f"   scoring on the development slice {guards.dev_path} (greedy)")
+                metrics = evaluate(
+                    backbone, guards.dev_path, replace(evaluation, num_samples=0), judge, seed=seed
+                )
+                known = {
+                    "accuracy": metrics["accuracy"],
+                    "n": len(json.loads(Path(guards.dev_path).read_text())),
+                }
+                state.remember_dev(policy, known)
+            return known
+
+        def fit(name: str, stage: Stage, extra: list[str] | None = None, callbacks: list[Any] | None = None,
+                start_from: list[str] | None = None, guarded: bool = False) -> None:  # fmt: skip
             if finished_before(name):
                 return
             start, cpu_start = time.perf_counter(), time.process_time()
-            offset = state.step()
+            offset, kept = state.step(), state.adapters()
+            adapters = kept if start_from is None else start_from
             with preemption.at(name):
-                module, steps = run_stage(name, stage, work / name, base_model, state.adapters(), tensorboard,
+                module, steps = run_stage(name, stage, work / name, base_model, adapters, tensorboard,
                                           extra, callbacks, step_offset=offset, title=label(name))  # fmt: skip
             adapter = str(module.backbone.save_pretrained(work / name / "adapter"))
             train_s, train_cpu_s = time.perf_counter() - start, time.process_time() - cpu_start
@@ -331,7 +289,19 @@ def iterate(
                    "train_cpu_s": round(train_cpu_s, 3),
                    "wall_s": round(train_s + time.perf_counter() - eval_start, 3), **metrics,
                    "rss_mb": _rss_mb()}  # fmt: skip
-            record(row, name, adapter, steps=steps, step=offset + steps)
+            info: dict[str, Any] = {} if adapters == kept else {"policy": [*adapters, adapter]}
+            # the stage acceptance: not worse on the development slice than the policy it would replace
+            if guarded and guards.dev_path:
+                accept_start = time.perf_counter()
+                before, after = dev_score(kept), dev_score([*adapters, adapter], module.backbone)
+                decision = decide(guards, before["accuracy"], after["accuracy"], after["n"])
+                row.update(accepted=decision.accepted, dev_accuracy=after["accuracy"],
+                           accept_s=round(time.perf_counter() - accept_start, 3))  # fmt: skip
+                info.update(accepted=decision.accepted, decision=decision.reason())
+                if not decision.accepted:
+                    info.update(policy=kept, rejected=decision.reason())
+                say(f"== {label(name)}: {decision.reason()}")
+            record(row, name, adapter, steps=steps, step=offset + steps, **info)
 
         with quiet():
             if eval_base and state.finished("base"):
@@ -341,6 +311,7 @@ def iterate(
             if activation is not None:
                 fit("activation", activation)
             exclude: Path | None = None
+            gate = JudgeGate(guards, judge, val_path)
             for k in range(1, iterations + 1):
                 it = f"iter_{k}"
                 extra = [f"--data.init_args.exclude_ids_file={exclude}"] if exclude is not None else []
@@ -356,7 +327,8 @@ def iterate(
                         )
                     ]
                 )
-                fit(f"{it}/grpo", grpo, extra, callbacks)
+                before_grpo = state.adapters()
+                fit(f"{it}/grpo", grpo, extra, callbacks, guarded=True)
                 if not grpo_only:
                     pairs = verifier_dir / "pairs.jsonl"
                     if not finished_before(f"{it}/dpo"):
@@ -364,13 +336,22 @@ def iterate(
                             _ensure_verifier_files(work / it, judge, pair_config)
                         _say_verifier(f"{it}/verifier", verifier_dir)
                         covered = _questions_with_pairs(pairs)
-                        if covered < min_questions_with_pairs:
+                        if why := gate.check(it, verifier_dir, tensorboard, state.step()):
+                            say(f"== {label(f'{it}/dpo')} skipped: {why}")
+                            state.mark(f"{it}/dpo", None, skipped=why)
+                        elif covered < min_questions_with_pairs:
                             why = (f"the verifier's pairs cover {covered} question(s), fewer than "
                                    f"min_questions_with_pairs={min_questions_with_pairs}")  # fmt: skip
                             say(f"== {label(f'{it}/dpo')} skipped: {why}")
                             state.mark(f"{it}/dpo", None, skipped=why)
                         else:
-                            fit(f"{it}/dpo", dpo, [f"--data.init_args.pairs_path={pairs}"])
+                            fit(
+                                f"{it}/dpo",
+                                dpo,
+                                [f"--data.init_args.pairs_path={pairs}"],
+                                guarded=True,
+                                start_from=before_grpo if guards.dpo_from == "before_grpo" else None,
+                            )
                     exclude = _discard_solved(
                         verifier_dir / "stats.json",
                         work / it / "exclude_ids.json",
@@ -378,8 +359,8 @@ def iterate(
                         seed + k,
                     )
             evaluate_base()
-        _print_summary(rows, _majority_accuracy(val_path), title=f"evaluation on {val_path} after each stage")
-        _print_where(work)
+        print_summary(rows, majority_accuracy(val_path), title=f"evaluation on {val_path} after each stage")
+        print_where(work)
         return rows
 
 
@@ -410,7 +391,7 @@ def _discard_solved(stats_path: Path, out: Path, fraction: float, seed: int) -> 
 
 def _questions_with_pairs(pairs: Path) -> int:
     """How many distinct questions the pairs file holds pairs for (0 if it is missing or empty)."""
-    return len({json.loads(line)["record"]["problem_id"] for line in _read_lines(pairs)})
+    return len({json.loads(line)["record"]["problem_id"] for line in read_lines(pairs)})
 
 
 def _rss_mb() -> float:
@@ -426,25 +407,11 @@ def _rss_mb() -> float:
     return round(peak / (1024 * 1024 if sys.platform == "darwin" else 1024), 1)
 
 
-def _read_lines(path: Path) -> list[str]:
-    return [x for x in path.read_text().splitlines() if x.strip()] if path.exists() else []
-
-
 def _log_eval(tensorboard: Path, row: dict[str, Any]) -> None:
-
-    with SummaryWriter(str(tensorboard / "loop")) as writer:
-        for key, value in row.items():
-            if isinstance(value, (int, float)) and key not in ("index", "step"):
-                writer.add_scalar(f"eval/{key}", value, row["step"])
-
-
-def _majority_accuracy(val_path: str) -> float | None:
-    """The accuracy of always giving the evaluation set's most common answer (None if it cannot be read)."""
-    try:
-        answers = [str(r["solution"]).strip() for r in json.loads(Path(val_path).read_text())]
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
-    return max(answers.count(a) for a in set(answers)) / len(answers) if answers else None
+    scalars = {
+        f"eval/{k}": v for k, v in row.items() if isinstance(v, (int, float)) and k not in ("index", "step")
+    }
+    log_scalars(tensorboard / "loop", scalars, row["step"])
 
 
 def _say_verifier(name: str, verifier_dir: Path) -> None:
@@ -457,30 +424,3 @@ def _say_verifier(name: str, verifier_dir: Path) -> None:
     if stats.get("judge_errors"):
         say(f"   {plural(stats['judge_errors'], 'rollout')} unjudged because the judge failed (the error is in "
             f"{verifier_dir / 'verdicts.jsonl'})")  # fmt: skip
-
-
-def _print_where(work: Path) -> None:
-    """The closing lines: where the results are, and the TensorBoard command."""
-    print(f"\nresults in {work}:")
-    print(f"  {work / 'metrics.jsonl'}  the evaluation after every stage, one JSON line each")
-    print(f"  {work / 'state.json'}  the finished stages: the same command again resumes after them")
-    print(
-        f"  {work}/<stage>/adapter, {work}/iter_<k>/verifier  each stage's LoRA adapter, the verifier's files"
-    )
-    print(f"  {work}/<stage>/answers.jsonl  each stage's greedy answer to every evaluation question")
-    print(f"TensorBoard: tensorboard --logdir {work / 'tensorboard'}", flush=True)
-
-
-def _print_summary(
-    rows: list[dict[str, Any]], majority: float | None = None, title: str | None = None
-) -> None:
-    print(f"\n{title}:" if title else "")
-    keys = ["accuracy", "sampled_accuracy", "format_rate", "reasoning_tokens", "inconsistency_rate", "acc_cons",
-            "wall_s"]  # fmt: skip
-    names = ["accuracy", "sampled acc", "format", "think tokens", "inconsistent", "acc-cons", "wall s"]
-    print(" | ".join(["stage".ljust(12)] + [n.rjust(12) for n in names]))
-    for row in rows:
-        cells = [f"{row[k]:12.3f}" if isinstance(row.get(k), (int, float)) else "-".rjust(12) for k in keys]
-        print(" | ".join([row["stage"].ljust(12)] + cells))
-    if majority is not None:
-        print(f"(always answering the most common answer scores {majority:.3f})")

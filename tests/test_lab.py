@@ -220,7 +220,7 @@ def test_each_arm_gets_its_own_loop_options() -> None:
     nodpo = lab.arm_options(setting, "nodpo")
     assert nodpo["grpo_only"] is False and isinstance(nodpo["judge"], RuleJudge)
     assert nodpo["min_questions_with_pairs"] > 10**12  # more questions than any data set: no DPO stage runs
-    with pytest.raises(ValueError, match="expected one of grpo, loop, nodpo"):
+    with pytest.raises(ValueError, match="expected one of grpo, loop, guard, nodpo"):
         lab.arm_options(setting, "dpo")
     # the data filter's share is a setting of every arm's loop (GRPO alone runs no verifier, so it has no effect)
     kwargs = lab._loop_kwargs(lab.Setting(discard_solved_fraction=0.0), Path("test.json"), seed=0)

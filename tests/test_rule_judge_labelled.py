@@ -1,4 +1,5 @@
-"""The rule judge on the hand-labelled rollouts (tests/data/labelled_rollouts.jsonl): the set covers what it
+"""The rule judge on the hand-labelled rollouts (lightning_veripo/verifier/data/labelled_rollouts.jsonl, the
+loop's default judge audit): the set covers what it
 should, and the judge keeps the accuracy measured by benchmarks/judge_accuracy.py (see benchmarks/RESULTS.md,
 "judge_accuracy"). The judge is deterministic, so the floors are the measured counts, not a margin below them."""
 
@@ -12,6 +13,7 @@ import pytest
 
 from lightning_veripo.records import PROBLEM_TYPES
 from lightning_veripo.verifier import RuleJudge
+from lightning_veripo.verifier.audit import LABELLED_ROLLOUTS
 
 DATA = Path(__file__).parent / "data"
 
@@ -27,7 +29,7 @@ def _module(name: str, path: Path):
 
 # the benchmark's own conversion of a labelled row to the judge's input, so test and benchmark judge the same items
 judge_accuracy = _module("judge_accuracy", Path(__file__).parents[1] / "benchmarks" / "judge_accuracy.py")
-ROWS = [json.loads(line) for line in (DATA / "labelled_rollouts.jsonl").read_text().splitlines() if line]
+ROWS = [json.loads(line) for line in LABELLED_ROLLOUTS.read_text().splitlines() if line]
 
 # Measured on 244 items: per problem type, (items judged right, counting an abstention as wrong unless the
 # label is "cannot tell"; decided items judged right; items labelled inconsistent that were caught).

@@ -51,6 +51,8 @@ class SyntheticSpec:
     num_val: int = 16
     tasks: list[str] | None = None
     seed: int = 0
+    # > 0 also writes test.json (the demo's development slice for the loop's stage acceptance)
+    num_test: int = 0
 
 
 def read_records(path: str | Path, bad_lines: list[str] | None = None) -> list[dict[str, Any]]:
@@ -347,6 +349,7 @@ class VideoQADataModule(L.LightningDataModule):
             spec.num_val,
             spec.seed,
             tuple(spec.tasks or ("colour",)),
+            num_test=spec.num_test,
         )
 
     def _dataset(self, split: str) -> VideoQADataset:

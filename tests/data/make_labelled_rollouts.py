@@ -6,7 +6,7 @@ reasoning lead to the answer? `true` consistent, `false` inconsistent, `null` th
 reading the JSONL; they are never computed by a judge. Only the two small loops over the synthetic task's
 templates compute a label, from what the sentence says ("I see blue" names option C).
 
-    python tests/data/make_labelled_rollouts.py   # rewrites tests/data/labelled_rollouts.jsonl
+    python tests/data/make_labelled_rollouts.py   # rewrites lightning_veripo/verifier/data/labelled_rollouts.jsonl
 
 Fields: id, problem_type, question, options, reasoning, answer, label, case (what the item exercises).
 """
@@ -16,7 +16,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-OUT = Path(__file__).with_name("labelled_rollouts.jsonl")
+# shipped with the package: the loop audits its judge on it (lightning_veripo.verifier.audit)
+OUT = (
+    Path(__file__).resolve().parents[2] / "lightning_veripo" / "verifier" / "data" / "labelled_rollouts.jsonl"
+)
 
 COLOUR = ("What colour is the moving square?", ("A. red", "B. green", "C. blue", "D. yellow"))
 DIRECTION = ("Which direction does the square move?", ("A. left", "B. right", "C. up", "D. down"))
