@@ -6,7 +6,7 @@ trainer's) and asks for G samples with per-token log-probs; the server's prompt 
 trainer's, or the step fails naming the problem.
 
 Sync, as verl, EasyR1 and TRL's async trainer do it: LoRA is adapter-only, after each optimiser step the adapter is
-saved and loaded at runtime under a new name (`policy-v<N>`) that the next rollouts use; the base (with earlier
+saved and loaded at runtime under a new name (`policy-<run>-v<N>`) that the next rollouts use; the base (with earlier
 stages' adapters merged into it) is reloaded from a saved directory at the start of each fit, i.e. at each loop
 stage boundary, and on resume; full fine-tuning reloads all weights after each step. After each sync the server's
 multimodal and prefix caches are reset (a video request after a reload without that kills the engine).
@@ -18,6 +18,7 @@ import base64
 import io
 import tempfile
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -64,6 +65,7 @@ class VLLMRollouts(RolloutEngine):
         self.settings = settings
         self.server: VLLMServer | None = None
         self.version = 0
+        self.run_id = uuid.uuid4().hex[:8]
         self.model_name = BASE_NAME
         self.last_sync: dict[str, float] = {}
         self._tmp: tempfile.TemporaryDirectory[str] | None = None
@@ -128,8 +130,8 @@ class VLLMRollouts(RolloutEngine):
     # ------------------------------------------------------------------ weight sync
     def _reset_caches(self) -> None:
         server = self._require()
-        server.post("/reset_mm_cache")
-        server.post("/reset_prefix_cache")
+        for path in ("/reset_mm_cache", "/reset_encoder_cache", "/reset_prefix_cache"):
+            server.post(path)
 
     def reload_base(self, module: Any) -> float:
         """Write the trainer's base weights (adapters merged so far; all weights under full FT) and reload them."""
@@ -154,7 +156,7 @@ class VLLMRollouts(RolloutEngine):
             return self.reload_base(module) if self.version or self.server is not None else 0.0
         t0 = time.perf_counter()
         self.version += 1
-        name = f"policy-v{self.version}"
+        name = f"policy-{self.run_id}-v{self.version}"  # new per engine: a reconnecting fit never clashes
         out = self.work_dir() / name
         backbone.model.save_pretrained(out)
         server = self._require()

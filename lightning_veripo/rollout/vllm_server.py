@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import time
@@ -82,7 +83,8 @@ class VLLMServer:
         s = self.settings
         cmd = [python, "-m", "vllm.entrypoints.openai.api_server", "--model", self.model_dir,
                "--served-model-name", "base", "--host", "127.0.0.1", "--port", str(port),
-               "--enable-lora", "--max-lora-rank", str(s.max_lora_rank), "--max-logprobs", "1"]  # fmt: skip
+               "--enable-lora", "--max-lora-rank", str(s.max_lora_rank), "--max-logprobs", "1",
+               "--trust-request-mm-kwargs", "--logprobs-mode", "processed_logprobs"]  # fmt: skip
         if s.tower_connector_lora:
             cmd.append("--enable-tower-connector-lora")
         if s.enforce_eager:
@@ -156,8 +158,11 @@ class VLLMServer:
             )
             try:
                 with urllib.request.urlopen(req, timeout=self.settings.request_timeout_s) as r:  # noqa: S310
-                    raw = r.read()
-                    return json.loads(raw) if raw.strip() else None
+                    raw = r.read().decode(errors="replace")
+                    try:
+                        return json.loads(raw) if raw.strip() else None
+                    except json.JSONDecodeError:
+                        return raw  # e.g. /v1/load_lora_adapter's "Success: ..."
             except urllib.error.HTTPError as e:
                 detail = e.read().decode(errors="replace")[:2000]
                 if 400 <= e.code < 500:
@@ -184,11 +189,15 @@ class VLLMServer:
         """Stop the server this object started (a server given by URL is left running)."""
         if self.process is None:
             return
-        if self.process.poll() is None:
-            self.process.terminate()
+        # its own session: the engine-core and worker processes it forked go with it
+        for sig, wait_s in ((signal.SIGTERM, 30), (signal.SIGKILL, 30)):
             try:
-                self.process.wait(timeout=30)
+                os.killpg(self.process.pid, sig)
+            except ProcessLookupError:
+                break
+            try:
+                self.process.wait(timeout=wait_s)
+                break
             except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(timeout=30)
+                continue
         self.process = None
