@@ -51,7 +51,9 @@ def small_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def server(small_model_dir: Path, tmp_path_factory: pytest.TempPathFactory):
     """One vLLM server for the module (start-up is the slow part); each test's engine connects by URL."""
     settings = VLLMSettings(python=PYTHON, max_lora_rank=8, startup_timeout_s=900)
-    srv = VLLMServer(settings, str(small_model_dir), tmp_path_factory.mktemp("vllm") / "server.log")
+    srv = VLLMServer(
+        settings, str(small_model_dir), tmp_path_factory.mktemp("vllm") / "server.log", "float32"
+    )
     srv.start()
     yield srv
     srv.stop()
@@ -193,7 +195,7 @@ def test_a_server_that_dies_or_does_not_answer_is_named(small_model_dir, tmp_pat
     ):
         dead.post("/v1/chat/completions", {})
     settings = VLLMSettings(python=PYTHON, max_lora_rank=8, startup_timeout_s=900, retries=1)
-    own = VLLMServer(settings, str(small_model_dir), tmp_path / "server.log")
+    own = VLLMServer(settings, str(small_model_dir), tmp_path / "server.log", "float32")
     own.start()
     try:
         assert own.process is not None

@@ -168,28 +168,35 @@ class VLLMRollouts(RolloutEngine):
         self.last_sync = {"adapter_s": time.perf_counter() - t0}
         return self.last_sync["adapter_s"]
 
-    def check_greedy(self, module: Any, prompt: str = "the answer is", max_new_tokens: int = 8) -> None:
-        """The server's greedy tokens on a text prompt must equal the trainer's policy's."""
+    def check_greedy(
+        self, module: Any, prompt: str = "the answer is", max_new_tokens: int = 8, tie_tol: float = 1e-3
+    ) -> None:
+        """The server's greedy tokens on a text prompt must be the trainer's policy's greedy tokens: fed back
+        through the trainer, each must have the top log-prob (within `tie_tol`, as random tiny models have near
+        ties that float rounding may break either way)."""
         backbone = module.backbone
-        tok = backbone.tokenizer
-        ids = tok(prompt, return_tensors="pt")["input_ids"]
+        ids = backbone.tokenizer(prompt, return_tensors="pt")["input_ids"]
         reply = self._require().post("/v1/completions", {
             "model": self.model_name, "prompt": ids[0].tolist(), "max_tokens": max_new_tokens,
             "temperature": 0.0, "return_token_ids": True, "ignore_eos": True,
         })  # fmt: skip
-        served = reply["choices"][0]["token_ids"]
+        served = list(reply["choices"][0]["token_ids"])
         model = backbone.model
+        full = torch.cat([ids, torch.tensor([served], dtype=torch.long)], 1).to(
+            next(model.parameters()).device
+        )
         with torch.no_grad():
-            out = model.generate(
-                input_ids=ids.to(next(model.parameters()).device), max_new_tokens=max_new_tokens,
-                do_sample=False, min_new_tokens=max_new_tokens,
-            )  # fmt: skip
-        trained = out[0, ids.shape[1] :].tolist()
-        if served != trained:
+            logps = torch.log_softmax(model(input_ids=full).logits[0, ids.shape[1] - 1 : -1].float(), -1)
+        chosen = logps.gather(-1, full[0, ids.shape[1] :, None])[:, 0]
+        gaps = (logps.max(-1).values - chosen).tolist()
+        bad = [(i, served[i], int(logps[i].argmax()), gap) for i, gap in enumerate(gaps) if gap > tie_tol]
+        if bad:
+            i, got, want, gap = bad[0]
             raise VLLMServerError(
                 f"weight sync check failed: the vLLM server's greedy tokens {served} differ from the trainer's "
-                f"{trained} on the text prompt {prompt!r} (model {self.model_name!r}); the server is not serving "
-                "the trained policy"
+                f"policy on the text prompt {prompt!r} (model {self.model_name!r}): at position {i} it chose "
+                f"{got}, the trainer {want}, {gap:.3g} below in log-prob; the server is not serving the trained "
+                "policy"
             )
 
     # ------------------------------------------------------------------ sampling

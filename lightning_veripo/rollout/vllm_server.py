@@ -72,8 +72,9 @@ def _free_port() -> int:
 class VLLMServer:
     """One server: `start()` launches or connects and waits for `/health`; `post` / `get` talk JSON; `stop()`."""
 
-    def __init__(self, settings: VLLMSettings, model_dir: str, log_path: Path) -> None:
+    def __init__(self, settings: VLLMSettings, model_dir: str, log_path: Path, dtype: str = "auto") -> None:
         self.settings = settings
+        self.dtype = dtype  # the trainer's: vLLM's CPU build serves float32 checkpoints in bfloat16 otherwise
         self.model_dir = model_dir
         self.log_path = log_path
         self.process: subprocess.Popen[bytes] | None = None
@@ -83,7 +84,7 @@ class VLLMServer:
         s = self.settings
         cmd = [python, "-m", "vllm.entrypoints.openai.api_server", "--model", self.model_dir,
                "--served-model-name", "base", "--host", "127.0.0.1", "--port", str(port),
-               "--enable-lora", "--max-lora-rank", str(s.max_lora_rank), "--max-logprobs", "1",
+               "--enable-lora", "--max-lora-rank", str(s.max_lora_rank), "--max-logprobs", "1", "--dtype", self.dtype,
                "--trust-request-mm-kwargs", "--logprobs-mode", "processed_logprobs"]  # fmt: skip
         if s.tower_connector_lora:
             cmd.append("--enable-tower-connector-lora")
