@@ -19,6 +19,7 @@ import io
 import tempfile
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -245,8 +246,11 @@ class VLLMRollouts(RolloutEngine):
         forbidden = backbone.token_ids(FORBIDDEN_GENERATION_TOKENS)
         rows: list[list[int]] = []
         logps: list[list[float]] = []
-        for p in range(batch["input_ids"].shape[0]):
-            reply = server.post("/v1/chat/completions", self.request(batch, p, sampling, forbidden))
+        n_prompts = batch["input_ids"].shape[0]
+        bodies = [self.request(batch, p, sampling, forbidden) for p in range(n_prompts)]
+        with ThreadPoolExecutor(max_workers=max(1, n_prompts)) as pool:  # concurrent: the server batches them
+            replies = list(pool.map(lambda body: server.post("/v1/chat/completions", body), bodies))
+        for p, reply in enumerate(replies):
             prompt = batch["input_ids"][p][batch["attention_mask"][p].bool()].tolist()
             if reply.get("prompt_token_ids") is not None and reply["prompt_token_ids"] != prompt:
                 raise VLLMServerError(
