@@ -200,6 +200,7 @@ def run(a: argparse.Namespace, work: Path) -> dict[str, Any]:
     from lightning_veripo.data.videoqa import FrameSampling, VideoQADataModule
     from lightning_veripo.dpo import DPOModule
     from lightning_veripo.grpo import GRPOModule
+    from lightning_veripo.rollout import VLLMSettings
     from lightning_veripo.sharding import FSDP2Strategy, is_sharded
 
     cuda = not a.tiny
@@ -259,7 +260,8 @@ def run(a: argparse.Namespace, work: Path) -> dict[str, Any]:
 
     grpo = GRPOModule(backbone, num_generations=a.G, max_new_tokens=a.max_new_tokens, beta=0.04, lr=1e-6,
                       dynamic_sampling=False,  # random weights score 0 everywhere: keep every group in the loss
-                      log_rollouts_every_n_steps=0)  # fmt: skip
+                      log_rollouts_every_n_steps=0, rollout_engine=a.engine,
+                      vllm=VLLMSettings(python=a.vllm_python, extra_args=tuple(a.vllm_args)))  # fmt: skip
     data = VideoQADataModule(train_path=str(data_dir / "train.json"), sampling=sampling, batch_size=a.prompts,
                              shuffle=False)  # fmt: skip
     run_stage("grpo", grpo, data, a.grpo_steps)
@@ -330,6 +332,13 @@ def main(argv: list[str] | None = None) -> int:
         "--peak-tflops", type=float, default=989.0, help="the GPU's dense bf16 peak (H100/H200: 989)"
     )
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--engine", choices=["hf", "vllm"], default="hf", help="GRPO's rollout engine")
+    p.add_argument(
+        "--vllm-python", default=os.environ.get("VERIPO_VLLM_PYTHON"), help="the vLLM env's python"
+    )
+    p.add_argument(
+        "--vllm-args", nargs="*", default=["--gpu-memory-utilization=0.3"], help="vLLM server args"
+    )
     p.add_argument(
         "--workdir", type=Path, default=None, help="where the model and clips go (default: a temp dir)"
     )

@@ -23,29 +23,36 @@ which `VerifierCallback` collects through `on_train_batch_end`.
 from __future__ import annotations
 
 import time
-from typing import Any, NamedTuple
+from typing import Any
 
 import torch
 
-from lightning_veripo import losses, sharding
+from lightning_veripo import losses
 from lightning_veripo.backbone import VideoLLM
-from lightning_veripo.batching import select_prompts, shuffle_video_features
+from lightning_veripo.batching import select_prompts
 from lightning_veripo.completions import Completions
 from lightning_veripo.evaluate import EvalSettings
-from lightning_veripo.loggers import logged_step
 from lightning_veripo.metrics import ReasoningMetrics, update_reasoning_metrics  # the latter was here once
 from lightning_veripo.module import VideoLLMModule
 from lightning_veripo.records import Rollout, VideoQARecord
-from lightning_veripo.rewards import RewardSet, accuracy_reward
+from lightning_veripo.rewards import RewardSet
+from lightning_veripo.rollout import (
+    HFRollouts,
+    RolloutEngine,
+    Sampled,
+    Sampling,
+    Scores,
+    VLLMRollouts,
+    VLLMSettings,
+    log_rollout_panel,
+    log_step,
+    logprob_mismatch,
+    naming_failures,
+    rollout_records,
+    score_rollouts,
+    sharded,
+)
 from lightning_veripo.verifier.judges import RuleJudge
-
-
-class Scores(NamedTuple):
-    """Rewards of one generation batch, prompt-major like the completions."""
-
-    components: dict[str, torch.Tensor]  # name -> [N*G] unweighted values
-    total: torch.Tensor  # [N*G] weighted sum + bonuses
-    accuracy: torch.Tensor  # [N*G] accuracy reward (0 when not configured)
 
 
 class GRPOModule(VideoLLMModule):
@@ -79,6 +86,12 @@ class GRPOModule(VideoLLMModule):
             `num_samples` samples at `temperature` (logged as `val/sampled_*`); `max_new_tokens` defaults to
             the module's, the judge of the inconsistency rate to the rules. Frames and batch size come from the
             data module (its `sampling` and `val_batch_size`).
+        rollout_engine: "hf" (`generate` in this process, shared prefill) or "vllm" (a vLLM server, `vllm`
+            settings; adapter-only weight sync after each optimiser step; see `lightning_veripo.rollout`).
+        vllm: the vLLM server (`VLLMSettings`): a URL to connect to, or the Python that starts one.
+        rollout_correction: "none", "token" or "sequence": truncated importance weights for the rollout engine's
+            sampler differing from the trainer's old policy (`losses.rollout_correction`; vllm only), clipped at
+            `rollout_correction_clip`.
     """
 
     def __init__(
@@ -116,6 +129,10 @@ class GRPOModule(VideoLLMModule):
         warmup_steps: int = 0,
         log_rollouts_every_n_steps: int = 10,
         evaluation: EvalSettings = EvalSettings(),  # noqa: B008 (frozen)
+        rollout_engine: str = "hf",
+        vllm: VLLMSettings = VLLMSettings(),  # noqa: B008 (frozen)
+        rollout_correction: str = "none",
+        rollout_correction_clip: float = 2.0,
     ) -> None:
         super().__init__(backbone, lr, weight_decay, warmup_steps)
         problems = []
@@ -144,6 +161,18 @@ class GRPOModule(VideoLLMModule):
             problems.append(
                 f"beta={beta} needs a reference policy: full fine-tuning with reference_copy=False has none"
             )
+        if rollout_engine not in ("hf", "vllm"):
+            problems.append(f"rollout_engine={rollout_engine!r} not in ('hf', 'vllm')")
+        if rollout_correction not in losses.ROLLOUT_CORRECTIONS:
+            problems.append(f"rollout_correction={rollout_correction!r} not in {losses.ROLLOUT_CORRECTIONS}")
+        elif rollout_correction != "none" and rollout_engine == "hf":
+            problems.append(
+                "rollout_correction corrects another engine's sampler: hf samples from pi_old itself"
+            )
+        if rollout_engine == "vllm" and temporal:
+            problems.append(
+                "temporal=True samples on shuffled vision features, which only rollout_engine='hf' can"
+            )
         if problems:
             raise ValueError("GRPOModule: " + "; ".join(problems))
         self.automatic_optimization = False
@@ -167,6 +196,11 @@ class GRPOModule(VideoLLMModule):
         self.length_window = (length_min_tokens, length_max_tokens)
         self.length_min_correct_fraction = length_min_correct_fraction
         self.share_vision = share_vision
+        self.engine: RolloutEngine = (
+            VLLMRollouts(vllm or VLLMSettings()) if rollout_engine == "vllm" else HFRollouts()
+        )
+        self.rollout_correction, self.rollout_correction_clip = rollout_correction, rollout_correction_clip
+        self._sync_s, self._rollout_logps = 0.0, None
         self.log_rollouts_every_n_steps = log_rollouts_every_n_steps
         self.evaluation = evaluation or EvalSettings()
         if self.evaluation.frames is not None or self.evaluation.batch_size is not None:
@@ -185,9 +219,11 @@ class GRPOModule(VideoLLMModule):
         records: list[VideoQARecord] = batch["records"]
         step = self.global_step  # the optimiser step below advances global_step; rollouts keep this one
         t0 = time.perf_counter()
-        with self._naming_failures(records, "generation"):
+        with naming_failures(records, f"generation ({self.engine.name} engine)"):
             vision = self.backbone.encode_vision(batch, requires_grad=False) if self.share_vision else None
+            self._rollout_logps = None
             completions = self._sample(batch, vision)
+        sampled = Sampled(completions, self._rollout_logps)
         t_generate = time.perf_counter() - t0
 
         scores = self.score(completions, records, batch, vision)
@@ -200,35 +236,35 @@ class GRPOModule(VideoLLMModule):
         t_score = time.perf_counter() - t0 - t_generate
 
         any_kept = bool(kept.any())
-        loss, stats = self._optimise(
-            batch, completions, advantages, keep, any_kept, vision, batch_idx, records
-        )
+        self._sync_s = 0.0
+        loss, stats = self._optimise(batch, sampled, advantages, keep, any_kept, vision, batch_idx, records)
         t_optimise = time.perf_counter() - t0 - t_generate - t_score
 
         self._log_step(completions, scores, advantages, keep, stats, loss, (t_generate, t_score, t_optimise))
-        rollouts = self._rollouts(batch, completions, scores, advantages, step)
+        sampling = {"temperature": self.temperature, "top_p": self.top_p, "top_k": self.top_k,
+                    "max_new_tokens": self.max_new_tokens}  # fmt: skip
+        rollouts = rollout_records(batch, completions, scores.components, scores.total, scores.accuracy,
+                                   advantages, self.num_generations, sampling, step)  # fmt: skip
         self._log_rollout_panel(rollouts, step)
         return {"loss": loss.detach(), "rollouts": rollouts}
 
     def _sample(self, batch: dict[str, Any], vision: dict[str, Any] | None) -> Completions:
-        return self.backbone.generate(
-            batch,
-            num_samples=self.num_generations,
-            max_new_tokens=self.max_new_tokens,
-            temperature=self.temperature,
-            top_p=self.top_p,
-            top_k=self.top_k,
-            vision=vision,
-            synced_gpus=self._sharded(),
+        """G completions per prompt from the rollout engine; its log-probs (if any) kept for this step."""
+        sampling = Sampling(
+            self.num_generations, self.max_new_tokens, self.temperature, self.top_p, self.top_k
         )
+        sampled = self.engine.sample(self, batch, vision, sampling)
+        self._rollout_logps = sampled.logprobs
+        return sampled.completions
 
-    def _sharded(self) -> bool:
-        """FSDP(2) / DeepSpeed ZeRO-3 need every rank to keep stepping generate until all ranks finish."""
-        if self._trainer is None:
-            return False
-        name = type(self.trainer.strategy).__name__.lower()
-        sharded = "fsdp" in name or "deepspeed" in name or sharding.uses_fsdp2(self.trainer.strategy)
-        return self.trainer.world_size > 1 and sharded
+    def on_fit_start(self) -> None:
+        self.engine.start(self)  # a resumed fit reconnects and re-syncs the same way
+
+    def on_fit_end(self) -> None:
+        self.engine.stop()
+
+    def on_exception(self, exception: BaseException) -> None:
+        self.engine.stop()
 
     def score(
         self,
@@ -238,67 +274,7 @@ class GRPOModule(VideoLLMModule):
         vision: dict[str, Any] | None = None,
     ) -> Scores:
         """Rewards for N*G completions: configured functions, then the optional bonuses and penalties."""
-        G = self.num_generations
-        expanded = [r for r in records for _ in range(G)]
-        components, total = self.rewards.score(completions.text, expanded)
-        device = completions.ids.device
-        components = {k: v.to(device) for k, v in components.items()}
-        total = total.to(device)
-        accuracy = components.get("accuracy")
-        if accuracy is None:
-            accuracy = torch.tensor(
-                [accuracy_reward(t, r) for t, r in zip(completions.text, expanded, strict=True)],
-                device=device,
-            )
-        lengths = completions.mask.sum(-1).float()
-        if self.overlong_buffer > 0:
-            start = self.max_new_tokens - self.overlong_buffer
-            overlong = ((start - lengths) / self.overlong_buffer).clamp(max=0.0) * self.overlong_penalty
-            components["overlong"] = overlong
-            total = total + overlong
-        if self.length_bonus > 0:
-            correct = (accuracy > 0).float().view(-1, G)
-            enough = (correct.mean(1, keepdim=True) >= self.length_min_correct_fraction).float()
-            lo, hi = self.length_window
-            in_window = ((lengths >= lo) & (lengths <= hi)).float().view(-1, G)
-            bonus = (self.length_bonus * correct * in_window * enough).flatten()
-            components["length_bonus"] = bonus
-            total = total + bonus
-        if self.temporal and batch is not None and batch.get("video_grid_thw") is not None:
-            bonus = self._temporal_bonus(batch, vision, records, accuracy)
-            components["temporal"] = bonus
-            total = total + bonus
-        return Scores(components, total, accuracy.float())
-
-    def _temporal_bonus(
-        self,
-        batch: dict[str, Any],
-        vision: dict[str, Any] | None,
-        records: list[VideoQARecord],
-        accuracy: torch.Tensor,
-    ) -> torch.Tensor:
-        """T-GRPO: sample on frames in shuffled order; reward correct ordered rollouts when order helped."""
-        G = self.num_generations
-        if vision is None:
-            vision = self.backbone.encode_vision(batch, requires_grad=False)
-        shuffled = {
-            **vision,
-            "video": shuffle_video_features(vision["video"], batch["video_grid_thw"], self.global_step),
-        }
-        with self._naming_failures(records, "temporal (shuffled-frame) generation"):
-            completions = self._sample(batch, shuffled)
-        expanded = [r for r in records for _ in range(G)]
-        shuffled_acc = (
-            torch.tensor(
-                [accuracy_reward(t, r) for t, r in zip(completions.text, expanded, strict=True)],
-                device=accuracy.device,
-            )
-            .view(-1, G)
-            .mean(1, keepdim=True)
-        )
-        ordered = accuracy.view(-1, G)
-        helped = (ordered.mean(1, keepdim=True) >= self.temporal_mu * shuffled_acc).float()
-        return (self.temporal_alpha * (ordered > 0).float() * helped).flatten()
+        return score_rollouts(self, completions, records, batch, vision)
 
     def _all_ranks(self, total: torch.Tensor) -> torch.Tensor:
         """The rewards of every rank, rank-major [world * N*G] (groups never straddle ranks); one process: `total`."""
@@ -319,7 +295,7 @@ class GRPOModule(VideoLLMModule):
     def _optimise(
         self,
         batch: dict[str, Any],
-        completions: Completions,
+        sampled: Sampled,
         advantages: torch.Tensor,
         keep: torch.Tensor,
         any_rank_kept: bool,
@@ -330,6 +306,7 @@ class GRPOModule(VideoLLMModule):
         opt = self.optimizers()
         sched = self.lr_schedulers()
         G = self.num_generations
+        completions = sampled.completions
         zero = torch.zeros((), device=advantages.device)
         stats: dict[str, torch.Tensor] = {
             "clip_ratio_low": zero,
@@ -352,12 +329,19 @@ class GRPOModule(VideoLLMModule):
             if self.mask_truncated_completions:
                 mask = mask * (~completions.truncated[rows]).long()[:, None]
             adv = advantages[rows]
-            with self._naming_failures(
+            with naming_failures(
                 [r for r, k in zip(records, keep.tolist(), strict=True) if k], "log-prob pass"
             ):
-                old = ref = None
-                if self.num_iterations > 1:
+                old = ref = weights = None
+                if self.num_iterations > 1 or sampled.logprobs is not None:  # recompute pi_old
                     old = self._logps(sub_batch, ids, mask, sub_vision, reference=False, grad=False)
+                if sampled.logprobs is not None:
+                    rollout_logps = sampled.logprobs[rows].to(old.device)
+                    mismatch = logprob_mismatch(old, rollout_logps, mask)
+                    stats_extra = {f"rollout_logp_diff_{k}": v for k, v in mismatch.items()}
+                    weights = losses.rollout_correction(
+                        old, rollout_logps, mask, self.rollout_correction, self.rollout_correction_clip
+                    )
                 if self.beta != 0.0:
                     ref = self._logps(sub_batch, ids, mask, sub_vision, reference=True, grad=False)
                 for _ in range(self.num_iterations):
@@ -366,8 +350,10 @@ class GRPOModule(VideoLLMModule):
                         logps, old, ref, adv, mask,
                         beta=self.beta, epsilon_low=self.epsilon_low, epsilon_high=self.epsilon_high,
                         loss_type=self.loss_type, max_completion_length=self.max_new_tokens,
-                        importance_sampling_level=self.importance_sampling_level,
+                        importance_sampling_level=self.importance_sampling_level, rollout_weights=weights,
                     )  # fmt: skip
+                    if sampled.logprobs is not None:
+                        stats = {**stats, **stats_extra}
                     if idle:
                         loss = loss * 0.0
                     self.manual_backward(loss / self.accumulate_grad_batches)
@@ -386,6 +372,7 @@ class GRPOModule(VideoLLMModule):
         opt.zero_grad(set_to_none=True)
         if sched is not None:
             sched.step()
+        self._sync_s += self.engine.sync(self)  # the engine follows the policy (adapter-only for LoRA)
 
     def _logps(
         self,
@@ -404,114 +391,20 @@ class GRPOModule(VideoLLMModule):
                 vision=vision, share_vision=self.share_vision, temperature=self.temperature,
             )  # fmt: skip
 
-    class _naming_failures:
-        """Re-raise a failure inside generation / scoring with the problem ids of the batch (no silent skip)."""
-
-        def __init__(self, records: list[VideoQARecord], what: str) -> None:
-            self.ids, self.what = [r.problem_id for r in records], what
-
-        def __enter__(self) -> None:
-            return None
-
-        def __exit__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> bool:
-            if isinstance(
-                exc, Exception
-            ):  # IndexError / TypeError from a bad batch too; not KeyboardInterrupt
-                raise RuntimeError(f"GRPO {self.what} failed for problem_id(s) {self.ids}: {exc}") from exc
-            return False
-
     # ------------------------------------------------------------------ records and logging
-    def _rollouts(
-        self,
-        batch: dict[str, Any],
-        completions: Completions,
-        scores: Scores,
-        advantages: torch.Tensor,
-        step: int,
-    ) -> list[Rollout]:
-        G = self.num_generations
-        group_acc = scores.accuracy.view(-1, G).mean(1)
-        out = []
-        sampling = {
-            "temperature": self.temperature,
-            "top_p": self.top_p,
-            "top_k": self.top_k,
-            "max_new_tokens": self.max_new_tokens,
-        }
-        for i in range(completions.ids.shape[0]):
-            p = i // G
-            n = int(completions.mask[i].sum())
-            out.append(Rollout(
-                record=batch["records"][p],
-                completion=completions.text[i],
-                completion_ids=completions.ids[i, :n].tolist(),
-                rewards={k: float(v[i]) for k, v in scores.components.items()},
-                reward=float(scores.total[i]),
-                advantage=float(advantages[i]),
-                group_mean_accuracy=float(group_acc[p]),
-                truncated=bool(completions.truncated[i]),
-                step=step,
-                sample_index=i % G,
-                prompt=batch["prompts"][p] if "prompts" in batch else "",
-                sampling={**sampling, **(batch["sampling"][p] if "sampling" in batch else {})},
-            ))  # fmt: skip
-        return out
-
-    def _log_step(
-        self,
-        completions: Completions,
-        scores: Scores,
-        advantages: torch.Tensor,
-        keep: torch.Tensor,
-        stats: dict[str, torch.Tensor],
-        loss: torch.Tensor,
-        times: tuple[float, float, float],
-    ) -> None:
-        lengths = completions.mask.sum(-1).float()
-        n = len(lengths)
-        log = {
-            "train/loss": loss.detach(),
-            "train/reward": scores.total.mean(),
-            "train/reward_std": scores.total.std() if n > 1 else scores.total.new_zeros(()),
-            "train/advantage_std": advantages.std() if n > 1 else advantages.new_zeros(()),
-            "train/completion_length": lengths.mean(),
-            "train/completion_length_min": lengths.min(),
-            "train/completion_length_max": lengths.max(),
-            "train/truncated_fraction": completions.truncated.float().mean(),
-            "train/groups_dropped": 1.0 - keep.float().mean(),
-            "train/gen_tokens_per_s": lengths.sum() / max(times[0], 1e-9),
-            "train/time_generate_s": times[0],
-            "train/time_score_s": times[1],
-            "train/time_optimise_s": times[2],
-            **{f"train/{k}": v for k, v in stats.items()},
-        }
-        for name, values in scores.components.items():
-            log[f"train/rewards/{name}"] = values.mean()
-            log[f"train/rewards/{name}_std"] = values.std() if n > 1 else values.new_zeros(())
-        bs = n // self.num_generations
-        self.log_dict({k: torch.as_tensor(v, dtype=torch.float32) for k, v in log.items()}, batch_size=bs)
-        self.log("reward", scores.total.mean(), prog_bar=True, logger=False, batch_size=bs)
-        self.log("acc", scores.accuracy.mean(), prog_bar=True, logger=False, batch_size=bs)
-        self.log("train/accuracy", scores.accuracy.mean(), batch_size=bs)
+    def _log_step(self, *args: Any) -> None:
+        log_step(self, *args)
 
     def _log_rollout_panel(self, rollouts: list[Rollout], step: int) -> None:
-        every = self.log_rollouts_every_n_steps
-        writer = getattr(self.logger, "experiment", None) if self.logger is not None else None
-        if not every or writer is None or not hasattr(writer, "add_text") or step % every:
-            return
-        rows = ["| problem | reward | advantage | completion |", "|---|---|---|---|"]
-        for r in rollouts[: min(4, len(rollouts))]:
-            text = r.completion.replace("|", "\\|").replace("\n", " ")[:300]
-            rows.append(f"| {r.record.problem_id} | {r.reward:.2f} | {r.advantage:+.2f} | {text} |")
-        writer.add_text("train/rollouts", "\n".join(rows), logged_step(self.logger, step))
+        log_rollout_panel(self, rollouts, step)
 
     # ------------------------------------------------------------------ evaluation
     def _evaluate(self, batch: dict[str, Any], greedy: ReasoningMetrics, sampled: ReasoningMetrics) -> None:
         records: list[VideoQARecord] = batch["records"]
         n, tokenizer, settings = self.evaluation.num_samples, self.backbone.tokenizer, self.evaluation
         decoding = {"max_new_tokens": self.val_max_new_tokens, "repetition_penalty": settings.repetition_penalty,
-                    "synced_gpus": self._sharded()}  # fmt: skip
-        with self._naming_failures(records, "evaluation generation"):
+                    "synced_gpus": sharded(self)}  # fmt: skip
+        with naming_failures(records, "evaluation generation"):
             vision = self.backbone.encode_vision(batch, requires_grad=False)
             completions = self.backbone.generate(
                 batch, num_samples=1, do_sample=False, vision=vision, **decoding

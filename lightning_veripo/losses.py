@@ -172,6 +172,7 @@ def grpo_loss(
     loss_type: str = "dapo",
     max_completion_length: int | None = None,
     importance_sampling_level: str = "token",
+    rollout_weights: Tensor | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """The clipped surrogate GRPO minimises, with an optional k3 KL penalty to the reference policy.
 
@@ -207,6 +208,8 @@ def grpo_loss(
     ratio = torch.exp(importance_log_ratio(logps, old, mask, importance_sampling_level))  # [B, T]
     clipped = torch.clamp(ratio, 1 - epsilon_low, 1 + epsilon_high)
     per_token_loss = -torch.min(ratio * adv, clipped * adv)  # [B, T]
+    if rollout_weights is not None:  # `rollout_correction`: the sampler was not pi_old (e.g. a vLLM server)
+        per_token_loss = per_token_loss * rollout_weights.detach().float()
 
     kl = None
     if ref_per_token_logps is not None:
@@ -225,6 +228,35 @@ def grpo_loss(
             "kl": masked_mean(kl, mask) if kl is not None else logps.new_zeros(()),
         }
     return loss, stats
+
+
+ROLLOUT_CORRECTIONS = ("none", "token", "sequence")
+
+
+def rollout_correction(
+    old_per_token_logps: Tensor,
+    rollout_per_token_logps: Tensor,
+    completion_mask: Tensor,
+    level: str,
+    clip: float,
+) -> Tensor | None:
+    """Truncated importance weights [B, T] for rollouts sampled by another engine than the trainer's pi_old:
+
+        token:    w_t = min(exp(log pi_old(y_t) - log pi_rollout(y_t)), clip)
+        sequence: w_t = min(exp(sum_t' m_t' (log pi_old(y_t') - log pi_rollout(y_t'))), clip)   (same for all t)
+
+    0 on masked tokens; None for level "none". They multiply the per-token surrogate (`grpo_loss`'s
+    `rollout_weights`), with no gradient."""
+    if level not in ROLLOUT_CORRECTIONS:
+        raise ValueError(f"unknown rollout correction {level!r}; expected one of {ROLLOUT_CORRECTIONS}")
+    if level == "none":
+        return None
+    mask = completion_mask.bool()
+    diff = torch.where(mask, old_per_token_logps.float() - rollout_per_token_logps.float(), 0.0)
+    if level == "sequence":
+        diff = diff.sum(-1, keepdim=True).expand_as(diff)
+    weights = torch.exp(diff.clamp(max=math.log(clip)))
+    return torch.where(mask, weights, 0.0).detach()
 
 
 # ----------------------------------------------------------------------------- DPO

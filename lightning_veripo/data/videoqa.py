@@ -290,6 +290,11 @@ class VideoQACollator:
             out["second_per_grid_ts"] = torch.as_tensor(out["second_per_grid_ts"], dtype=torch.float32)
         out["records"] = records
         out["prompts"] = texts
+        # the decoded frames themselves, for a rollout engine outside this process (vLLM): no second decode
+        out["videos"] = [
+            {"frames": s["video"], "metadata": s["video_metadata"], "size": size} if "video" in s else None
+            for s in samples
+        ]
         out["sampling"] = [
             {"frames_indices": s["video_metadata"]["frames_indices"], "fps": s["video_metadata"]["fps"]}
             if "video" in s
