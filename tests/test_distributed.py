@@ -17,15 +17,10 @@ import subprocess
 import sys
 from pathlib import Path
 
-import lightning as L
 import pytest
 import torch
 
 from lightning_veripo import losses
-from lightning_veripo.backbone import VideoLLM
-from lightning_veripo.data.videoqa import FrameSampling, VideoQADataModule
-from lightning_veripo.lora import LoRAConfig
-from lightning_veripo.sft import SFTModule
 from lightning_veripo.verifier.run import read_rollouts, run_verifier_from_files
 
 REPO = Path(__file__).resolve().parents[1]
@@ -39,22 +34,6 @@ def _fit(*args: str, cwd: Path, env: dict[str, str] | None = None) -> None:
     command = [sys.executable, "-m", "lightning_veripo.cli", "fit", *args]
     done = subprocess.run(command, cwd=cwd, capture_output=True, text=True, timeout=600, env=env)
     assert done.returncode == 0, f"exit {done.returncode}\n{done.stdout[-2000:]}\n{done.stderr[-6000:]}"
-
-
-@pytest.fixture(scope="module")
-def warm_adapter(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path, synthetic_dir: Path,
-                 frame_sampling: FrameSampling) -> Path:  # fmt: skip
-    """A short SFT of the tiny model (partial accuracy: its groups mix right and wrong answers, so pairs exist)."""
-    L.seed_everything(0)
-    targets = r".*(language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)|lm_head)"
-    backbone = VideoLLM(str(tiny_model_dir), lora=LoRAConfig(r=16, alpha=32, target_modules=targets))
-    data = VideoQADataModule(
-        train_path=str(synthetic_dir / "train.json"), sampling=frame_sampling, batch_size=4
-    )
-    trainer = L.Trainer(accelerator="cpu", max_steps=160, logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False)  # fmt: skip
-    trainer.fit(SFTModule(backbone, lr=3e-3), datamodule=data)
-    return backbone.save_pretrained(tmp_path_factory.mktemp("warm") / "adapter")
 
 
 def _backbone_args(tiny_model_dir: Path, warm_adapter: Path) -> list[str]:

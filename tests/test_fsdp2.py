@@ -10,7 +10,6 @@ written once). DPO has no sampling: the FSDP2 fit (1 pair per rank) must apply t
 reduce-scatter, and the loss of one process fitting 2 pairs per step.
 """
 
-# ruff: noqa: F811 (the test functions take the warm_adapter fixture imported from test_distributed)
 from __future__ import annotations
 
 import json
@@ -23,7 +22,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_distributed import PROMPTS_PER_RANK, QUIET, G, warm_adapter  # noqa: F401 (a fixture)
+from test_distributed import PROMPTS_PER_RANK, QUIET, G
 from torch.distributed.checkpoint import FileSystemReader
 
 from lightning_veripo import losses
