@@ -66,7 +66,9 @@ class Setting:
     num_val: int = 128  # the development split: settings are chosen on it
     num_test: int = 128  # the held-out split: results are reported on it
     model_size: str = "small"  # lightning_veripo.tiny.SIZES
-    model_arch: str = "qwen2_5_vl"  # lightning_veripo.tiny.ARCHS: --set model_arch=qwen3_5 runs the lab on Qwen3.5
+    model_arch: str = (
+        "qwen2_5_vl"  # lightning_veripo.tiny.ARCHS: --set model_arch=qwen3_5 runs the lab on Qwen3.5
+    )
     sft_steps: int = 700
     sft_lr: float = 2e-3
     answer_noise: float = 0.0
