@@ -9,8 +9,11 @@ import pytest
 import torch
 
 from lightning_veripo import losses
+from lightning_veripo.backbone import VideoLLM
 from lightning_veripo.grpo import GRPOModule
+from lightning_veripo.lora import MERGER_TARGETS, LoRAConfig
 from lightning_veripo.rollout import HFRollouts, VLLMRollouts, logprob_mismatch
+from lightning_veripo.rollout.vllm import vision_lora_modules
 
 
 def _logps(seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -83,3 +86,28 @@ def test_engine_choice_and_its_checks(backbone):
         GRPOModule(backbone, rollout_correction="token")
     with pytest.raises(ValueError, match="only rollout_engine='hf' can"):
         GRPOModule(backbone, rollout_engine="vllm", temporal=True)
+
+
+@pytest.mark.parametrize(
+    "targets",
+    [
+        MERGER_TARGETS,
+        r".*visual\.merger\.mlp\.0",
+        r".*(language_model.*\.q_proj|visual\.blocks\.0\.attn\.qkv)",
+    ],
+)
+def test_vllm_refuses_an_adapter_on_the_vision_side_before_it_starts_a_server(tiny_model_dir, targets):
+    """The check reads the adapted modules, not the preset's name: any LoRA layer in the tower or its merger
+    stops the fit at start (no server is started), unless the server serves tower-connector LoRA."""
+    backbone = VideoLLM(str(tiny_model_dir), lora=LoRAConfig(r=4, alpha=8, target_modules=targets),
+                        freeze_vision=False).load()  # fmt: skip
+    adapted = vision_lora_modules(backbone.model)
+    assert adapted and all("visual" in name for name in adapted)
+    module = GRPOModule(backbone, rollout_engine="vllm")
+    with pytest.raises(ValueError, match=r"vision module\(s\).*tower_connector_lora=True"):
+        module.engine.start(module)
+    assert module.engine.server is None
+
+
+def test_a_language_model_adapter_has_no_vision_lora_modules(backbone):
+    assert vision_lora_modules(backbone.model) == []

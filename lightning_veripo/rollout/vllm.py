@@ -30,7 +30,6 @@ from torch import nn
 
 from lightning_veripo.completions import FORBIDDEN_GENERATION_TOKENS, Completions, completions_from_ids
 from lightning_veripo.data.videoqa import build_messages
-from lightning_veripo.lora import MERGER_TARGETS
 from lightning_veripo.rollout.engine import RolloutEngine, Sampled, Sampling
 from lightning_veripo.rollout.vllm_server import VLLMServer, VLLMServerError, VLLMSettings
 
@@ -55,6 +54,17 @@ def base_weights(model: nn.Module) -> dict[str, torch.Tensor]:
             continue
         out[name.replace(".base_layer.", ".")] = tensor.detach().contiguous()
     return out
+
+
+def vision_lora_modules(model: nn.Module) -> list[str]:
+    """The names of the LoRA-adapted modules of the vision side (the tower and its merger): a vLLM server applies
+    a runtime adapter to the language model only, unless it serves LoRA on the tower connector."""
+    return [
+        name
+        for name, sub in model.named_modules()
+        if hasattr(sub, "lora_A")
+        and any(part in ("visual", "vision_tower", "merger") for part in name.split("."))
+    ]
 
 
 class VLLMRollouts(RolloutEngine):
@@ -84,17 +94,14 @@ class VLLMRollouts(RolloutEngine):
 
     def start(self, module: Any) -> None:
         backbone = module.backbone
-        lora = backbone.lora
-        if (
-            lora is not None
-            and lora.target_modules == MERGER_TARGETS
-            and not self.settings.tower_connector_lora
-        ):
+        adapted = vision_lora_modules(backbone.model) if backbone.lora is not None else []
+        if adapted and not self.settings.tower_connector_lora:
             raise ValueError(
-                "GRPOModule(rollout_engine='vllm'): the LoRA preset puts adapters on the vision merger, which a "
-                "vLLM server serves only with LoRA on the tower connector (--enable-tower-connector-lora); set "
-                "vllm.tower_connector_lora=True for a server that has it, or use a language-model LoRA preset "
-                "(rollouts would otherwise silently ignore the merger's adapter)"
+                f"GRPOModule(rollout_engine='vllm'): the LoRA adapter is on {len(adapted)} vision module(s) "
+                f"({', '.join(adapted[:3])}{', ...' if len(adapted) > 3 else ''}), which a vLLM server serves "
+                "only with LoRA on the tower connector (--enable-tower-connector-lora); set "
+                "vllm.tower_connector_lora=True for a server that has it, or target the language model only "
+                "(rollouts would otherwise silently ignore those layers' adapter)"
             )
         if self.server is None or not self.server.alive():
             self.server = VLLMServer(
