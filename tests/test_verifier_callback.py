@@ -404,6 +404,8 @@ fit(2, f"{root}/ckpt/step=1.ckpt")  # rank 1's step-0 rollouts live only in the 
 if int(os.environ.get("LOCAL_RANK", 0)) == 0:  # as if killed after the last checkpoint, before the verifier
     os.rename(f"{root}/verifier", f"{root}/verifier_uninterrupted")
 fit(2, f"{root}/ckpt/step=2.ckpt")  # finished: trains nothing, judges the restored rollouts of both ranks
+if torch.distributed.is_initialized():  # shut gloo's threads down before the interpreter exits (once, in CI,
+    torch.distributed.destroy_process_group()  # both ranks aborted at exit with "terminate called ..." without it)
 """
 
 
