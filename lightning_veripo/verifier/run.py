@@ -65,8 +65,11 @@ def judge_rollouts(
                     Verdict(consistent=None, truncated=i.truncated, rationale=why, judge=name) for i in items
                 ]
             for item, verdict in zip(items, batch, strict=True):
-                writes_to_judge = addresses_judge(item.reasoning, item.answer)
-                if writes_to_judge and not verdict.addresses_judge:
+                # the package's judges marked it already (RolloutJudge._rule_checks); a judge of one's own is
+                # checked here
+                if verdict.addresses_judge:
+                    continue
+                if writes_to_judge := addresses_judge(item.reasoning, item.answer):
                     verdict.consistent, verdict.addresses_judge = False, True
                     verdict.rationale = f"inconsistent: {writes_to_judge} ({name} said: {verdict.rationale})"
             verdicts.extend(batch)
