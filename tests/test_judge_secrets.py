@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import json
 import shutil
-import threading
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import Any
 
 import pytest
 from helpers import DEMO_FIT_TEST_ARGS
+from openai_server_for_tests import LoopbackServer, chat_reply
 
 from lightning_veripo.cli import main
 from lightning_veripo.verifier import JudgeItem, JudgeUnavailableError, OpenAIJudge
@@ -25,65 +25,36 @@ REPO = Path(__file__).resolve().parents[1]
 SECRET = "sk-test-7c1f0e9a2b4d4e58a1d3"
 
 
-class _KeyedServer(ThreadingHTTPServer):
+class _KeyedServer(LoopbackServer):
     """An OpenAI-compatible judge that answers only requests carrying `Bearer {key}` (401 otherwise)."""
 
-    daemon_threads = True
-
     def __init__(self, key: str) -> None:
-        super().__init__(("127.0.0.1", 0), _Handler)
+        super().__init__()
         self.key = key
-        self.lock = threading.Lock()
         self.accepted = self.refused = 0
 
-
-class _Handler(BaseHTTPRequestHandler):
-    server: _KeyedServer
-
-    def log_message(self, format: str, *args) -> None:
-        pass
-
-    def _send(self, code: int, body: dict) -> None:
-        data = json.dumps(body).encode()
-        self.send_response(code)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
-
-    def _authorised(self) -> bool:
-        ok = self.headers.get("Authorization") == f"Bearer {self.server.key}"
-        with self.server.lock:
-            self.server.accepted += ok
-            self.server.refused += not ok
-        if not ok:
-            self._send(401, {"error": "invalid api key"})
+    def _authorised(self, headers: Any) -> bool:
+        ok = headers.get("Authorization") == f"Bearer {self.key}"
+        with self.lock:
+            self.accepted += ok
+            self.refused += not ok
         return ok
 
-    def do_GET(self) -> None:
-        if self._authorised():
-            self._send(200, {"data": [{"id": "judge"}]})
+    def get(self, path: str, headers: Any) -> tuple[int, dict]:
+        return (
+            super().get(path, headers) if self._authorised(headers) else (401, {"error": "invalid api key"})
+        )
 
-    def do_POST(self) -> None:
-        self.rfile.read(int(self.headers["Content-Length"]))
-        if self._authorised():
-            message = {"role": "assistant", "content": "VERDICT: CONSISTENT\nREASON: keyed"}
-            self._send(200, {"choices": [{"index": 0, "message": message, "finish_reason": "stop"}]})
+    def post(self, path: str, headers: Any, body: dict) -> tuple[int, dict]:
+        if not self._authorised(headers):
+            return 401, {"error": "invalid api key"}
+        return 200, chat_reply({"content": "VERDICT: CONSISTENT\nREASON: keyed"})
 
 
 @pytest.fixture
 def server() -> Iterator[_KeyedServer]:
-    srv = _KeyedServer(SECRET)
-    thread = threading.Thread(target=srv.serve_forever, args=(0.02,), daemon=True)
-    thread.start()
-    yield srv
-    srv.shutdown()
-    srv.server_close()
-
-
-def _url(srv: _KeyedServer) -> str:
-    host, port = srv.server_address[:2]
-    return f"http://{host}:{port}/v1"
+    with _KeyedServer(SECRET) as srv:
+        yield srv
 
 
 ITEM = JudgeItem("q", "What colour?", ("A. red", "B. green"), "So the answer is B.", "B", "")
@@ -92,9 +63,9 @@ ITEM = JudgeItem("q", "What colour?", ("A. red", "B. green"), "So the answer is 
 def test_the_key_is_read_from_openai_api_key_when_not_given(server, monkeypatch):
     monkeypatch.delenv("OPENAI_API_KEY", raising=False)
     with pytest.raises(JudgeUnavailableError, match="OPENAI_API_KEY"):  # no key: the server refuses, said so
-        OpenAIJudge(_url(server), "judge", max_retries=0).judge([ITEM])
+        OpenAIJudge(server.url, "judge", max_retries=0).judge([ITEM])
     monkeypatch.setenv("OPENAI_API_KEY", SECRET)
-    (verdict,) = OpenAIJudge(_url(server), "judge", max_retries=0).judge([ITEM])
+    (verdict,) = OpenAIJudge(server.url, "judge", max_retries=0).judge([ITEM])
     assert verdict.consistent is True and verdict.rationale == "consistent: keyed"
     assert server.accepted == 2  # GET /models, then the rollout
 
@@ -102,12 +73,12 @@ def test_the_key_is_read_from_openai_api_key_when_not_given(server, monkeypatch)
 def test_api_key_env_names_another_variable_and_an_unset_one_is_refused(server, monkeypatch):
     monkeypatch.setenv("OPENAI_API_KEY", "sk-wrong")
     monkeypatch.setenv("JUDGE_KEY", SECRET)
-    (verdict,) = OpenAIJudge(_url(server), "judge", api_key_env="JUDGE_KEY", max_retries=0).judge([ITEM])
+    (verdict,) = OpenAIJudge(server.url, "judge", api_key_env="JUDGE_KEY", max_retries=0).judge([ITEM])
     assert verdict.consistent is True and server.refused == 0
     monkeypatch.delenv("JUDGE_KEY")
     with pytest.raises(ValueError, match="JUDGE_KEY"):
-        OpenAIJudge(_url(server), "judge", api_key_env="JUDGE_KEY")
-    (literal,) = OpenAIJudge(_url(server), "judge", api_key=SECRET, api_key_env="JUDGE_KEY").judge([ITEM])
+        OpenAIJudge(server.url, "judge", api_key_env="JUDGE_KEY")
+    (literal,) = OpenAIJudge(server.url, "judge", api_key=SECRET, api_key_env="JUDGE_KEY").judge([ITEM])
     assert literal.consistent is True  # a key given literally needs no variable
 
 
@@ -118,7 +89,7 @@ def test_a_literal_key_never_lands_in_a_file_a_veripo_fit_writes(server, tmp_pat
     shutil.copytree(REPO / "configs", tmp_path / "configs")
     judge = {
         "class_path": "lightning_veripo.verifier.llm_judges.OpenAIJudge",
-        "init_args": {"base_url": _url(server), "model": "judge", "api_key": SECRET, "max_retries": 0},
+        "init_args": {"base_url": server.url, "model": "judge", "api_key": SECRET, "max_retries": 0},
     }
     callback = {
         "class_path": "lightning_veripo.callbacks.VerifierCallback",

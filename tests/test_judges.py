@@ -7,10 +7,11 @@ import json
 import socket
 import threading
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import Any
 
 import pytest
+from openai_server_for_tests import LoopbackServer
 
 from lightning_veripo.parsing import find_numbers
 from lightning_veripo.records import Rollout, VideoQARecord
@@ -405,18 +406,15 @@ def test_transformers_judge_loads_lazily_and_names_a_missing_model(tmp_path):
 # --- OpenAI-compatible judge against a real loopback server --------------------------------------------------
 
 
-class _JudgeServer(ThreadingHTTPServer):
+class _JudgeServer(LoopbackServer):
     """Answers like an OpenAI-compatible server; the question text picks the behaviour.
 
     Hand-written on purpose: it makes the replies a real server cannot be made to give on demand (a 5xx burst
     then success, malformed bodies, a named VERDICT). A real `transformers serve` started, killed and restarted
     mid-run is tested in tests/test_llm_judges.py."""
 
-    daemon_threads = True
-
     def __init__(self) -> None:
-        super().__init__(("127.0.0.1", 0), _Handler)
-        self.lock = threading.Lock()
+        super().__init__()
         self.calls: dict[str, int] = {}
         self.requests: list[tuple[str, dict[str, str], dict]] = []  # (path, headers, JSON body) of every POST
         self.in_flight = self.max_in_flight = 0
@@ -431,75 +429,51 @@ class _JudgeServer(ThreadingHTTPServer):
     def handle_error(self, request, client_address) -> None:  # a client that timed out closed the socket
         pass
 
+    def get(self, path: str, headers: Any) -> tuple[int, dict | str]:
+        return (200, {"data": [{"id": "judge"}]}) if path == "/v1/models" else (200, {})
 
-class _Handler(BaseHTTPRequestHandler):
-    server: _JudgeServer
-
-    def log_message(self, format: str, *args) -> None:
-        pass
-
-    def _send(self, code: int, body: str) -> None:
-        data = body.encode()
-        self.send_response(code)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
-
-    def do_GET(self) -> None:
-        self._send(200, json.dumps({"data": [{"id": "judge"}]}) if self.path == "/v1/models" else "{}")
-
-    def do_POST(self) -> None:
-        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+    def post(self, path: str, headers: Any, body: dict) -> tuple[int, dict | str]:
         prompt = body["messages"][0]["content"]
         behaviour = prompt.split("Question: ")[1].split("\n")[0]
-        srv = self.server
-        with srv.lock:
-            srv.requests.append((self.path, dict(self.headers), body))
-            srv.calls[behaviour] = srv.calls.get(behaviour, 0) + 1
-            attempt = srv.calls[behaviour]
-            srv.in_flight += 1
-            srv.max_in_flight = max(srv.max_in_flight, srv.in_flight)
+        with self.lock:
+            self.requests.append((path, dict(headers), body))
+            self.calls[behaviour] = self.calls.get(behaviour, 0) + 1
+            attempt = self.calls[behaviour]
+            self.in_flight += 1
+            self.max_in_flight = max(self.max_in_flight, self.in_flight)
         try:
             if behaviour == "slow":
-                srv.release.wait()
-            elif srv.pair_up is not None:
+                self.release.wait()
+            elif self.pair_up is not None:
                 try:
-                    srv.pair_up.wait()
+                    self.pair_up.wait()
                 except threading.BrokenBarrierError:  # no partner came: the client ran one at a time
-                    srv.pair_up_broken = True
+                    self.pair_up_broken = True
             if behaviour == "flaky" and attempt <= 2:
-                return self._send(500, '{"error": "overloaded"}')
+                return 500, '{"error": "overloaded"}'
             if behaviour == "malformed":
-                return self._send(200, "this is not json {")
+                return 200, "this is not json {"
             if behaviour == "bad request":
-                return self._send(400, '{"error": "context too long"}')
+                return 400, '{"error": "context too long"}'
             verdict = "INCONSISTENT" if behaviour == "inconsistent" else "CONSISTENT"
             content = f"VERDICT: {verdict}\nREASON: canned"
-            return self._send(
-                200, json.dumps({"choices": [{"message": {"role": "assistant", "content": content}}]})
-            )
+            return 200, {"choices": [{"message": {"role": "assistant", "content": content}}]}
         finally:
-            with srv.lock:
-                srv.in_flight -= 1
+            with self.lock:
+                self.in_flight -= 1
 
 
 @pytest.fixture
 def server() -> Iterator[_JudgeServer]:
-    srv = _JudgeServer()
-    thread = threading.Thread(target=srv.serve_forever, args=(0.02,), daemon=True)
-    thread.start()
-    yield srv
-    srv.release.set()
-    srv.shutdown()
-    srv.server_close()
+    with _JudgeServer() as srv:
+        yield srv
+        srv.release.set()
 
 
 def _judge(srv: _JudgeServer, **kw) -> OpenAIJudge:
-    host, port = srv.server_address[:2]
     # 30 s: a canned answer from a loopback server takes milliseconds; only the timeout test sets it lower.
     options = dict(model="judge", timeout_s=30.0, max_retries=3, backoff_s=0.01) | kw
-    return OpenAIJudge(f"http://{host}:{port}", **options)
+    return OpenAIJudge(srv.url.removesuffix("/v1"), **options)
 
 
 def test_openai_judge_reads_canned_verdicts_with_bounded_concurrency(server):

@@ -19,11 +19,11 @@ import urllib.request
 import warnings
 from collections import Counter
 from collections.abc import Callable, Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
 import torch
+from openai_server_for_tests import LoopbackServer, chat_reply
 
 from lightning_veripo.records import Rollout, VideoQARecord
 from lightning_veripo.tiny import make_tiny_causal_lm
@@ -116,7 +116,7 @@ def test_transformers_judge_rejects_unknown_modes_and_thresholds(tiny_lm):
 # --- OpenAIJudge, likelihood mode against a loopback server ----------------------------------------------------
 
 
-class _Server(ThreadingHTTPServer):
+class _Server(LoopbackServer):
     """An OpenAI-compatible server whose first-token top_logprobs come from the question text:
     'logprobs a=X b=Y' answers token 'CON' with log-prob X and 'IN' with Y (a missing one is left out, the rest of
     the list is 'The' at -9); any other question gets no logprobs, like `transformers serve`.
@@ -124,37 +124,14 @@ class _Server(ThreadingHTTPServer):
     Hand-written because `transformers serve` returns no logprobs, and the tiny random LM could not be made to
     list chosen ones; the protocol and its faults against the real server are at the end of this file."""
 
-    daemon_threads = True
-
     def __init__(self) -> None:
-        super().__init__(("127.0.0.1", 0), _Handler)
-        self.lock = threading.Lock()
+        super().__init__()
         self.bodies: list[dict] = []
 
-
-class _Handler(BaseHTTPRequestHandler):
-    server: _Server
-
-    def log_message(self, format: str, *args) -> None:
-        pass
-
-    def _send(self, body: dict) -> None:
-        data = json.dumps(body).encode()
-        self.send_response(200)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
-
-    def do_GET(self) -> None:
-        self._send({"data": [{"id": "judge"}]})
-
-    def do_POST(self) -> None:
-        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-        with self.server.lock:
-            self.server.bodies.append(body)
+    def post(self, path: str, headers: object, body: dict) -> tuple[int, dict]:
+        with self.lock:
+            self.bodies.append(body)
         question = body["messages"][0]["content"].split("Question: ")[1].split("\n")[0]
-        choice: dict = {"index": 0, "finish_reason": "stop"}
         if question.startswith("logprobs") and body.get("logprobs"):
             given = dict(kv.split("=") for kv in question.split()[1:] if "=" in kv)
             top = [{"token": "The", "logprob": -9.0}]
@@ -162,26 +139,20 @@ class _Handler(BaseHTTPRequestHandler):
                 {"token": t, "logprob": float(given[k])} for k, t in (("a", "CON"), ("b", "IN")) if k in given
             ]
             top.sort(key=lambda e: -e["logprob"])
-            choice["message"] = {"role": "assistant", "content": top[0]["token"]}
-            choice["logprobs"] = {"content": [{**top[0], "top_logprobs": top}]}
-        else:
-            choice["message"] = {"role": "assistant", "content": "VERDICT: INCONSISTENT\nREASON: canned"}
-        self._send({"choices": [choice]})
+            return 200, chat_reply(
+                {"content": top[0]["token"]}, logprobs={"content": [{**top[0], "top_logprobs": top}]}
+            )
+        return 200, chat_reply({"content": "VERDICT: INCONSISTENT\nREASON: canned"})
 
 
 @pytest.fixture
 def server() -> Iterator[_Server]:
-    srv = _Server()
-    thread = threading.Thread(target=srv.serve_forever, args=(0.02,), daemon=True)
-    thread.start()
-    yield srv
-    srv.shutdown()
-    srv.server_close()
+    with _Server() as srv:
+        yield srv
 
 
 def _judge(srv: _Server, **kw) -> OpenAIJudge:
-    host, port = srv.server_address[:2]
-    return OpenAIJudge(f"http://{host}:{port}/v1", "judge", timeout_s=2.0, backoff_s=0.01, **kw)
+    return OpenAIJudge(srv.url, "judge", timeout_s=2.0, backoff_s=0.01, **kw)
 
 
 def test_openai_likelihood_reads_the_first_token_top_logprobs(server):
