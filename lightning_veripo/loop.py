@@ -55,7 +55,7 @@ from lightning_veripo.loop_console import (
 )
 from lightning_veripo.loop_state import LoopState
 from lightning_veripo.stage_cli import VeripoCLI
-from lightning_veripo.tiny import make_tiny_model
+from lightning_veripo.tiny import Arch, make_tiny_model
 from lightning_veripo.verifier.judges import RuleJudge
 from lightning_veripo.verifier.pairs import PairConfig
 from lightning_veripo.verifier.protocol import Judge
@@ -148,6 +148,7 @@ def iterate(
     min_questions_with_pairs: int = 1,
     make_tiny_if_missing: bool = False,
     tiny_size: str = "tiny",
+    tiny_arch: Arch = "qwen2_5_vl",
     eval_base: bool = False,
     benchmark: Benchmark | None = None,
     seed: int = 0,
@@ -179,7 +180,8 @@ def iterate(
         guards: the stage acceptance on a development slice, the judge audit before each DPO stage and where DPO
             starts (lightning_veripo.acceptance; the default keeps every stage and gates nothing).
         make_tiny_if_missing: build the offline tiny model at `base_model` if it does not exist (the demo), of
-            `tiny_size` (a preset of lightning_veripo.tiny.SIZES: "tiny" or "small").
+            `tiny_size` (a preset of lightning_veripo.tiny.SIZES: "tiny" or "small") and architecture
+            `tiny_arch` (lightning_veripo.tiny.ARCHS, e.g. "qwen3_5").
     """
 
     work = Path(work_dir)
@@ -187,8 +189,8 @@ def iterate(
     # one run owns work_dir (a second one stops here, touching nothing); SIGTERM stops at a safe point
     with hold_work_dir(work), preemption.stop_on_sigterm():
         if make_tiny_if_missing and not (Path(base_model).expanduser() / "config.json").exists():
-            say(f"building the offline tiny model ({tiny_size}) at {base_model}")
-            make_tiny_model(Path(base_model).expanduser(), size=tiny_size)
+            say(f"building the offline tiny model ({tiny_arch}, {tiny_size}) at {base_model}")
+            make_tiny_model(Path(base_model).expanduser(), size=tiny_size, arch=tiny_arch)
         state = LoopState(work)
         tensorboard = work / "tensorboard"
         evaluation = evaluation or EvalSettings()

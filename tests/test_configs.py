@@ -25,7 +25,12 @@ FIT_CONFIGS = [
     "demo_sft.yaml",
 ]
 STRATEGIES = sorted(p.name for p in (REPO / "configs/strategies").glob("*.yaml"))
-LOOP_CONFIGS = [["veripo.yaml"], ["veripo.yaml", "judge_vllm.yaml"], ["demo.yaml"]]
+LOOP_CONFIGS = [
+    ["veripo.yaml"],
+    ["veripo.yaml", "judge_vllm.yaml"],
+    ["demo.yaml"],
+    ["demo.yaml", "demo_qwen3_5.yaml"],
+]
 
 
 def _printed(
@@ -102,6 +107,9 @@ def test_loop_config_parses(names: list[str], capsys: pytest.CaptureFixture[str]
             assert (REPO / config[stage]["config"]).is_file()
     if "judge_vllm.yaml" in names:
         assert config["judge"]["class_path"] == "lightning_veripo.verifier.llm_judges.OpenAIJudge"
+    if "demo_qwen3_5.yaml" in names:  # its own model and work directory, the demo's stages
+        assert config["tiny_arch"] == "qwen3_5" and config["base_model"] != "work/demo/small-model"
+        assert config["work_dir"] != "work/demo/veripo" and config["sft"]["config"] == "configs/demo_sft.yaml"
 
 
 def test_a_typo_in_a_config_is_refused(

@@ -15,20 +15,15 @@ from pathlib import Path
 import pytest
 from helpers import DEMO_LOOP_TEST_ARGS, DEMO_SFT_TEST_ARGS
 
-from lightning_veripo.tiny import make_tiny_model
-
 REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.slow
 def test_iterate_runs_sft_grpo_verifier_and_dpo_on_a_tiny_qwen3_5(tmp_path: Path) -> None:
     shutil.copytree(REPO / "configs", tmp_path / "configs")
-    make_tiny_model(
-        tmp_path / "work/demo/tiny-model", seed=0, arch="qwen3_5"
-    )  # the demo then uses it as found
-    args = [
+    args = [  # the loop builds the tiny Qwen3.5 itself (`tiny_arch`)
         sys.executable, "-m", "lightning_veripo.cli", "iterate", "--config", "configs/demo.yaml",
-        "--iterations", "1", *DEMO_LOOP_TEST_ARGS,
+        "--iterations", "1", *DEMO_LOOP_TEST_ARGS, "--tiny_arch", "qwen3_5",
         "--sft.args", json.dumps(["--trainer.max_steps=100", "--trainer.enable_progress_bar=false",
                                   *DEMO_SFT_TEST_ARGS]),
         "--grpo.args", json.dumps(["--trainer.max_steps=3", "--trainer.limit_val_batches=0",
@@ -40,6 +35,7 @@ def test_iterate_runs_sft_grpo_verifier_and_dpo_on_a_tiny_qwen3_5(tmp_path: Path
 
     print(run.stdout)  # the loop's summary table, with `pytest -s`
     assert run.returncode == 0, run.stderr[-4000:]
+    assert "building the offline tiny model (qwen3_5, tiny)" in run.stderr
     assert "one prefill per rollout row" not in run.stderr  # the shared prefill ran on the hybrid cache
     config = json.loads((tmp_path / "work/demo/tiny-model/config.json").read_text())
     assert config["model_type"] == "qwen3_5"
