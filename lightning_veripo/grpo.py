@@ -65,7 +65,8 @@ class GRPOModule(VideoLLMModule):
         max_new_tokens / temperature / top_p / top_k: rollout sampling.
         beta: weight of the k3 KL to the reference policy (0 = no reference pass).
         epsilon_low / epsilon_high: clipping range (epsilon_high > epsilon_low is DAPO's clip-higher).
-        loss_type: "grpo", "bnpo", "dr_grpo" or "dapo" token aggregation (see `losses.grpo_loss`).
+        loss_type: "grpo", "bnpo", "dr_grpo" or "dapo" token aggregation (see `losses.grpo_loss`), over the
+            global batch under data parallelism (`losses.aggregation_count`).
         advantage_scale: "group" (std of the group), "batch" (std of the global batch) or "none" (Dr. GRPO).
         num_iterations: mu, optimiser passes over one generation batch (old log-probs kept for the ratio).
         importance_sampling_level: "token" or "sequence" (GSPO).

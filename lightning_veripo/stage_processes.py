@@ -106,7 +106,8 @@ def load_trained_weights(module: pl.LightningModule, ckpt: Path) -> int:
     meta = _checkpoint_meta(ckpt)
     module.on_load_checkpoint(meta)  # builds the backbone; refuses weights of another policy
     if ckpt.is_dir():
-        loaded = {"state_dict": module.state_dict()}  # the trainable weights, as veripo's checkpoints hold them
+        # the trainable weights, as veripo's checkpoints hold them, filled in from the shards
+        loaded = {"state_dict": module.state_dict()}
         dcp.load(loaded, checkpoint_id=str(ckpt), no_dist=True)
         state = loaded["state_dict"]
     else:
