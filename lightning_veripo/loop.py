@@ -375,6 +375,12 @@ def _ensure_verifier_files(iteration: Path, judge: Judge | None, pair_config: Pa
     verifier, ckpt = iteration / "verifier", iteration / "grpo" / "checkpoints" / "last.ckpt"
     if (verifier / "stats.json").is_file():
         return
+    if ckpt.is_dir():  # a fit in several processes (stage_processes): its ranks spooled the rollouts
+        callback = VerifierCallback(
+            judge=judge, pair_config=pair_config, out_dir=str(verifier), progress=False
+        )
+        stage_processes.judge_spooled_rollouts(callback, ckpt, iteration / "grpo" / "rollouts")
+        return
     if not ckpt.is_file():
         raise FileNotFoundError(
             f"{verifier}/stats.json is missing, so the verifier did not finish, and {ckpt} is gone too: nothing "

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -23,6 +24,7 @@ import torch
 import yaml
 
 from lightning_veripo.backbone import VideoLLM
+from lightning_veripo.loop import _ensure_verifier_files
 from lightning_veripo.verifier.run import read_rollouts
 
 REPO = Path(__file__).resolve().parents[1]
@@ -157,6 +159,21 @@ def test_sharded_loop_adapters_hold_the_sharded_fits_weights_and_load_into_one_p
         assert any("lora_B" in k and v.abs().max() > 0 for k, v in saved.items()), f"{stage} did not train"
     policy = VideoLLM(str(warm_base), merge_adapters=[str(sharded_loop / s / "adapter") for s in stages])
     assert policy.load() is not None
+
+
+@pytest.mark.slow
+def test_verifier_files_removed_after_a_sharded_grpo_stage_are_rebuilt_from_its_checkpoint(
+    sharded_loop: Path, tmp_path: Path
+) -> None:
+    """The loop's recovery (`_ensure_verifier_files`) judges the rollouts the distributed checkpoint counts in
+    the ranks' spools again: the same files as the run's."""
+    copy = tmp_path / "iter_1"
+    shutil.copytree(sharded_loop / "iter_1" / "grpo", copy / "grpo")
+    _ensure_verifier_files(copy, None, None)
+    for name in ("rollouts.jsonl", "pairs.jsonl"):
+        assert (copy / "verifier" / name).read_bytes() == (
+            sharded_loop / "iter_1" / "verifier" / name
+        ).read_bytes()
 
 
 @pytest.mark.slow
