@@ -65,7 +65,8 @@ class GRPOModule(VideoLLMModule):
         max_new_tokens / temperature / top_p / top_k: rollout sampling.
         beta: weight of the k3 KL to the reference policy (0 = no reference pass).
         epsilon_low / epsilon_high: clipping range (epsilon_high > epsilon_low is DAPO's clip-higher).
-        loss_type: "grpo", "bnpo", "dr_grpo" or "dapo" token aggregation (see `losses.grpo_loss`).
+        loss_type: "grpo", "bnpo", "dr_grpo" or "dapo" token aggregation (see `losses.grpo_loss`), over the
+            global batch under data parallelism (`losses.aggregation_count`).
         advantage_scale: "group" (std of the group), "batch" (std of the global batch) or "none" (Dr. GRPO).
         num_iterations: mu, optimiser passes over one generation batch (old log-probs kept for the ratio).
         importance_sampling_level: "token" or "sequence" (GSPO).
@@ -344,6 +345,7 @@ class GRPOModule(VideoLLMModule):
                     )
                 if self.beta != 0.0:
                     ref = self._logps(sub_batch, ids, mask, sub_vision, reference=True, grad=False)
+                share = self._share_of_global_batch(mask, idle)
                 for _ in range(self.num_iterations):
                     logps = self._logps(sub_batch, ids, mask, sub_vision, reference=False, grad=True)
                     loss, stats = losses.grpo_loss(
@@ -354,6 +356,8 @@ class GRPOModule(VideoLLMModule):
                     )  # fmt: skip
                     if sampled.logprobs is not None:
                         stats = {**stats, **stats_extra}
+                    if share is not None:
+                        loss = loss * share
                     if idle:
                         loss = loss * 0.0
                     self.manual_backward(loss / self.accumulate_grad_batches)
@@ -364,6 +368,16 @@ class GRPOModule(VideoLLMModule):
         elif self.num_iterations > 1 and not keep.any():
             self._step(opt, sched)  # no gradient: a no-op update that keeps the step count honest
         return loss, stats
+
+    def _share_of_global_batch(self, mask: torch.Tensor, idle: bool) -> torch.Tensor | None:
+        """W * this rank's tokens (or sequences) / every rank's, the factor that turns this rank's loss into its
+        part of the global batch's (DDP and FSDP average the ranks' gradients; each loss is normalised by its
+        own rank's count): a collective every rank reaches. None on one process, whose loss is the global one."""
+        if self._trainer is None or self.trainer.world_size == 1:
+            return None
+        count = losses.aggregation_count(mask, self.loss_type) * (0.0 if idle else 1.0)
+        total = self.trainer.strategy.reduce(count.clone(), reduce_op="sum")
+        return count * self.trainer.world_size / total.clamp(min=1.0)
 
     def _step(self, opt: Any, sched: Any) -> None:
         if self.max_grad_norm > 0:

@@ -36,7 +36,7 @@ from typing import Any
 
 from lightning.pytorch.callbacks import ModelCheckpoint
 
-from lightning_veripo import preemption
+from lightning_veripo import preemption, stage_processes
 from lightning_veripo.acceptance import Guards, decide
 from lightning_veripo.backbone import VideoLLM
 from lightning_veripo.callbacks.verifier import VerifierCallback, verify_checkpoint
@@ -88,6 +88,8 @@ def run_stage(
 
     Its TensorBoard curves start at x = `step_offset` (the steps of the stages before it). With a `title`, a
     header (what runs, from which policy, on what data, how many steps) is printed before the fit.
+    A trainer of several processes (e.g. the FSDP2 overlay with `--trainer.devices=2`) fits in child processes
+    (`stage_processes`); the loop's module then holds the trained weights, unsharded.
     Returns the fitted LightningModule (its backbone holds the new policy) and the fit's optimizer steps."""
     stage_dir.mkdir(parents=True, exist_ok=True)
     backbone = "--model.init_args.backbone.init_args."
@@ -114,6 +116,8 @@ def run_stage(
         if title is not None:
             first, *details = describe_fit(cli, stage.config, base_model, adapters, stage_dir, last)
             header(f"{title}: {first}", *details)
+    if stage_processes.processes(cli.trainer) > 1:  # Lightning would re-execute this whole command per rank
+        return stage_processes.fit_in_processes(name, cli, args, stage_dir, callbacks or [])
     # Checkpoint callbacks run last (as Trainer orders them), so a checkpoint holds the state the other
     # callbacks reached at that step, e.g. the VerifierCallback's rollouts of the step just taken.
     existing = cli.trainer.callbacks
@@ -372,6 +376,12 @@ def _ensure_verifier_files(iteration: Path, judge: Judge | None, pair_config: Pa
 
     verifier, ckpt = iteration / "verifier", iteration / "grpo" / "checkpoints" / "last.ckpt"
     if (verifier / "stats.json").is_file():
+        return
+    if ckpt.is_dir():  # a fit in several processes (stage_processes): its ranks spooled the rollouts
+        callback = VerifierCallback(
+            judge=judge, pair_config=pair_config, out_dir=str(verifier), progress=False
+        )
+        stage_processes.judge_spooled_rollouts(callback, ckpt, iteration / "grpo" / "rollouts")
         return
     if not ckpt.is_file():
         raise FileNotFoundError(

@@ -159,6 +159,16 @@ def _aggregate(
     return per_token_loss.sum() / (per_token_loss.size(0) * length)  # dr_grpo: a constant normaliser
 
 
+def aggregation_count(completion_mask: Tensor, loss_type: str) -> Tensor:
+    """What `loss_type` averages over, counted (float): the unmasked tokens for "bnpo"/"dapo", the sequences
+    for "grpo"/"dr_grpo" (dr_grpo's constant length cancels). Data-parallel ranks that each normalise by their
+    own count weigh their tokens unequally; rescaling rank r's loss by W * count_r / sum of counts makes the
+    ranks' averaged gradient the one loss over the global batch (`GRPOModule`)."""
+    if loss_type in ("bnpo", "dapo"):
+        return completion_mask.sum().float()
+    return completion_mask.new_tensor(completion_mask.size(0), dtype=torch.float32)
+
+
 def grpo_loss(
     per_token_logps: Tensor,
     old_per_token_logps: Tensor | None,

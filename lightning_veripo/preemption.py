@@ -8,15 +8,20 @@ SIGTERM outside a fit raises `Preempted` at once (what is half done there, an ev
 atomically at its end, so nothing torn is left), and a fit's `SIGTERMException` becomes `Preempted` naming the
 stage and the step of its last checkpoint. `veripo` prints that line and exits 143 (128 + SIGTERM), and the
 same command resumes: finished stages are skipped, the fit resumes from `last.ckpt`, the evaluation runs again.
+A stage fitted in child processes (`lightning_veripo.stage_processes`) is passed the SIGTERM and stops the same
+way there; the loop waits for it, then stops naming the step of its last checkpoint.
 """
 
 from __future__ import annotations
 
 import contextlib
 import signal
+import subprocess
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
+import torch
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 EXIT_CODE = 128 + signal.SIGTERM
@@ -37,6 +42,7 @@ class _Position:
         self.stage: str | None = None
         self.activity = ""
         self.trainer: Any = None
+        self.child: Any = None  # a stage's fit in a child process (`fitting_in`)
         self.received = False
 
     def describe(self) -> str:
@@ -52,6 +58,9 @@ _position = _Position()
 
 def _handler(signum: int, frame: Any) -> None:
     _position.received = True
+    if _position.child is not None:  # its Lightning finishes the step and checkpoint, and stops its ranks
+        _position.child.send_signal(signum)
+        return
     if _position.trainer is None:  # inside a fit Lightning's handler (which calls this one too) stops it
         raise Preempted(_position.describe())
 
@@ -90,3 +99,22 @@ def fitting(trainer: Any) -> Iterator[None]:
         _position.trainer = None
     if _position.received:  # arrived after the training loop (in the verifier, say): stop before going on
         raise Preempted(f"after the fit of {_position.stage} (step {trainer.global_step})")
+
+
+@contextlib.contextmanager
+def fitting_in(child: subprocess.Popen, last_checkpoint: Path) -> Iterator[subprocess.Popen]:
+    """A stage's fit runs in the `child` process in the block: a SIGTERM is passed on to it; once it has
+    stopped, `Preempted` names the step of its last checkpoint. Anything else that stops the block stops the
+    child too."""
+    _position.child = child
+    try:
+        yield child
+    finally:
+        _position.child = None
+        if child.poll() is None:  # the loop itself failed (Ctrl-C, say): do not leave the fit running
+            child.terminate()
+            child.wait()
+    if _position.received:
+        meta = last_checkpoint / "meta.pt" if last_checkpoint.is_dir() else last_checkpoint
+        step = torch.load(meta, map_location="cpu", weights_only=True)["global_step"] if meta.exists() else 0
+        raise Preempted(f"in {_position.stage} at step {step} (its last checkpoint)")

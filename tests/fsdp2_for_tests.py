@@ -1,38 +1,18 @@
-"""Callbacks the FSDP2 tests name by dotted path (`fsdp2_for_tests.SaveFullGradients`), as a config would."""
+"""What the FSDP2 tests name by dotted path in a config (`fsdp2_for_tests.SaveGlobalLoss`): callbacks, and a
+GRPO module that replays recorded rollouts."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
+from typing import Any
 
 import lightning as L
 import torch
-from torch.distributed.tensor import DTensor
+from torch import nn
 
-
-class SaveFullGradients(L.Callback):
-    """Saves the trainable weights' gradients of the first optimiser step to `path`, as full tensors.
-
-    Under FSDP2 a gradient is a `DTensor` sharded over the ranks, already reduce-scattered (averaged) when
-    `on_before_optimizer_step` runs: every rank gathers each one (`full_tensor`, a collective), rank zero writes.
-    Without sharding the gradients are plain tensors and are written as they are."""
-
-    def __init__(self, path: str) -> None:
-        self.path = Path(path)
-        self.saved = False
-
-    def on_before_optimizer_step(
-        self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: torch.optim.Optimizer
-    ) -> None:
-        if self.saved:
-            return
-        self.saved = True
-        grads = {}
-        for name, p in pl_module.named_parameters():
-            if p.requires_grad and p.grad is not None:
-                grad = p.grad.full_tensor() if isinstance(p.grad, DTensor) else p.grad
-                grads[name] = grad.detach().clone()
-        if trainer.is_global_zero:
-            torch.save(grads, self.path)
+from lightning_veripo.grpo import GRPOModule
+from lightning_veripo.rollout import RolloutEngine, Sampled, Sampling
 
 
 class ExportAdapterAndOutputs(L.Callback):
@@ -91,3 +71,42 @@ class SaveGlobalLoss(L.Callback):
         mean = trainer.strategy.reduce(loss, reduce_op="mean")
         if trainer.is_global_zero:
             torch.save(mean.cpu(), self.path)
+
+
+class ReplayedRollouts(RolloutEngine):
+    """Hands back the completion token ids recorded for each prompt (`rollouts.jsonl` of a real fit, step
+    `step`) instead of sampling, so a sharded fit and one process see the same rollouts; the completions are
+    masked and decoded by the code that handles generated ids, and everything after (rewards, advantages,
+    log-probs, loss) is the real step's."""
+
+    name = "replay"
+
+    def __init__(self, rollouts_path: str, step: int) -> None:
+        self.ids: dict[str, dict[int, list[int]]] = {}
+        for line in Path(rollouts_path).read_text().splitlines():
+            r = json.loads(line)
+            if r["step"] == step:
+                group = self.ids.setdefault(str(r["record"]["problem_id"]), {})
+                group[r["sample_index"]] = r["completion_ids"]
+
+    def sample(
+        self, module: Any, batch: dict[str, Any], vision: dict[str, Any] | None, sampling: Sampling
+    ) -> Sampled:
+        G = sampling.num_generations
+        rows = []
+        for record in batch["records"]:
+            recorded = self.ids.get(record.problem_id, {})
+            if sorted(recorded) != list(range(G)):
+                raise KeyError(f"no {G} recorded rollouts of {record.problem_id} (have {sorted(recorded)})")
+            rows += [torch.tensor(recorded[g], dtype=torch.long) for g in range(G)]
+        pad = module.backbone.pad_token_id
+        ids = nn.utils.rnn.pad_sequence(rows, batch_first=True, padding_value=pad)  # [N*G, T]
+        return Sampled(module.backbone.completions_from_ids(ids, sampling.max_new_tokens), None)
+
+
+class ReplayGRPOModule(GRPOModule):
+    """`GRPOModule` whose rollouts are the ones recorded at `replay_step` in `replay_path` (`ReplayedRollouts`)."""
+
+    def __init__(self, replay_path: str, replay_step: int = 0, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.engine = ReplayedRollouts(replay_path, replay_step)

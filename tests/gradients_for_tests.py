@@ -1,4 +1,4 @@
-"""A callback the DDP tests name by dotted path (`gradients_for_tests.SaveGradients`), as a config would."""
+"""A callback the DDP and FSDP2 tests name by dotted path (`gradients_for_tests.SaveGradients`), as a config would."""
 
 from __future__ import annotations
 
@@ -6,14 +6,18 @@ from pathlib import Path
 
 import lightning as L
 import torch
+from torch.distributed.tensor import DTensor
 
 
 class SaveGradients(L.Callback):
-    """Saves the trainable weights' gradients of the first optimiser step to `path` (rank zero only).
+    """Saves the trainable weights' gradients of the first optimiser step to `path`, as full tensors (rank zero
+    writes).
 
-    Under DDP `on_before_optimizer_step` runs after the all-reduce, so the saved gradients are the ones the
-    optimiser applies: comparing them with one process's is linear in the gradient, unlike comparing weights
-    after Adam, whose normalised first step turns float noise in a near-zero gradient into a full `lr` step."""
+    `on_before_optimizer_step` runs after DDP's all-reduce and FSDP2's reduce-scatter, so the saved gradients are
+    the ones the optimiser applies: comparing them with one process's is linear in the gradient, unlike
+    comparing weights after Adam, whose normalised first step turns float noise in a near-zero gradient into a
+    full `lr` step. Under FSDP2 a gradient is a `DTensor` sharded over the ranks: every rank gathers each one
+    (`full_tensor`, a collective); under DDP or on one process it is a plain tensor, written as it is."""
 
     def __init__(self, path: str) -> None:
         self.path = Path(path)
@@ -25,10 +29,10 @@ class SaveGradients(L.Callback):
         if self.saved:
             return
         self.saved = True
+        grads = {}
+        for name, p in pl_module.named_parameters():
+            if p.requires_grad and p.grad is not None:
+                grad = p.grad.full_tensor() if isinstance(p.grad, DTensor) else p.grad
+                grads[name] = grad.detach().clone()
         if trainer.is_global_zero:
-            grads = {
-                name: p.grad.detach().clone()
-                for name, p in pl_module.named_parameters()
-                if p.requires_grad and p.grad is not None
-            }
             torch.save(grads, self.path)

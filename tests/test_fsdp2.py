@@ -4,10 +4,13 @@ ModelParallelStrategy, `fully_shard` applied in `configure_model`) on 2 CPU proc
 checkpoint (trainable weights only, the policy identity), a kill and resume, the adapter exported from full
 tensors, and a two-node launch simulated on this machine.
 
-GRPO's sampling differs between ranks and one process (each rank draws from its own generator), so GRPO is
-checked on its bookkeeping (each global batch rolled out G times, once; global advantages; the verifier's files
-written once). DPO has no sampling: the FSDP2 fit (1 pair per rank) must apply the gradient, after FSDP2's
-reduce-scatter, and the loss of one process fitting 2 pairs per step.
+GRPO's sampling differs between ranks and one process (each rank draws from its own generator), so the sampled
+fit is checked on its bookkeeping (each global batch rolled out G times, once; global advantages; the verifier's
+files written once), and its first step against one process by replaying the rollouts that fit generated
+(`fsdp2_for_tests.ReplayGRPOModule`: the recorded token ids instead of sampling; rewards, advantages, log-probs,
+KL and loss computed by the real step): the FSDP2 fit (2 prompts per rank) must apply the gradient, after FSDP2's
+reduce-scatter, and the loss of one process on the 4 prompts. DPO has no sampling: the FSDP2 fit (1 pair per
+rank) must match one process fitting 2 pairs per step the same way.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from test_distributed import PROMPTS_PER_RANK, QUIET, G
 from torch.distributed.checkpoint import FileSystemReader
 
@@ -208,7 +212,7 @@ def _dpo(
         "--trainer.max_steps=1", "--trainer.max_epochs=-1", f"--trainer.default_root_dir={cwd}",
         "--trainer.enable_checkpointing=false", f"--data.init_args.pairs_path={pairs}",
         "--data.init_args.shuffle=false", f"--data.init_args.batch_size={1 if sharded else 2}",
-        "--trainer.callbacks+=fsdp2_for_tests.SaveFullGradients", f"--trainer.callbacks.init_args.path={cwd / 'g.pt'}",
+        "--trainer.callbacks+=gradients_for_tests.SaveGradients", f"--trainer.callbacks.init_args.path={cwd / 'g.pt'}",
         "--trainer.callbacks+=fsdp2_for_tests.SaveGlobalLoss", f"--trainer.callbacks.init_args.path={cwd / 'l.pt'}",
         *extra, cwd=cwd,
     )  # fmt: skip
@@ -238,6 +242,63 @@ def test_fsdp2_dpo_on_the_verifier_pairs_equals_one_process_on_the_global_batch(
     torch.testing.assert_close(loss_two, loss_one, rtol=1e-5, atol=1e-6)
     scale = max(g.abs().max().item() for g in one.values())
     assert scale > 0, "the first DPO step must have a gradient"
+    worst = max(one, key=lambda k: (two[k] - one[k]).abs().max().item())
+    diff = (two[worst] - one[worst]).abs().max().item()
+    assert diff <= 1e-5 * scale, f"largest gradient difference {diff:.3g} at {worst} (scale {scale:.3g})"
+
+
+def _replayed_grpo(
+    cwd: Path, rollouts: Path, tiny_model_dir: Path, synthetic_dir: Path, adapter: Path, sharded: bool,
+    extra: list[str],
+) -> tuple[dict, torch.Tensor]:  # fmt: skip
+    """The trainable weights' gradients (as full tensors) and the global-batch loss of the first GRPO step on the
+    rollouts recorded at step 0 in `rollouts` (the 4 prompts of the first global batch, G each)."""
+    config = yaml.safe_load((REPO / "configs/demo_grpo.yaml").read_text())
+    config["model"]["class_path"] = "fsdp2_for_tests.ReplayGRPOModule"
+    config["model"]["init_args"]["replay_path"] = str(rollouts)
+    (cwd / "replay.yaml").write_text(yaml.safe_dump(config))
+    m = "--model.init_args."
+    _fit(
+        "--config", str(cwd / "replay.yaml"), *QUIET, *_backbone_args(tiny_model_dir, adapter),
+        *([*FSDP2, "--trainer.devices=2"] if sharded else ["--trainer.devices=1"]),
+        "--trainer.max_steps=1", f"--trainer.default_root_dir={cwd}", "--trainer.enable_checkpointing=false",
+        f"{m}num_generations={G}", f"{m}max_new_tokens=24", f"{m}advantage_scale=batch", f"{m}beta=0.04",
+        f"{m}max_grad_norm=0", f"{m}log_rollouts_every_n_steps=0",
+        f"--data.init_args.train_path={synthetic_dir / 'train.json'}", "--data.init_args.val_path=null",
+        "--data.init_args.synthetic=null", "--data.init_args.shuffle=false",
+        f"--data.init_args.batch_size={PROMPTS_PER_RANK if sharded else 2 * PROMPTS_PER_RANK}",
+        "--trainer.callbacks+=gradients_for_tests.SaveGradients", f"--trainer.callbacks.init_args.path={cwd / 'g.pt'}",
+        "--trainer.callbacks+=fsdp2_for_tests.SaveGlobalLoss", f"--trainer.callbacks.init_args.path={cwd / 'l.pt'}",
+        *extra, cwd=cwd,
+    )  # fmt: skip
+    return torch.load(cwd / "g.pt", weights_only=True), torch.load(cwd / "l.pt", weights_only=True)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("tuning", ["lora", "full"])
+def test_fsdp2_grpo_first_step_on_replayed_rollouts_equals_one_process_on_the_global_batch(
+    fsdp2_grpo: Path,
+    tiny_model_dir: Path,
+    synthetic_dir: Path,
+    warm_adapter: Path,
+    tmp_path: Path,
+    tuning: str,
+) -> None:
+    """The sampled fit's step-0 rollouts replayed, with the KL to the reference (beta > 0), batch-scaled
+    advantages and DAPO's token-level loss, whose ranks hold different numbers of completion tokens."""
+    rollouts = fsdp2_grpo / "verifier" / "rollouts.jsonl"
+    (tmp_path / "full.yaml").write_text(FULL_FT)
+    extra = ["--config", str(tmp_path / "full.yaml")] if tuning == "full" else []
+    (tmp_path / "fsdp2").mkdir()
+    (tmp_path / "one").mkdir()
+    args = (rollouts, tiny_model_dir, synthetic_dir, warm_adapter)
+    two, loss_two = _replayed_grpo(tmp_path / "fsdp2", *args, sharded=True, extra=extra)
+    one, loss_one = _replayed_grpo(tmp_path / "one", *args, sharded=False, extra=extra)
+    trained = "lora_B" if tuning == "lora" else "layers.0.mlp.down_proj.weight"
+    assert two.keys() == one.keys() and any(trained in k for k in one)
+    torch.testing.assert_close(loss_two, loss_one, rtol=1e-5, atol=1e-6)
+    scale = max(g.abs().max().item() for g in one.values())
+    assert scale > 0, "the first GRPO step must have a gradient (a replayed group with mixed rewards)"
     worst = max(one, key=lambda k: (two[k] - one[k]).abs().max().item())
     diff = (two[worst] - one[worst]).abs().max().item()
     assert diff <= 1e-5 * scale, f"largest gradient difference {diff:.3g} at {worst} (scale {scale:.3g})"
