@@ -25,7 +25,12 @@ FIT_CONFIGS = [
     "demo_sft.yaml",
 ]
 STRATEGIES = sorted(p.name for p in (REPO / "configs/strategies").glob("*.yaml"))
-LOOP_CONFIGS = [["veripo.yaml"], ["veripo.yaml", "judge_vllm.yaml"], ["demo.yaml"]]
+LOOP_CONFIGS = [
+    ["veripo.yaml"],
+    ["veripo.yaml", "judge_vllm.yaml"],
+    ["demo.yaml"],
+    ["demo.yaml", "demo_vllm.yaml"],
+]
 
 
 def _printed(
@@ -102,6 +107,17 @@ def test_loop_config_parses(names: list[str], capsys: pytest.CaptureFixture[str]
             assert (REPO / config[stage]["config"]).is_file()
     if "judge_vllm.yaml" in names:
         assert config["judge"]["class_path"] == "lightning_veripo.verifier.llm_judges.OpenAIJudge"
+    if (
+        "demo_vllm.yaml" in names
+    ):  # its GRPO stage, as the loop runs it: a fit of the stage config and its args
+        stage = _printed(["fit", "--config", config["grpo"]["config"], *config["grpo"]["args"], "--print_config"],
+                         capsys, monkeypatch)  # fmt: skip
+        init = stage["model"]["init_args"]
+        assert init["rollout_engine"] == "vllm" and init["rollout_correction"] == "token"
+        assert init["backbone"]["init_args"]["lora"]["target_modules"] == "language_model"
+        assert (
+            init["backbone"]["init_args"]["tiny_size"] == "small"
+        )  # vLLM's CPU attention refuses head_dim 16
 
 
 def test_a_typo_in_a_config_is_refused(
