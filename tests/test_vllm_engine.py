@@ -157,6 +157,15 @@ def test_video_rollouts_with_the_batch_frames_and_their_mismatch(
     m = c.mask.bool()
     diff = (trainer_logps - sampled.logprobs)[m].abs()
     assert float(diff.max()) < 5e-2 and float(diff.mean()) < 2e-2
+    torch.manual_seed(0)
+    again = engine.sample(module, batch, None, Sampling(G, MAX_NEW_TOKENS, 1.0, 1.0, 0)).completions
+    torch.manual_seed(0)
+    same = engine.sample(module, batch, None, Sampling(G, MAX_NEW_TOKENS, 1.0, 1.0, 0)).completions
+    assert torch.equal(again.ids, same.ids)  # each request's seed comes from the trainer's torch RNG
+    assert len({tuple(row.tolist()) for row in same.ids[:G]}) > 1  # a seeded request's G samples still differ
+    torch.manual_seed(1)
+    other = engine.sample(module, batch, None, Sampling(G, MAX_NEW_TOKENS, 1.0, 1.0, 0)).completions
+    assert not torch.equal(other.ids, same.ids)
     del batch["videos"]
     with pytest.raises(ValueError, match="has no 'videos'"):
         engine.sample(module, batch, None, Sampling(G, MAX_NEW_TOKENS, 1.0, 1.0, 0))

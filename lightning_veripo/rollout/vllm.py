@@ -313,6 +313,10 @@ class VLLMRollouts(RolloutEngine):
         logps: list[list[float]] = []
         n_prompts = batch["input_ids"].shape[0]
         bodies = [self.request(batch, p, sampling, forbidden) for p in range(n_prompts)]
+        # a sampling seed per request, drawn from the trainer's torch RNG (seed_everything; checkpointed with the
+        # random states): the same seeds and weights give the same rollouts (unseeded, every run sampled others)
+        for body, seed in zip(bodies, torch.randint(0, 2**31 - 1, (n_prompts,)).tolist(), strict=True):
+            body["seed"] = int(seed)
         with ThreadPoolExecutor(max_workers=max(1, n_prompts)) as pool:  # concurrent: the server batches them
             replies = list(pool.map(lambda body: server.post("/v1/chat/completions", body), bodies))
         for p, reply in enumerate(replies):
