@@ -93,6 +93,7 @@ def test_grpo_steps_through_vllm(small_model_dir, server, synthetic_dir, frame_s
     record = RecordSteps()
     trainer = L.Trainer(
         accelerator="cpu", max_steps=2, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+        default_root_dir=str(tmp_path),  # the engine's record goes there
         enable_model_summary=False, limit_val_batches=0, callbacks=[record],
     )  # fmt: skip
     trainer.fit(module, datamodule=datamodule)
