@@ -134,13 +134,13 @@ def test_iterate_samples_its_grpo_rollouts_from_vllm_on_the_merged_base(tmp_path
     started_on = VideoLLM(str(MODEL)).load()
     assert (served - _text_logprobs(merged, check["tokens"])).abs().max() < 1e-4
     assert (served - _text_logprobs(started_on, check["tokens"])).abs().max() > 1e-2
-    # only the vllm engine logs the rollout-vs-trainer mismatch: one per GRPO step. On video it is not tiny once the
-    # model is trained (vLLM's vision tower differs from HF's; the 2-iteration demo run logged means 0.001-0.037 per
-    # token, README): the bound catches a server on a far-off policy, not that drift
+    # only the vllm engine logs the rollout-vs-trainer mismatch: one per GRPO step. On video it is not small once the
+    # model is trained (three runs of configs/demo_vllm.yaml logged per-step means 0.0007-0.11 per token, README): the
+    # bound catches a server on a far-off policy, not that drift; the greedy check above pins the policy
     mismatch = _scalars(
         WORK / "tensorboard" / "iter_1" / "grpo" / "version_0", "train/rollout_logp_diff_mean"
     )
-    assert len(mismatch) == 3 and all(0.0 <= m < 0.1 for m in mismatch), mismatch
+    assert len(mismatch) == 3 and all(0.0 <= m < 0.5 for m in mismatch), mismatch
     # DPO ran on the verifier's pairs of the vLLM rollouts (seeded: 96 rollouts of 12 questions gave pairs when this
     # was written; a skip names its reason here); the table has a row per stage
     state = json.loads((cwd / WORK / "state.json").read_text())["finished"]
