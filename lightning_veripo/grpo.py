@@ -25,6 +25,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
+import lightning as L
 import torch
 
 from lightning_veripo import losses
@@ -42,6 +43,7 @@ from lightning_veripo.rollout import (
     Sampled,
     Sampling,
     Scores,
+    StopEngineOnException,
     VLLMRollouts,
     VLLMSettings,
     log_rollout_panel,
@@ -258,14 +260,17 @@ class GRPOModule(VideoLLMModule):
         self._rollout_logps = sampled.logprobs
         return sampled.completions
 
-    def on_fit_start(self) -> None:
-        self.engine.start(self)  # a resumed fit reconnects and re-syncs the same way
+    def on_train_start(self) -> None:
+        # a resumed fit reconnects and re-syncs the same way; on_train_start, not on_fit_start: sharded strategies
+        # (restore_checkpoint_after_setup) restore the checkpoint's weights after on_fit_start, and every strategy
+        # restores the step counter after it
+        self.engine.start(self)
 
     def on_fit_end(self) -> None:
         self.engine.stop()
 
-    def on_exception(self, exception: BaseException) -> None:
-        self.engine.stop()
+    def configure_callbacks(self) -> list[L.Callback]:
+        return [*super().configure_callbacks(), StopEngineOnException()]  # a failed fit stops the engine too
 
     def score(
         self,

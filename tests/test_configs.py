@@ -30,6 +30,7 @@ LOOP_CONFIGS = [
     ["veripo.yaml", "judge_vllm.yaml"],
     ["demo.yaml"],
     ["demo.yaml", "demo_qwen3_5.yaml"],
+    ["demo.yaml", "demo_vllm.yaml"],
 ]
 
 
@@ -110,6 +111,17 @@ def test_loop_config_parses(names: list[str], capsys: pytest.CaptureFixture[str]
     if "demo_qwen3_5.yaml" in names:  # its own model and work directory, the demo's stages
         assert config["tiny_arch"] == "qwen3_5" and config["base_model"] != "work/demo/small-model"
         assert config["work_dir"] != "work/demo/veripo" and config["sft"]["config"] == "configs/demo_sft.yaml"
+    if (
+        "demo_vllm.yaml" in names
+    ):  # its GRPO stage, as the loop runs it: a fit of the stage config and its args
+        stage = _printed(["fit", "--config", config["grpo"]["config"], *config["grpo"]["args"], "--print_config"],
+                         capsys, monkeypatch)  # fmt: skip
+        init = stage["model"]["init_args"]
+        assert init["rollout_engine"] == "vllm" and init["rollout_correction"] == "token"
+        assert init["backbone"]["init_args"]["lora"]["target_modules"] == "language_model"
+        assert (
+            init["backbone"]["init_args"]["tiny_size"] == "small"
+        )  # vLLM's CPU attention refuses head_dim 16
 
 
 def test_a_typo_in_a_config_is_refused(

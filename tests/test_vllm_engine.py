@@ -1,6 +1,7 @@
 """The vLLM rollout engine against a real vLLM CPU server on 127.0.0.1 serving the `small` tiny Qwen2.5-VL (vLLM's
 CPU attention refuses the default tiny model's head_dim 16): GRPO steps through it, adapter sync, a stage boundary's
-base reload, the rollout-vs-trainer mismatch, and faults.
+base reload, the rollout-vs-trainer mismatch, a fit killed and resumed (reconnecting by URL), full fine-tuning's
+full-weight reload, and faults. The loop through vLLM and a SIGKILLed fit's own server: tests/test_vllm_loop.py.
 
 The server runs in its own environment (`.ci/vllm-env` builds it); VERIPO_VLLM_PYTHON names its python. Without it
 these tests skip with that reason; CI sets it with VERIPO_REQUIRE_VLLM=1, under which a missing one fails.
@@ -11,6 +12,8 @@ from __future__ import annotations
 import http.server
 import json
 import os
+import shutil
+import signal
 import threading
 from pathlib import Path
 from types import SimpleNamespace
@@ -20,6 +23,9 @@ import lightning as L
 import pytest
 import torch
 from helpers import RecordSteps, perturb_lora
+from kill_run import KillAt
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from lightning_veripo.backbone import VideoLLM
 from lightning_veripo.data.videoqa import FrameSampling, VideoQACollator, VideoQADataModule, VideoQADataset
@@ -87,6 +93,7 @@ def test_grpo_steps_through_vllm(small_model_dir, server, synthetic_dir, frame_s
     record = RecordSteps()
     trainer = L.Trainer(
         accelerator="cpu", max_steps=2, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+        default_root_dir=str(tmp_path),  # the engine's record goes there
         enable_model_summary=False, limit_val_batches=0, callbacks=[record],
     )  # fmt: skip
     trainer.fit(module, datamodule=datamodule)
@@ -151,9 +158,132 @@ def test_video_rollouts_with_the_batch_frames_and_their_mismatch(
     m = c.mask.bool()
     diff = (trainer_logps - sampled.logprobs)[m].abs()
     assert float(diff.max()) < 5e-2 and float(diff.mean()) < 2e-2
+    torch.manual_seed(0)
+    again = engine.sample(module, batch, None, Sampling(G, MAX_NEW_TOKENS, 1.0, 1.0, 0)).completions
+    torch.manual_seed(0)
+    same = engine.sample(module, batch, None, Sampling(G, MAX_NEW_TOKENS, 1.0, 1.0, 0)).completions
+    assert torch.equal(again.ids, same.ids)  # each request's seed comes from the trainer's torch RNG
+    assert len({tuple(row.tolist()) for row in same.ids[:G]}) > 1  # a seeded request's G samples still differ
+    torch.manual_seed(1)
+    other = engine.sample(module, batch, None, Sampling(G, MAX_NEW_TOKENS, 1.0, 1.0, 0)).completions
+    assert not torch.equal(other.ids, same.ids)
     del batch["videos"]
     with pytest.raises(ValueError, match="has no 'videos'"):
         engine.sample(module, batch, None, Sampling(G, MAX_NEW_TOKENS, 1.0, 1.0, 0))
+
+
+def _varying_grpo(backbone: VideoLLM, tmp_path: Path, url: str, lr: float = 1e-2) -> GRPOModule:
+    """GRPO through the server with a reward that differs between random completions: every step updates."""
+    return GRPOModule(
+        backbone, rewards=RewardSet(["rewards_for_tests.completion_chars"]), num_generations=G,
+        max_new_tokens=MAX_NEW_TOKENS, lr=lr, log_rollouts_every_n_steps=0, rollout_engine="vllm",
+        dynamic_sampling=False, vllm=VLLMSettings(url=url, work_dir=str(tmp_path / "sync")),
+    )  # fmt: skip
+
+
+def _fit(module, synthetic_dir, frame_sampling, root: Path, max_steps: int, callbacks=(), ckpt_path=None):
+    datamodule = VideoQADataModule(
+        train_path=str(synthetic_dir / "train.json"), val_path=str(synthetic_dir / "val.json"),
+        sampling=frame_sampling, batch_size=2, shuffle=False,
+    )  # fmt: skip
+    trainer = L.Trainer(
+        accelerator="cpu", max_steps=max_steps, logger=False, default_root_dir=str(root), enable_progress_bar=False,
+        enable_model_summary=False, limit_val_batches=0, num_sanity_val_steps=0,
+        callbacks=[*callbacks, ModelCheckpoint(dirpath=root / "checkpoints", save_last=True, every_n_train_steps=1)],
+    )  # fmt: skip
+    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
+    return trainer
+
+
+def _text_logprobs(model: torch.nn.Module, backbone: VideoLLM, tokens: list[int]) -> torch.Tensor:
+    """`model`'s log-probs of `tokens` after the engine's check prompt (teacher-forced)."""
+    ids = backbone.tokenizer("the answer is", return_tensors="pt")["input_ids"]
+    full = torch.cat([ids, torch.tensor([tokens])], 1)
+    with torch.no_grad():
+        logps = torch.log_softmax(model(input_ids=full).logits[0, ids.shape[1] - 1 : -1].float(), -1)
+    return logps.gather(-1, full[0, ids.shape[1] :, None])[:, 0]
+
+
+def _events(engine: VLLMRollouts, kind: str) -> list[dict[str, Any]]:
+    return [e for e in engine.events if e["event"] == kind]
+
+
+def test_a_fit_killed_at_a_step_resumes_reconnecting_to_the_given_url_and_resyncing_its_adapter(
+    small_model_dir, server, synthetic_dir, frame_sampling, tmp_path
+):
+    """SIGTERM at step 2 (Lightning writes step 2's checkpoint, then stops: the engine's on_exception leaves the
+    given server running); a new process' worth of objects resumes from last.ckpt: the engine reconnects to the
+    URL, reloads the base, syncs the resumed adapter before the first rollout and checks the server's greedy
+    tokens and their log-probs against the resumed policy; the fit ends at max_steps."""
+    root = tmp_path / "fit"
+    killed = _varying_grpo(_backbone(small_model_dir), tmp_path, server.url)
+    with pytest.raises(SIGTERMException):
+        _fit(killed, synthetic_dir, frame_sampling, root, 4, [KillAt(signal.SIGTERM, 2)])
+    assert killed.engine.server is None  # stopped (a given server is only let go of)
+    last = root / "checkpoints" / "last.ckpt"
+    shutil.copy(last, tmp_path / "step2.ckpt")  # last.ckpt moves on in the resumed fit
+    resumed = _varying_grpo(_backbone(small_model_dir), tmp_path, server.url)
+    record = RecordSteps()
+    trainer = _fit(resumed, synthetic_dir, frame_sampling, root, 4, [record], ckpt_path=str(last))
+    assert trainer.global_step == 4 and len(record.outputs) == 2  # steps 3 and 4 only
+    events = resumed.engine.events
+    start = events[0]
+    assert start["event"] == "start" and start["url"] == server.url and not start["started"]
+    assert start["global_step"] == 2  # the engine starts once the checkpoint (weights, step) is restored
+    kinds = [e["event"] for e in events]
+    assert kinds[:5] == [
+        "start",
+        "base_reload",
+        "adapter_sync",
+        "greedy_check",
+        "adapter_sync",
+    ]  # before step 3
+    assert len(_events(resumed.engine, "adapter_sync")) == 1 + 2
+    check = _events(resumed.engine, "greedy_check")[0]
+    assert check["passed"] and check["logprob_gap"] < 1e-4, check
+    # teeth: the server served the step-2 adapter, not the fresh one (= the base) nor the killed run's start
+    step2 = VideoLLM(str(small_model_dir), lora=LoRAConfig(r=4, alpha=8)).load()
+    state = torch.load(tmp_path / "step2.ckpt", weights_only=True)["state_dict"]
+    assert any("lora_B" in k for k in state)
+    loaded = step2.load_state_dict({k.removeprefix("backbone."): v for k, v in state.items()}, strict=False)
+    assert not loaded.unexpected_keys
+    served = torch.tensor(check["server_logprobs"])
+    trained = _text_logprobs(step2.model, step2, check["tokens"])
+    with step2.model.disable_adapter():
+        untrained = _text_logprobs(step2.model, step2, check["tokens"])
+    assert (served - trained).abs().max() < 1e-4
+    assert (served - untrained).abs().max() > 1e-3, "two GRPO steps must have moved the adapter"
+    assert all(m["train/time_sync_s"] > 0 for m in record.metrics)
+
+
+def test_full_fine_tuning_reloads_the_full_weights_after_each_step(
+    small_model_dir, server, synthetic_dir, frame_sampling, tmp_path
+):
+    """lora=None: after every optimiser step all the weights are saved and reloaded by the server (no adapter),
+    whose greedy tokens and their log-probs then equal the trainer's; the mismatch is logged every step."""
+    backbone = VideoLLM(str(small_model_dir), lora=None).load()
+    module = _varying_grpo(backbone, tmp_path, server.url, lr=1e-3)
+    record = RecordSteps()
+    trainer = _fit(module, synthetic_dir, frame_sampling, tmp_path / "fit", 2, [record])
+    assert trainer.global_step == 2
+    engine = module.engine
+    reloads, checks = _events(engine, "base_reload"), _events(engine, "greedy_check")
+    assert [r["weights"] for r in reloads] == ["full"] * 3  # fit start, then after each of the 2 steps
+    assert not _events(engine, "adapter_sync") and engine.model_name == "base"
+    assert len(checks) == 3 and all(c["passed"] and c["logprob_gap"] < 1e-4 for c in checks), checks
+    saved = json.loads((Path(reloads[-1]["path"]) / "config.json").read_text())
+    assert saved["architectures"] == ["Qwen2_5_VLForConditionalGeneration"]
+    # teeth: after the steps the server serves the trained weights, not the checkpoint it was started on
+    start = VideoLLM(str(small_model_dir), lora=None).load()
+    last = checks[-1]
+    served = torch.tensor(last["server_logprobs"])
+    assert (served - _text_logprobs(backbone.model, backbone, last["tokens"])).abs().max() < 1e-4
+    assert (served - _text_logprobs(start.model, start, last["tokens"])).abs().max() > 1e-3
+    for metrics in record.metrics:
+        assert 0.0 <= metrics["train/rollout_logp_diff_mean"] < 2e-2
+        assert metrics["train/rollout_logp_diff_corr"] > 0.99 and metrics["train/time_sync_s"] > 0.0
+    records = [json.loads(line) for line in (tmp_path / "fit" / "vllm_engine.jsonl").read_text().splitlines()]
+    assert [r["event"] for r in records] == [e["event"] for e in engine.events]
 
 
 class _NoLogprobs(http.server.BaseHTTPRequestHandler):

@@ -1,6 +1,13 @@
 """Rollout engines for GRPO: `hf` (generate in the trainer's process) and `vllm` (a vLLM server, weight-synced)."""
 
-from lightning_veripo.rollout.engine import HFRollouts, RolloutEngine, Sampled, Sampling, sharded
+from lightning_veripo.rollout.engine import (
+    HFRollouts,
+    RolloutEngine,
+    Sampled,
+    Sampling,
+    StopEngineOnException,
+    sharded,
+)
 from lightning_veripo.rollout.mismatch import logprob_mismatch
 from lightning_veripo.rollout.records import naming_failures, rollout_records
 from lightning_veripo.rollout.scores import Scores, score_rollouts
@@ -14,6 +21,7 @@ __all__ = [
     "Sampled",
     "Sampling",
     "Scores",
+    "StopEngineOnException",
     "VLLMRollouts",
     "VLLMServer",
     "VLLMServerError",

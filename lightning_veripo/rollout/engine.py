@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from typing import Any, NamedTuple
 
+import lightning as L
 import torch
 
 from lightning_veripo import sharding
@@ -52,6 +53,18 @@ class RolloutEngine:
         self, module: Any, batch: dict[str, Any], vision: dict[str, Any] | None, sampling: Sampling
     ) -> Sampled:
         raise NotImplementedError(f"{type(self).__name__} must implement sample()")
+
+
+class StopEngineOnException(L.Callback):
+    """Stops the module's rollout engine when a fit fails or is stopped (SIGTERM, Ctrl+C): Lightning calls
+    `on_exception` on callbacks, never on the LightningModule, and a started server would outlive the fit."""
+
+    def on_exception(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException
+    ) -> None:
+        engine = getattr(pl_module, "engine", None)
+        if isinstance(engine, RolloutEngine):
+            engine.stop()
 
 
 class HFRollouts(RolloutEngine):

@@ -9,13 +9,20 @@ Sync, as verl, EasyR1 and TRL's async trainer do it: LoRA is adapter-only, after
 saved and loaded at runtime under a new name (`policy-<run>-v<N>`) that the next rollouts use; the base (with earlier
 stages' adapters merged into it) is reloaded from a saved directory at the start of each fit, i.e. at each loop
 stage boundary, and on resume; full fine-tuning reloads all weights after each step. After each sync the server's
-multimodal and prefix caches are reset (a video request after a reload without that kills the engine).
+multimodal and prefix caches are reset (a video request after a reload without that kills the engine). At each fit
+start, once the base and the adapter are synced, and after each full reload, the server's greedy tokens on a text
+prompt are checked against the trainer's policy (`check_greedy`).
+
+The engine's record: every start (the server, started or given by URL), base reload, adapter sync and greedy check
+is kept in `events` and, in a fit, appended to `vllm_engine.jsonl` in the trainer's `default_root_dir` (a loop
+stage's directory), so a run shows what its rollouts were sampled from.
 """
 
 from __future__ import annotations
 
 import base64
 import io
+import json
 import tempfile
 import time
 import uuid
@@ -79,6 +86,8 @@ class VLLMRollouts(RolloutEngine):
         self.run_id = uuid.uuid4().hex[:8]
         self.model_name = BASE_NAME
         self.last_sync: dict[str, float] = {}
+        self.events: list[dict[str, Any]] = []
+        self.record_path: Path | None = None
         self._tmp: tempfile.TemporaryDirectory[str] | None = None
 
     # ------------------------------------------------------------------ lifecycle
@@ -92,6 +101,24 @@ class VLLMRollouts(RolloutEngine):
         path.mkdir(parents=True, exist_ok=True)
         return path
 
+    def record(self, event: str, **info: Any) -> None:
+        """One line of the engine's record (`events`, and `vllm_engine.jsonl` in a fit)."""
+        entry = {"event": event, "time": round(time.time(), 3), **info}
+        self.events.append(entry)
+        if self.record_path is not None:
+            self.record_path.parent.mkdir(parents=True, exist_ok=True)
+            with self.record_path.open("a") as f:
+                f.write(json.dumps(entry) + "\n")
+
+    def _record_path(self, module: Any) -> Path | None:
+        trainer = getattr(module, "_trainer", None)
+        if trainer is None:
+            return None
+        rank = trainer.global_rank
+        return Path(trainer.default_root_dir) / (
+            "vllm_engine.jsonl" if rank == 0 else f"vllm_engine.rank{rank}.jsonl"
+        )
+
     def start(self, module: Any) -> None:
         backbone = module.backbone
         adapted = vision_lora_modules(backbone.model) if backbone.lora is not None else []
@@ -103,14 +130,24 @@ class VLLMRollouts(RolloutEngine):
                 "vllm.tower_connector_lora=True for a server that has it, or target the language model only "
                 "(rollouts would otherwise silently ignore those layers' adapter)"
             )
+        self.record_path = self._record_path(module)
         if self.server is None or not self.server.alive():
             self.server = VLLMServer(
-                self.settings, backbone.model_name_or_path, self.work_dir() / "server.log"
-            )
+                self.settings, backbone.model_name_or_path, self.work_dir() / "server.log",
+                dtype=backbone.dtype_name,  # vLLM's CPU build serves float32 checkpoints in bfloat16 otherwise
+            )  # fmt: skip
             self.server.start()
+        server = self.server
+        self.record("start", url=server.url, started=server.process is not None,
+                    pid=server.process.pid if server.process is not None else None,
+                    global_step=int(getattr(module, "global_step", 0)))  # fmt: skip
         self._check_logprobs()
-        self.reload_base(module)  # the base as the trainer holds it: merged stages, resumed runs
-        self.sync(module)
+        # the base as the trainer holds it: merged stages, resumed runs (checked here under full FT)
+        self.reload_base(module)
+        if backbone.lora is not None:
+            self.sync(module)  # the adapter as the trainer holds it (a resumed fit's)
+            if self.settings.check_greedy:
+                self.check_greedy(module)
 
     def stop(self) -> None:
         if self.server is not None:
@@ -153,6 +190,8 @@ class VLLMRollouts(RolloutEngine):
         )
         self._reset_caches()
         self.last_sync = {"reload_s": time.perf_counter() - t0}
+        self.record("base_reload", path=str(out), weights="base" if backbone.lora is not None else "full",
+                    seconds=round(self.last_sync["reload_s"], 4))  # fmt: skip
         if self.settings.check_greedy and backbone.lora is None:
             self.check_greedy(module)
         return self.last_sync["reload_s"]
@@ -174,30 +213,48 @@ class VLLMRollouts(RolloutEngine):
             server.post("/v1/unload_lora_adapter", {"lora_name": previous})
         self._reset_caches()
         self.last_sync = {"adapter_s": time.perf_counter() - t0}
+        self.record("adapter_sync", name=name, path=str(out), seconds=round(self.last_sync["adapter_s"], 4))
         return self.last_sync["adapter_s"]
 
     def check_greedy(
         self, module: Any, prompt: str = "the answer is", max_new_tokens: int = 8, tie_tol: float = 1e-3
-    ) -> None:
+    ) -> dict[str, Any]:
         """The server's greedy tokens on a text prompt must be the trainer's policy's greedy tokens: fed back
         through the trainer, each must have the top log-prob (within `tie_tol`, as random tiny models have near
-        ties that float rounding may break either way)."""
+        ties that float rounding may break either way). Returns (and records) the served tokens, the server's
+        log-probs of them and their largest distance from the trainer's (`logprob_gap`)."""
         backbone = module.backbone
         ids = backbone.tokenizer(prompt, return_tensors="pt")["input_ids"]
         reply = self._require().post("/v1/completions", {
             "model": self.model_name, "prompt": ids[0].tolist(), "max_tokens": max_new_tokens,
-            "temperature": 0.0, "return_token_ids": True, "ignore_eos": True,
+            "temperature": 0.0, "return_token_ids": True, "ignore_eos": True, "logprobs": 0,
         })  # fmt: skip
-        served = list(reply["choices"][0]["token_ids"])
+        choice = reply["choices"][0]
+        served = list(choice["token_ids"])
+        served_logps = [float(x) for x in ((choice.get("logprobs") or {}).get("token_logprobs") or [])]
         model = backbone.model
         full = torch.cat([ids, torch.tensor([served], dtype=torch.long)], 1).to(
             next(model.parameters()).device
         )
-        with torch.no_grad():
-            logps = torch.log_softmax(model(input_ids=full).logits[0, ids.shape[1] - 1 : -1].float(), -1)
+        training = model.training
+        model.eval()  # the policy itself, no dropout
+        try:
+            with torch.no_grad():
+                logits = model(input_ids=full).logits[0, ids.shape[1] - 1 : -1].float()
+        finally:
+            model.train(training)
+        logps = torch.log_softmax(logits, -1)
         chosen = logps.gather(-1, full[0, ids.shape[1] :, None])[:, 0]
         gaps = (logps.max(-1).values - chosen).tolist()
         bad = [(i, served[i], int(logps[i].argmax()), gap) for i, gap in enumerate(gaps) if gap > tie_tol]
+        logprob_gap = (
+            max(abs(a - b) for a, b in zip(served_logps, chosen.tolist(), strict=True))
+            if len(served_logps) == len(served) and served
+            else None
+        )
+        result = {"model": self.model_name, "tokens": served, "server_logprobs": served_logps,
+                  "logprob_gap": logprob_gap, "passed": not bad}  # fmt: skip
+        self.record("greedy_check", **result)
         if bad:
             i, got, want, gap = bad[0]
             raise VLLMServerError(
@@ -206,6 +263,7 @@ class VLLMRollouts(RolloutEngine):
                 f"{got}, the trainer {want}, {gap:.3g} below in log-prob; the server is not serving the trained "
                 "policy"
             )
+        return result
 
     # ------------------------------------------------------------------ sampling
     def request(
@@ -255,6 +313,10 @@ class VLLMRollouts(RolloutEngine):
         logps: list[list[float]] = []
         n_prompts = batch["input_ids"].shape[0]
         bodies = [self.request(batch, p, sampling, forbidden) for p in range(n_prompts)]
+        # a sampling seed per request, drawn from the trainer's torch RNG (seed_everything; checkpointed with the
+        # random states): the same seeds and weights give the same rollouts (unseeded, every run sampled others)
+        for body, seed in zip(bodies, torch.randint(0, 2**31 - 1, (n_prompts,)).tolist(), strict=True):
+            body["seed"] = int(seed)
         with ThreadPoolExecutor(max_workers=max(1, n_prompts)) as pool:  # concurrent: the server batches them
             replies = list(pool.map(lambda body: server.post("/v1/chat/completions", body), bodies))
         for p, reply in enumerate(replies):

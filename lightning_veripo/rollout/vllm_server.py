@@ -9,6 +9,7 @@ the request and (for a started server) its exit status and the tail of its log.
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import signal
@@ -63,6 +64,15 @@ class VLLMSettings:
     check_greedy: bool = True
 
 
+def _die_with_parent() -> None:
+    """In the server's process before it execs (Linux): SIGTERM when the trainer that started it dies, even by
+    SIGKILL, so a killed fit leaves no server behind (the server stops its own engine processes on SIGTERM)."""
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):  # not Linux: stop() still stops it on a clean exit
+        pass
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -109,7 +119,12 @@ class VLLMServer:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         log = self.log_path.open("ab")
         self.process = subprocess.Popen(  # noqa: S603 (the configured interpreter, our arguments)
-            self.command(python, port), stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True
+            self.command(python, port),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=env,
+            start_new_session=True,
+            preexec_fn=_die_with_parent,  # noqa: PLW1509 (no threads touched: one libc call before exec)
         )
         log.close()
         self.wait_ready(self.process)
